@@ -1,0 +1,185 @@
+"""The `erasure` command line. User errors exit with status 2 and one line on stderr."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_STEPS = 25
+DEFAULT_GUIDANCE = 2.0
+
+
+class UserError(Exception):
+    """Bad input from the user: reported in one line, never as a traceback."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, status 2, as for every other user error
+        raise UserError(message)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be finite, got {text!r}")
+    return value
+
+
+def _load_model(path: str | None):
+    from .toy.model import ASSETS, load_toy_model
+
+    folder = Path(path) if path else ASSETS
+    needed = ("unet.safetensors", "text_encoder.safetensors", "unet_config.json", "text_config.json")
+    missing = [n for n in needed if not (folder / n).is_file()]
+    if missing:
+        raise UserError(f"{folder} is not a toy-model folder (missing {', '.join(missing)}); "
+                        "real checkpoints are not supported yet")
+    return load_toy_model(folder)
+
+
+def _progress_bar(desc: str):
+    from tqdm import tqdm
+
+    bar = tqdm(total=1, desc=desc, leave=False)
+
+    def update(done: int, total: int) -> None:
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+        if done >= total:
+            bar.close()
+
+    return update
+
+
+def _png_path(text: str) -> Path:
+    path = Path(text)
+    if path.suffix.lower() != ".png":
+        raise UserError(f"--out must end in .png, got {text!r}")
+    return path
+
+
+def cmd_generate(args) -> int:
+    from .imaging import save_grid
+
+    out = _png_path(args.out)
+    if args.n > 256:
+        raise UserError(f"--n is at most 256, got {args.n}")
+    model = _load_model(args.model)
+    seeds = list(range(args.seed, args.seed + args.n))
+    images = model.generate([args.prompt] * args.n, seeds, steps=args.steps, guidance=args.guidance,
+                            progress=_progress_bar("generate"))
+    save_grid(images, out, ncols=min(args.n, 8), scale=4, title=f'"{args.prompt}" seeds {seeds[0]}..{seeds[-1]}')
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .evaluation import evaluate_base, markdown_table
+    from .toy.classifier import load_oracle
+
+    model = _load_model(args.model)
+    oracle = load_oracle()
+    start = time.time()
+    bar = _progress_bar("evaluate")
+    report = evaluate_base(lambda p, s: model.generate(p, s, steps=args.steps, guidance=args.guidance,
+                                                       progress=bar),
+                           oracle, seeds_per_cell=args.seeds_per_cell)
+    report["settings"].update(steps=args.steps, guidance=args.guidance, seconds=round(time.time() - start, 1))
+    text = json.dumps(report, indent=2)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(text + "\n")
+    print(markdown_table(report))
+    print("classifier held-out accuracy: " + ", ".join(f"{k} {v:.3f}" for k, v in report["classifier"].items()))
+    if args.json:
+        print(f"wrote {args.json}")
+    return 0
+
+
+def cmd_toy_train(args) -> int:
+    from .toy.train import ship, train
+
+    export = train(Path(args.run_dir), steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed,
+                   checkpoint_minutes=args.checkpoint_minutes)
+    if args.ship:
+        ship(export)
+        print(f"shipped {export} into the package assets")
+    print(f"exported EMA weights to {export}")
+    return 0
+
+
+def cmd_toy_oracle(args) -> int:
+    from .toy.classifier import train_oracle
+
+    acc = train_oracle(steps=args.steps, seed=args.seed)
+    print("held-out accuracy: " + ", ".join(f"{k} {v:.4f}" for k, v in acc.items()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="erasure", description="Concept erasure for Stable Diffusion-style models.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def sampling_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--model", help="model folder (default: the embedded toy model)")
+        p.add_argument("--steps", type=_positive_int, default=DEFAULT_STEPS, help="DDIM steps")
+        p.add_argument("--guidance", type=_finite_float, default=DEFAULT_GUIDANCE, help="classifier-free guidance")
+
+    p = sub.add_parser("generate", help="generate a grid of images for a prompt")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n", type=_positive_int, default=8, help="number of images (seeds seed..seed+n-1)")
+    p.add_argument("--out", required=True, help="output PNG")
+    sampling_options(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("evaluate", help="judge generations over the object x style grid with the oracle")
+    p.add_argument("--json", help="write the report here")
+    p.add_argument("--seeds-per-cell", type=_positive_int, default=2)
+    sampling_options(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("toy-train", help="train the toy model (resumes from the run folder's checkpoint)")
+    p.add_argument("--run-dir", default="runs/toy")
+    p.add_argument("--steps", type=_positive_int, default=9000)
+    p.add_argument("--batch", type=_positive_int, default=32)
+    p.add_argument("--lr", type=_finite_float, default=4e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint-minutes", type=_finite_float, default=5.0)
+    p.add_argument("--ship", action="store_true", help="copy the result into the package assets")
+    p.set_defaults(func=cmd_toy_train)
+
+    p = sub.add_parser("toy-oracle", help="train the oracle classifier on ground-truth renders")
+    p.add_argument("--steps", type=_positive_int, default=2500)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_toy_oracle)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return args.func(args)
+    except UserError as exc:
+        print(f"erasure: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("erasure: interrupted", file=sys.stderr)
+        return 130
