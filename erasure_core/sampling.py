@@ -5,13 +5,16 @@ its prompt and seed, never on the batch it was generated in.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from diffusers import DDIMScheduler
 
-# (x_t, t, context) -> predicted noise
-NoisePredictor = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+if TYPE_CHECKING:
+    from .denoiser import Conditioning
+
+# (x_t, t, conditioning) -> predicted noise
+NoisePredictor = Callable[[torch.Tensor, torch.Tensor, "Conditioning"], torch.Tensor]
 
 
 def seeded_noise(seeds: list[int], shape: tuple[int, ...], device: str | torch.device = "cpu") -> torch.Tensor:
@@ -20,15 +23,15 @@ def seeded_noise(seeds: list[int], shape: tuple[int, ...], device: str | torch.d
 
 
 @torch.no_grad()
-def ddim_sample(predict: NoisePredictor, cond: torch.Tensor, uncond: torch.Tensor, noise: torch.Tensor,
+def ddim_sample(predict: NoisePredictor, cond: "Conditioning", uncond: "Conditioning", noise: torch.Tensor,
                 scheduler: DDIMScheduler, steps: int = 25, guidance: float = 2.0,
                 progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
-    """Run DDIM from `noise` with CFG; cond/uncond are (B,T,d) contexts. Returns x_0."""
+    """Run DDIM from `noise` with CFG; cond/uncond hold one conditioning per image. Returns x_0."""
     if steps < 1:
         raise ValueError("steps must be at least 1")
     scheduler.set_timesteps(steps)
     x = noise * scheduler.init_noise_sigma
-    context = torch.cat([uncond, cond])
+    context = type(cond).cat([uncond, cond])
     for i, t in enumerate(scheduler.timesteps):
         tt = t.expand(2 * len(x)).to(x.device)
         eps_u, eps_c = predict(torch.cat([x, x]), tt, context).chunk(2)

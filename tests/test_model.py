@@ -13,7 +13,7 @@ def test_toy_model_loads_with_sd_layout_cross_attention(toy_model):
     ]
     assert toy_model.unet.config.cross_attention_dim == toy_model.text_encoder.config.hidden_size
     assert all(not p.requires_grad for p in toy_model.unet.parameters())
-    ctx = toy_model.encode(["a red circle with stripes", ""])
+    ctx = toy_model.encode(["a red circle with stripes", ""]).context
     assert ctx.shape == (2, 16, toy_model.text_encoder.config.hidden_size)
     assert torch.isfinite(ctx).all()
 

@@ -7,16 +7,14 @@ layer names map onto the LDM paths exactly as for a real checkpoint.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from diffusers import DDPMScheduler, UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from ..sampling import ddim_sample, seeded_noise
+from ..backends.diffusers_backend import DiffusersDenoiser
 from .world import RESOLUTION, all_caption_words
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -46,7 +44,7 @@ TEXT_CONFIG = dict(
 )
 
 SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="epsilon",
-                        clip_sample=True)
+                        clip_sample=True, set_alpha_to_one=False, steps_offset=1)
 
 
 def build_tokenizer() -> CLIPTokenizer:
@@ -71,62 +69,23 @@ def build_unet() -> UNet2DConditionModel:
 
 
 def train_scheduler() -> DDPMScheduler:
-    return DDPMScheduler(**SCHEDULER_CONFIG)
+    return DDPMScheduler.from_config(SCHEDULER_CONFIG)
 
 
-def sample_scheduler() -> DDIMScheduler:
-    return DDIMScheduler(**SCHEDULER_CONFIG, set_alpha_to_one=False, steps_offset=1)
-
-
-@dataclass
-class ToyModel:
-    """The loaded toy model: what a diffusers pipeline would hold, minus the VAE (pixel space)."""
-
-    unet: UNet2DConditionModel
-    text_encoder: CLIPTextModel
-    tokenizer: CLIPTokenizer
-
-    @torch.no_grad()
-    def encode(self, prompts: list[str]) -> torch.Tensor:
-        ids = self.tokenizer(prompts, padding="max_length", max_length=MAX_TOKENS, truncation=True,
-                             return_tensors="pt").input_ids
-        return self.text_encoder(ids.to(self.text_encoder.device))[0]
-
-    def predict_noise(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        return self.unet(x, t, context).sample
-
-    @torch.no_grad()
-    def generate(self, prompts: list[str], seeds: list[int], steps: int = 25, guidance: float = 2.0,
-                 batch: int = 128, progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
-        """Images (N,3,H,W) in [0,1], one per (prompt, seed) pair."""
-        if len(prompts) != len(seeds):
-            raise ValueError("one seed per prompt")
-        device = self.unet.device
-        shape = (self.unet.config.in_channels, self.unet.config.sample_size, self.unet.config.sample_size)
-        out, total = [], steps * ((len(prompts) + batch - 1) // batch)
-        for i in range(0, len(prompts), batch):
-            chunk = prompts[i:i + batch]
-            cond = self.encode(chunk)
-            uncond = self.encode([""]).expand_as(cond)
-            noise = seeded_noise(seeds[i:i + batch], shape, device)
-            report = (lambda k, _n, base=steps * (i // batch): progress(base + k, total)) if progress else None
-            x = ddim_sample(self.predict_noise, cond, uncond, noise, sample_scheduler(), steps, guidance, report)
-            out.append(((x.clamp(-1, 1) + 1) / 2).cpu())
-        return torch.cat(out)
-
-
-def save_weights(model: ToyModel, folder: Path, dtype: torch.dtype = torch.float16) -> None:
+def save_weights(unet: UNet2DConditionModel, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer, folder: Path,
+                 dtype: torch.dtype = torch.float16) -> None:
     """Ship the weights as safetensors (fp16 keeps the repo small) with their configs."""
     folder.mkdir(parents=True, exist_ok=True)
-    for name, module in (("unet", model.unet), ("text_encoder", model.text_encoder)):
+    for name, module in (("unet", unet), ("text_encoder", text_encoder)):
         state = {k: v.detach().to(dtype).contiguous() for k, v in module.state_dict().items()}
         save_file(state, str(folder / f"{name}.safetensors"))
     (folder / "unet_config.json").write_text(json.dumps(UNET_CONFIG, indent=1))
     (folder / "text_config.json").write_text(json.dumps(TEXT_CONFIG, indent=1))
+    tokenizer.save_pretrained(str(folder / "tokenizer"))
 
 
-def load_toy_model(folder: Path = ASSETS, device: str | torch.device = "cpu") -> ToyModel:
-    """Load the shipped toy model in fp32; nothing is downloaded."""
+def load_toy_model(folder: Path = ASSETS, device: str | torch.device = "cpu") -> DiffusersDenoiser:
+    """Load the shipped toy model in fp32 behind the diffusers backend; nothing is downloaded."""
     tokenizer = load_tokenizer(folder / "tokenizer")
     unet_cfg = json.loads((folder / "unet_config.json").read_text())
     text_cfg = json.loads((folder / "text_config.json").read_text())
@@ -137,5 +96,5 @@ def load_toy_model(folder: Path = ASSETS, device: str | torch.device = "cpu") ->
     for module, name in ((unet, "unet"), (text_encoder, "text_encoder")):
         state = {k: v.float() for k, v in load_file(str(folder / f"{name}.safetensors")).items()}
         module.load_state_dict(state, strict=True)
-        module.to(device).eval().requires_grad_(False)
-    return ToyModel(unet, text_encoder, tokenizer)
+        module.to(device)
+    return DiffusersDenoiser(unet, text_encoder, tokenizer, SCHEDULER_CONFIG, name="toy")

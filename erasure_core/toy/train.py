@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .model import ASSETS, MAX_TOKENS, ToyModel, build_text_encoder, build_unet, load_tokenizer, save_weights, \
+from .model import ASSETS, MAX_TOKENS, build_text_encoder, build_unet, load_tokenizer, save_weights, \
     train_scheduler
 from .world import caption, render, random_scene
 
@@ -79,7 +79,7 @@ def train(run_dir: Path, steps: int = 8000, batch: int = 32, lr: float = 5e-4, s
                     "ema_unet": ema_unet.state_dict(), "ema_text": ema_text.state_dict(),
                     "optimizer": opt.state_dict(), "step": step, "torch_rng": torch.get_rng_state()}, tmp)
         tmp.replace(ckpt_path)  # atomic: a kill mid-save never leaves a broken checkpoint
-        save_weights(ToyModel(ema_unet, ema_text, tokenizer), run_dir / "export")
+        save_weights(ema_unet, ema_text, tokenizer, run_dir / "export")
         (run_dir / "export" / "step.txt").write_text(f"{step}\n")
 
     warmup = 200

@@ -1,0 +1,1 @@
+"""Backends: host models behind the denoiser protocol (erasure_core.denoiser)."""

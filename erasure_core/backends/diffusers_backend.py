@@ -1,0 +1,140 @@
+"""The diffusers backend: a UNet2DConditionModel with its text encoder(s) behind the denoiser protocol.
+
+Serves the embedded toy model (pixel space, no VAE) and local SD1.x / SD2.x / SDXL
+pipeline folders, loaded with `local_files_only` so that nothing is downloaded.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+from diffusers import DDIMScheduler, UNet2DConditionModel
+
+from ..denoiser import Conditioning, to_epsilon
+from ..sampling import ddim_sample, seeded_noise
+
+
+class DiffusersDenoiser:
+    """A loaded diffusers model. Its weights are frozen and never modified in place."""
+
+    def __init__(self, unet: UNet2DConditionModel, text_encoder, tokenizer, scheduler_config: dict,
+                 vae=None, text_encoder_2=None, tokenizer_2=None, name: str = "model") -> None:
+        self.unet, self.vae, self.name = unet, vae, name
+        self.text_encoders = [e for e in (text_encoder, text_encoder_2) if e is not None]
+        self.tokenizers = [t for t in (tokenizer, tokenizer_2) if t is not None]
+        self.scheduler_config = dict(scheduler_config)
+        self.is_sdxl = text_encoder_2 is not None
+        for module in [unet, vae, *self.text_encoders]:
+            if module is not None:
+                module.eval().requires_grad_(False)
+
+    # -- the denoiser protocol -------------------------------------------------------------
+    @property
+    def context_dim(self) -> int:
+        return int(self.unet.config.cross_attention_dim)
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        size = self.unet.config.sample_size
+        return (self.unet.config.in_channels, size, size)
+
+    @property
+    def tokenizer(self):
+        return self.tokenizers[0]
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> Conditioning:
+        contexts, pooled = [], None
+        for tokenizer, encoder in zip(self.tokenizers, self.text_encoders):
+            ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                            return_tensors="pt").input_ids.to(encoder.device)
+            out = encoder(ids, output_hidden_states=self.is_sdxl)
+            if self.is_sdxl:  # SDXL conditions on the penultimate layers and the second encoder's pooled output
+                contexts.append(out.hidden_states[-2])
+                pooled = out[0]
+            else:
+                contexts.append(out[0])
+        cond = Conditioning(torch.cat(contexts, dim=-1).to(self.unet.dtype))
+        if self.is_sdxl:
+            px = self.sample_shape[-1] * self._vae_scale()
+            ids = torch.tensor([px, px, 0, 0, px, px], dtype=self.unet.dtype, device=self.device)
+            cond.extra = {"text_embeds": pooled.to(self.unet.dtype), "time_ids": ids.expand(len(prompts), 6)}
+        return cond
+
+    def predict_noise(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        added = dict(cond.extra) if cond.extra else None
+        out = self.unet(x, t, cond.context, added_cond_kwargs=added).sample
+        return to_epsilon(out, x, t, self._alphas_cumprod(), self.scheduler_config.get("prediction_type", "epsilon"))
+
+    def scheduler(self) -> DDIMScheduler:
+        return DDIMScheduler.from_config(self.scheduler_config)
+
+    def layer_names(self) -> list[str]:
+        from ..layers import attn2_layers
+
+        return [canonical for canonical, _ in attn2_layers(self.unet)]
+
+    # -- generation ------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, prompts: list[str], seeds: list[int], steps: int = 25, guidance: float = 2.0,
+                 batch: int = 128, progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+        """Images (N,3,H,W) in [0,1], one per (prompt, seed); each depends only on its prompt and seed."""
+        if len(prompts) != len(seeds):
+            raise ValueError("one seed per prompt")
+        empty = self.encode([""])
+        batches = range(0, len(prompts), batch)
+        total, out = steps * len(batches), []
+        for b, i in enumerate(batches):
+            cond = self.encode(prompts[i:i + batch])
+            noise = seeded_noise(seeds[i:i + batch], self.sample_shape, self.device).to(self.unet.dtype)
+            report = (lambda k, _n, base=b * steps: progress(base + k, total)) if progress else None
+            x = ddim_sample(self.predict_noise, cond, empty.expand(len(cond)), noise, self.scheduler(), steps,
+                            guidance, report)
+            out.append(self.decode(x))
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        if self.vae is not None:
+            x = self.vae.decode(x.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
+        return ((x.float().clamp(-1, 1) + 1) / 2).cpu()
+
+    def _vae_scale(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
+
+    def _alphas_cumprod(self) -> torch.Tensor:
+        if not hasattr(self, "_alphas"):
+            self._alphas = self.scheduler().alphas_cumprod
+        return self._alphas
+
+
+def load_pipeline_folder(path: str | Path, device: str | torch.device = "cpu",
+                         dtype: torch.dtype = torch.float32) -> DiffusersDenoiser:
+    """Load a local diffusers pipeline folder (SD1.x, SD2.x or SDXL). Nothing is downloaded."""
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from diffusers import AutoencoderKL
+
+    folder = Path(path)
+    if not (folder / "model_index.json").is_file() or not (folder / "unet").is_dir():
+        raise FileNotFoundError(f"{folder} is not a diffusers pipeline folder (no model_index.json / unet/)")
+    kw = dict(local_files_only=True)
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=dtype, **kw)
+    vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=dtype, **kw)
+    tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer", **kw)
+    text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", torch_dtype=dtype, **kw)
+    text_encoder_2 = tokenizer_2 = None
+    if (folder / "text_encoder_2").is_dir():
+        text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2", torch_dtype=dtype, **kw)
+        tokenizer_2 = CLIPTokenizer.from_pretrained(folder / "tokenizer_2", **kw)
+    scheduler_config = DDIMScheduler.load_config(folder / "scheduler", **kw)
+    model = DiffusersDenoiser(unet, text_encoder, tokenizer, scheduler_config, vae=vae,
+                              text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, name=folder.name)
+    for module in [unet, vae, text_encoder, text_encoder_2]:
+        if module is not None:
+            module.to(device)
+    return model

@@ -1,0 +1,111 @@
+"""The denoiser protocol: the small surface every erasure method is written against.
+
+A backend (diffusers, ComfyUI, A1111/Forge) wraps its host's model and exposes:
+encode prompts, predict noise for (x_t, t, conditioning) with whatever patches are
+attached, its scheduler, and its cross-attention layers under canonical names.
+Trajectory sampling and the training cache are written once, here, on top of it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Protocol
+
+import torch
+
+
+@dataclass
+class Conditioning:
+    """Text conditioning: the cross-attention context (B,T,d) plus any extra inputs
+    the UNet needs (SDXL's pooled text embedding and size ids)."""
+
+    context: torch.Tensor
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return self.context.shape[0]
+
+    def expand(self, n: int) -> "Conditioning":
+        """Broadcast a single conditioning to a batch of n."""
+        if len(self) == n:
+            return self
+        if len(self) != 1:
+            raise ValueError(f"cannot expand a batch of {len(self)} to {n}")
+        return Conditioning(self.context.expand(n, *self.context.shape[1:]),
+                            {k: v.expand(n, *v.shape[1:]) for k, v in self.extra.items()})
+
+    @staticmethod
+    def cat(items: list["Conditioning"]) -> "Conditioning":
+        return Conditioning(torch.cat([c.context for c in items]),
+                            {k: torch.cat([c.extra[k] for c in items]) for k in items[0].extra})
+
+    def to(self, device=None, dtype=None) -> "Conditioning":
+        return Conditioning(self.context.to(device=device, dtype=dtype),
+                            {k: v.to(device=device, dtype=dtype) for k, v in self.extra.items()})
+
+
+class Denoiser(Protocol):
+    """What a backend provides. `predict_noise` always returns ε, whatever the model predicts."""
+
+    context_dim: int
+    sample_shape: tuple[int, ...]  # (C,H,W) of x_t
+    device: torch.device
+
+    def encode(self, prompts: list[str]) -> Conditioning: ...
+
+    def predict_noise(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor: ...
+
+    def scheduler(self):
+        """A fresh DDIM scheduler configured for the model."""
+        ...
+
+    def layer_names(self) -> list[str]:
+        """Canonical (LDM-path) names of the cross-attention layers."""
+        ...
+
+
+def to_epsilon(output: torch.Tensor, x: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor,
+               prediction_type: str) -> torch.Tensor:
+    """Convert a model output to ε. v = α·ε − σ·x0 and x_t = α·x0 + σ·ε give ε = σ·x_t + α·v."""
+    if prediction_type == "epsilon":
+        return output
+    a = alphas_cumprod.to(x.device)[t.long()].to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
+    alpha, sigma = a.sqrt(), (1 - a).sqrt()
+    if prediction_type == "v_prediction":
+        return sigma * x + alpha * output
+    if prediction_type == "sample":
+        return (x - alpha * output) / sigma
+    raise ValueError(f"unsupported prediction type {prediction_type!r}")
+
+
+@dataclass
+class CacheRecord:
+    """One step of a frozen-model trajectory: the training data of ESD-family methods."""
+
+    x_t: torch.Tensor           # (B,C,H,W)
+    t: torch.Tensor             # (B,)
+    eps_uncond: torch.Tensor    # ε*(x_t, ∅)
+    eps_concept: torch.Tensor   # ε*(x_t, c_e)
+    eps_alternative: torch.Tensor | None = None  # ε*(x_t, c_a) when an alternative is set
+
+
+@torch.no_grad()
+def sample_trajectories(denoiser: Denoiser, concept: Conditioning, empty: Conditioning, noise: torch.Tensor,
+                        steps: int = 50, guidance: float = 3.0, alternative: Conditioning | None = None,
+                        progress: Callable[[int, int], None] | None = None) -> Iterator[CacheRecord]:
+    """Run the frozen model's DDIM sampler on `concept` with CFG, yielding a CacheRecord per step.
+
+    CFG computes ε(∅) and ε(c_e) anyway, so recording them costs nothing extra; ε(c_a) costs one
+    more pass per step when an alternative is set."""
+    n = len(noise)
+    sched = denoiser.scheduler()
+    sched.set_timesteps(steps)
+    x = noise * sched.init_noise_sigma
+    parts = [empty.expand(n), concept.expand(n)] + ([alternative.expand(n)] if alternative is not None else [])
+    cond = Conditioning.cat(parts)
+    for i, t in enumerate(sched.timesteps):
+        tt = t.expand(len(parts) * n).to(x.device)
+        eps = denoiser.predict_noise(torch.cat([x] * len(parts)), tt, cond).chunk(len(parts))
+        yield CacheRecord(x.clone(), tt[:n].clone(), eps[0], eps[1], eps[2] if alternative is not None else None)
+        x = sched.step(eps[0] + guidance * (eps[1] - eps[0]), t, x).prev_sample
+        if progress:
+            progress(i + 1, steps)
