@@ -42,14 +42,22 @@ def _finite_float(text: str) -> float:
 
 
 def _load_model(path: str | None):
+    """The toy model by default; otherwise a toy-model folder or a local diffusers pipeline folder."""
     from .toy.model import ASSETS, load_toy_model
 
     folder = Path(path) if path else ASSETS
-    needed = ("unet.safetensors", "text_encoder.safetensors", "unet_config.json", "text_config.json")
-    missing = [n for n in needed if not (folder / n).is_file()]
+    if (folder / "model_index.json").is_file():
+        from .backends.diffusers_backend import load_pipeline_folder
+
+        try:
+            return load_pipeline_folder(folder)
+        except (OSError, ValueError) as exc:
+            raise UserError(f"cannot load the pipeline in {folder}: {str(exc).splitlines()[0]}") from None
+    needed = ("unet.safetensors", "text_encoder.safetensors", "unet_config.json", "text_config.json", "tokenizer")
+    missing = [n for n in needed if not (folder / n).exists()]
     if missing:
-        raise UserError(f"{folder} is not a toy-model folder (missing {', '.join(missing)}); "
-                        "real checkpoints are not supported yet")
+        raise UserError(f"{folder} is neither a diffusers pipeline folder (model_index.json) nor a toy-model "
+                        f"folder (missing {', '.join(missing)})")
     return load_toy_model(folder)
 
 
@@ -68,17 +76,17 @@ def _progress_bar(desc: str):
     return update
 
 
-def _png_path(text: str) -> Path:
+def _png_path(text: str, option: str) -> Path:
     path = Path(text)
     if path.suffix.lower() != ".png":
-        raise UserError(f"--out must end in .png, got {text!r}")
+        raise UserError(f"{option} must end in .png, got {text!r}")
     return path
 
 
 def cmd_generate(args) -> int:
     from .imaging import save_grid
 
-    out = _png_path(args.out)
+    out = _png_path(args.out, "--out")
     if args.n > 256:
         raise UserError(f"--n is at most 256, got {args.n}")
     model = _load_model(args.model)
@@ -94,11 +102,12 @@ def cmd_evaluate(args) -> int:
     from .evaluation import evaluate_base, markdown_table
     from .toy.classifier import load_oracle
 
+    grid_png = _png_path(args.grid, "--grid") if args.grid else None
     model = _load_model(args.model)
     oracle = load_oracle()
     start = time.time()
     bar = _progress_bar("evaluate")
-    report = evaluate_base(lambda p, s: model.generate(p, s, steps=args.steps, guidance=args.guidance,
+    report, images = evaluate_base(lambda p, s: model.generate(p, s, steps=args.steps, guidance=args.guidance,
                                                        progress=bar),
                            oracle, seeds_per_cell=args.seeds_per_cell)
     report["settings"].update(steps=args.steps, guidance=args.guidance, seconds=round(time.time() - start, 1))
@@ -106,6 +115,14 @@ def cmd_evaluate(args) -> int:
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(text + "\n")
+    if grid_png:
+        from .imaging import save_grid
+        from .toy.world import OBJECT_NAMES, STYLE_NAMES
+
+        first_seed = images[::args.seeds_per_cell]  # one image per object x style cell
+        save_grid(first_seed, grid_png, ncols=len(STYLE_NAMES), scale=3, row_labels=list(OBJECT_NAMES),
+                  col_labels=list(STYLE_NAMES), title="prompt: a {object} with {style}")
+        print(f"wrote {grid_png}")
     print(markdown_table(report))
     print("classifier held-out accuracy: " + ", ".join(f"{k} {v:.3f}" for k, v in report["classifier"].items()))
     if args.json:
@@ -153,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="judge generations over the object x style grid with the oracle")
     p.add_argument("--json", help="write the report here")
     p.add_argument("--seeds-per-cell", type=_positive_int, default=2)
+    p.add_argument("--grid", help="also write a PNG of the generations, objects x styles")
     sampling_options(p)
     p.set_defaults(func=cmd_evaluate)
 

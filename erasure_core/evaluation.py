@@ -44,12 +44,16 @@ def _per_concept(hits: torch.Tensor, labels: list[int], names: tuple[str, ...]) 
 
 
 def evaluate_base(generate: Callable[[list[str], list[int]], torch.Tensor], oracle: Oracle,
-                  seeds_per_cell: int = 2, heldout: int = 2000) -> dict:
-    """How well a model draws the prompted concepts, for canonical and synonym-only prompts."""
+                  seeds_per_cell: int = 2, heldout: int = 2000) -> tuple[dict, torch.Tensor]:
+    """How well a model draws the prompted concepts, for canonical and synonym-only prompts.
+
+    Returns the report and the canonical-prompt images (objects x styles x seeds, row-major)."""
     report: dict = {"per_concept": {"objects": {}, "styles": {}}}
+    canonical_images = None
     for key, synonym in (("", False), ("synonym_", True)):
         items = grid_items(seeds_per_cell, synonym)
         images = generate([i.prompt for i in items], [i.seed for i in items])
+        canonical_images = images if canonical_images is None else canonical_images
         hits = judge(oracle, images, items)
         report[f"{key}object_accuracy"] = float(hits["object"].float().mean())
         report[f"{key}style_accuracy"] = float(hits["style"].float().mean())
@@ -61,7 +65,7 @@ def evaluate_base(generate: Callable[[list[str], list[int]], torch.Tensor], orac
     report["classifier"] = accuracy(oracle, *render_labelled(HELDOUT_SEED0, heldout))
     report["settings"] = {"seeds_per_cell": seeds_per_cell, "images": 2 * len(grid_items(seeds_per_cell)),
                           "first_seed": EVAL_SEED0, "classifier_heldout_renders": heldout}
-    return report
+    return report, canonical_images
 
 
 def markdown_table(report: dict) -> str:

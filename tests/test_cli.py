@@ -22,7 +22,7 @@ def test_generate_writes_a_grid(tmp_path, capsys):
     (["generate", "--prompt", "x", "--n", "0", "--out", "g.png"], "must be at least 1"),
     (["generate", "--prompt", "x", "--steps", "many", "--out", "g.png"], "expected a whole number"),
     (["generate", "--prompt", "x", "--guidance", "nan", "--out", "g.png"], "must be finite"),
-    (["generate", "--prompt", "x", "--model", "/nonexistent", "--out", "g.png"], "not a toy-model folder"),
+    (["generate", "--prompt", "x", "--model", "/nonexistent", "--out", "g.png"], "neither a diffusers pipeline folder"),
     (["generate", "--out", "g.png"], "--prompt"),
     (["frobnicate"], "invalid choice"),
 ])
