@@ -1,0 +1,367 @@
+"""The erasure patch: what users train, apply, stack and share. Format version 1 (docs/patch-format.md).
+
+One safetensors file holds
+- concept memory: `erasure.memory.k` / `erasure.memory.v` (m x d, shared by all its layers), or
+  `erasure.memory.<layer>.k` / `.v` per layer;
+- optional weight deltas of cross-attention projections under kohya keys, full
+  (`lora_unet_<ldm path>.diff`) or low rank (`.lora_down.weight`, `.lora_up.weight`, `.alpha`),
+  so the delta part loads in the stock LoRA loaders of ComfyUI, A1111 and Forge;
+- metadata (str -> str): `modelspec.*` and `erasure.*`.
+
+Patches come from strangers, so loading never unpickles, bounds the header before
+parsing it, and validates every key, dtype, shape and value.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import re
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .layers import from_kohya_prefix, kohya_prefix
+
+FORMAT_VERSION = "1"
+MAX_HEADER_BYTES = 16 * 1024 * 1024  # a patch header is a few KB; anything near this is hostile or broken
+ALLOWED_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
+ARCHITECTURES = {768: "stable-diffusion-v1", 1024: "stable-diffusion-v2-768-v", 2048: "stable-diffusion-xl-v1-base"}
+
+_SHARED_K, _SHARED_V = "erasure.memory.k", "erasure.memory.v"
+_LAYER_MEMORY = re.compile(r"^erasure\.memory\.(.+attn2)\.(k|v)$")
+_DELTA = re.compile(r"^(lora_unet_\w+?)\.(diff|lora_down\.weight|lora_up\.weight|alpha)$")
+
+
+class PatchError(ValueError):
+    """A patch file that cannot be used, with a one-line reason."""
+
+
+@dataclass
+class ConceptMemory:
+    """Learned key/value tokens appended to the text context: K = W_k·[c ; k], V = W_v·[c ; v]."""
+
+    k: torch.Tensor  # (m, d)
+    v: torch.Tensor  # (m, d)
+
+    @property
+    def tokens(self) -> int:
+        return self.k.shape[0]
+
+
+@dataclass
+class WeightDelta:
+    """A change to one projection weight: full, or low rank up @ down * alpha / rank."""
+
+    full: torch.Tensor | None = None
+    down: torch.Tensor | None = None  # (rank, in)
+    up: torch.Tensor | None = None    # (out, rank)
+    alpha: float | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.full.shape) if self.full is not None else (self.up.shape[0], self.down.shape[1])
+
+    def weight(self) -> torch.Tensor:
+        if self.full is not None:
+            return self.full
+        rank = self.down.shape[0]
+        scale = (self.alpha if self.alpha is not None else rank) / rank
+        return (self.up.float() @ self.down.float()) * scale
+
+
+@dataclass
+class ErasurePatch:
+    """A loaded or freshly trained patch. `layers` are canonical attn2 names (erasure_core.layers);
+    `deltas` are keyed by canonical projection paths such as `<layer>.to_k`."""
+
+    layers: list[str]
+    memory: ConceptMemory | dict[str, ConceptMemory] | None = None
+    deltas: dict[str, WeightDelta] = field(default_factory=dict)
+    method: str = "memory"
+    concepts: list[str] = field(default_factory=list)
+    alternative: str = ""
+    preserve: list[str] = field(default_factory=list)
+    base_model: str = ""
+    base_fingerprint: str = ""
+    training: dict = field(default_factory=dict)
+    seed: int | None = None
+    metrics: dict = field(default_factory=dict)
+    title: str = ""
+    description: str = ""
+    date: str = ""
+
+    def memory_for(self, layer: str) -> ConceptMemory | None:
+        if self.memory is None or layer not in self.layers:
+            return None
+        return self.memory if isinstance(self.memory, ConceptMemory) else self.memory.get(layer)
+
+    @property
+    def context_dim(self) -> int | None:
+        mem = self.memory if isinstance(self.memory, ConceptMemory) else next(iter((self.memory or {}).values()), None)
+        if mem is not None:
+            return mem.k.shape[1]
+        for name, delta in self.deltas.items():
+            if name.endswith((".to_k", ".to_v")):
+                return delta.shape[1]
+        return None
+
+    @property
+    def tokens(self) -> int:
+        mem = self.memory if isinstance(self.memory, ConceptMemory) else next(iter((self.memory or {}).values()), None)
+        return mem.tokens if mem is not None else 0
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        if isinstance(self.memory, ConceptMemory):
+            out[_SHARED_K], out[_SHARED_V] = self.memory.k, self.memory.v
+        elif self.memory:
+            for layer, mem in self.memory.items():
+                out[f"erasure.memory.{layer}.k"], out[f"erasure.memory.{layer}.v"] = mem.k, mem.v
+        for module, delta in self.deltas.items():
+            prefix = kohya_prefix(module)
+            if delta.full is not None:
+                out[f"{prefix}.diff"] = delta.full
+            else:
+                out[f"{prefix}.lora_down.weight"], out[f"{prefix}.lora_up.weight"] = delta.down, delta.up
+                out[f"{prefix}.alpha"] = torch.tensor(float(delta.alpha if delta.alpha is not None
+                                                            else delta.down.shape[0]), dtype=delta.down.dtype)
+        return {k: v.detach().contiguous().cpu() for k, v in out.items()}
+
+    def metadata(self) -> dict[str, str]:
+        dim = self.context_dim
+        arch = ARCHITECTURES.get(dim, f"custom-{dim}d")
+        concepts = ", ".join(self.concepts) or "a concept"
+        return {
+            "modelspec.sai_model_spec": "1.0.0",
+            "modelspec.architecture": f"{arch}/concept-erasure",
+            "modelspec.title": self.title or f"erase {concepts}",
+            "modelspec.date": self.date or _dt.date.today().isoformat(),
+            "modelspec.description": self.description or f"Erases {concepts} ({self.method}).",
+            "erasure.format_version": FORMAT_VERSION,
+            "erasure.method": self.method,
+            "erasure.concepts": json.dumps(self.concepts),
+            "erasure.alternative": self.alternative,
+            "erasure.preserve": json.dumps(self.preserve),
+            "erasure.layers": json.dumps(self.layers),
+            "erasure.tokens": str(self.tokens),
+            "erasure.context_dim": str(dim),
+            "erasure.base_model": self.base_model,
+            "erasure.base_fingerprint": self.base_fingerprint,
+            "erasure.training": json.dumps(self.training, sort_keys=True),
+            "erasure.seed": "" if self.seed is None else str(self.seed),
+            "erasure.metrics": json.dumps(self.metrics, sort_keys=True),
+        }
+
+
+def save_patch(patch: ErasurePatch, path: str | Path) -> Path:
+    """Write a patch; it is validated first, so a file on disk always loads."""
+    _validate(patch)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(patch.tensors(), str(tmp), metadata=patch.metadata())
+    tmp.replace(path)
+    return path
+
+
+def _read_header(path: Path) -> tuple[dict, dict[str, str]]:
+    """Parse and bound the safetensors header ourselves before any library touches the file."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if head[:1] == b"\x80" or head[:2] == b"PK":
+                raise PatchError(f"{path.name} is a pickle / PyTorch checkpoint; only safetensors patches are "
+                                 "accepted (pickles can run code)")
+            if len(head) < 8:
+                raise PatchError(f"{path.name} is not a safetensors file (too short)")
+            (n,) = struct.unpack("<Q", head)
+            if f.read(1) != b"{":
+                raise PatchError(f"{path.name} is not a safetensors file")
+            f.seek(8)
+            if n > MAX_HEADER_BYTES:
+                raise PatchError(f"{path.name}: the header claims {n} bytes (limit {MAX_HEADER_BYTES}); "
+                                 "not a valid patch")
+            if 8 + n > size:
+                raise PatchError(f"{path.name} is truncated (header runs past the end of the file)")
+            raw = f.read(n)
+    except OSError as exc:
+        raise PatchError(f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        header = json.loads(raw)
+        if not isinstance(header, dict):
+            raise ValueError
+    except (ValueError, UnicodeDecodeError):
+        raise PatchError(f"{path.name} is not a safetensors file (unreadable header)") from None
+    metadata = header.pop("__metadata__", None) or {}
+    data_len = size - 8 - n
+    for key, info in header.items():
+        if not isinstance(info, dict) or "dtype" not in info or "data_offsets" not in info:
+            raise PatchError(f"{path.name}: malformed entry {key!r}")
+        if info["dtype"] not in ALLOWED_DTYPES:
+            raise PatchError(f"{path.name}: tensor {key!r} has dtype {info['dtype']}; patches use "
+                             f"{', '.join(ALLOWED_DTYPES)}")
+        start, end = info["data_offsets"]
+        if not 0 <= start <= end <= data_len:
+            raise PatchError(f"{path.name} is truncated (tensor {key!r} runs past the end of the file)")
+    return header, metadata
+
+
+def load_patch(path: str | Path) -> ErasurePatch:
+    """Load and validate a patch file; raises PatchError with a one-line reason."""
+    path = Path(path)
+    if not path.is_file():
+        raise PatchError(f"no patch file at {path}")
+    header, meta = _read_header(path)
+    if not meta.get("erasure.format_version"):
+        raise PatchError(f"{path.name} is not an erasure patch (no erasure.format_version metadata)")
+    if meta["erasure.format_version"] != FORMAT_VERSION:
+        raise PatchError(f"{path.name} has patch format {meta['erasure.format_version']}; this version reads "
+                         f"format {FORMAT_VERSION} (update the extension)")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in header}
+    except Exception as exc:  # safetensors raises its own error types
+        raise PatchError(f"{path.name} is not a valid safetensors file ({str(exc).splitlines()[0]})") from None
+    patch = _from_parts(tensors, meta, path.name)
+    _validate(patch, path.name)
+    return patch
+
+
+def _json(meta: dict[str, str], key: str, kind: type, default, name: str):
+    text = meta.get(key, "")
+    if not text:
+        return default
+    try:
+        value = json.loads(text)
+    except ValueError:
+        raise PatchError(f"{name}: metadata {key} is not valid JSON") from None
+    if not isinstance(value, kind):
+        raise PatchError(f"{name}: metadata {key} should be a JSON {kind.__name__}")
+    return value
+
+
+def _from_parts(tensors: dict[str, torch.Tensor], meta: dict[str, str], name: str) -> ErasurePatch:
+    shared: dict[str, torch.Tensor] = {}
+    per_layer: dict[str, dict[str, torch.Tensor]] = {}
+    delta_parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key in (_SHARED_K, _SHARED_V):
+            shared[key[-1]] = value
+        elif m := _LAYER_MEMORY.match(key):
+            per_layer.setdefault(m.group(1), {})[m.group(2)] = value
+        elif m := _DELTA.match(key):
+            try:
+                module = from_kohya_prefix(m.group(1))
+            except ValueError:
+                raise PatchError(f"{name}: unknown key {key!r}") from None
+            delta_parts.setdefault(module, {})[m.group(2)] = value
+        else:
+            raise PatchError(f"{name}: unknown key {key!r}")
+    if shared and per_layer:
+        raise PatchError(f"{name}: has both shared and per-layer memory")
+
+    def memory(parts: dict[str, torch.Tensor], where: str) -> ConceptMemory:
+        if set(parts) != {"k", "v"}:
+            raise PatchError(f"{name}: memory {where} needs both k and v")
+        return ConceptMemory(parts["k"], parts["v"])
+
+    mem = memory(shared, "(shared)") if shared else ({k: memory(v, k) for k, v in per_layer.items()} or None)
+    deltas = {}
+    for module, parts in delta_parts.items():
+        if "diff" in parts:
+            if len(parts) != 1:
+                raise PatchError(f"{name}: {module} has both a full and a low-rank delta")
+            deltas[module] = WeightDelta(full=parts["diff"])
+        else:
+            if not {"lora_down.weight", "lora_up.weight"} <= set(parts):
+                raise PatchError(f"{name}: {module} needs both lora_down and lora_up")
+            alpha = parts.get("alpha")
+            if alpha is not None and alpha.numel() != 1:
+                raise PatchError(f"{name}: {module} alpha must be a scalar")
+            deltas[module] = WeightDelta(down=parts["lora_down.weight"], up=parts["lora_up.weight"],
+                                         alpha=None if alpha is None else float(alpha.float()))
+    seed = meta.get("erasure.seed", "")
+    return ErasurePatch(
+        layers=_json(meta, "erasure.layers", list, [], name), memory=mem, deltas=deltas,
+        method=meta.get("erasure.method", ""), concepts=_json(meta, "erasure.concepts", list, [], name),
+        alternative=meta.get("erasure.alternative", ""), preserve=_json(meta, "erasure.preserve", list, [], name),
+        base_model=meta.get("erasure.base_model", ""), base_fingerprint=meta.get("erasure.base_fingerprint", ""),
+        training=_json(meta, "erasure.training", dict, {}, name), seed=int(seed) if seed.lstrip("-").isdigit() else None,
+        metrics=_json(meta, "erasure.metrics", dict, {}, name), title=meta.get("modelspec.title", ""),
+        description=meta.get("modelspec.description", ""), date=meta.get("modelspec.date", ""))
+
+
+def _validate(patch: ErasurePatch, name: str = "patch") -> None:
+    """Shapes consistent, values finite, layers named: the invariants every host relies on."""
+    if not all(isinstance(layer, str) and layer.endswith("attn2") for layer in patch.layers):
+        raise PatchError(f"{name}: erasure.layers must list cross-attention (attn2) layer names")
+    if patch.memory is None and not patch.deltas:
+        raise PatchError(f"{name}: holds neither memory nor weight deltas")
+    mems = [patch.memory] if isinstance(patch.memory, ConceptMemory) else list((patch.memory or {}).values())
+    if isinstance(patch.memory, dict) and set(patch.memory) != set(patch.layers):
+        raise PatchError(f"{name}: per-layer memory does not match erasure.layers")
+    if mems and not patch.layers:
+        raise PatchError(f"{name}: memory without layers to inject it into")
+    for mem in mems:
+        if mem.k.dim() != 2 or mem.k.shape != mem.v.shape or mem.k.shape[0] < 1:
+            raise PatchError(f"{name}: memory k and v must both be (tokens x dim); got {tuple(mem.k.shape)} "
+                             f"and {tuple(mem.v.shape)}")
+    if len({m.k.shape for m in mems}) > 1:
+        raise PatchError(f"{name}: per-layer memories differ in shape")
+    for module, d in patch.deltas.items():
+        if d.full is not None:
+            if d.full.dim() != 2:
+                raise PatchError(f"{name}: delta {module} must be a matrix")
+        elif d.down is None or d.up is None or d.down.dim() != 2 or d.up.dim() != 2 \
+                or d.up.shape[1] != d.down.shape[0]:
+            raise PatchError(f"{name}: low-rank delta {module} has inconsistent lora_up / lora_down shapes")
+    for mem in mems:
+        for t in (mem.k, mem.v):
+            if t.dtype not in ALLOWED_DTYPES.values():
+                raise PatchError(f"{name}: unsupported dtype {t.dtype}")
+    for t in [m.k for m in mems] + [m.v for m in mems] + \
+            [x for d in patch.deltas.values() for x in (d.full, d.down, d.up) if x is not None]:
+        if not torch.isfinite(t.float()).all():
+            raise PatchError(f"{name}: contains NaN or Inf values")
+    if any(d.alpha is not None and not torch.isfinite(torch.tensor(d.alpha)) for d in patch.deltas.values()):
+        raise PatchError(f"{name}: contains NaN or Inf values")
+
+
+def check_compatible(patch: ErasurePatch, context_dim: int, layer_names: list[str],
+                     fingerprint: str | None = None, weight_shapes: dict[str, tuple[int, int]] | None = None
+                     ) -> list[str]:
+    """Refuse a patch the model cannot take (PatchError); return warnings for what is merely unusual."""
+    dim = patch.context_dim
+    if dim is not None and dim != context_dim:
+        need = ARCHITECTURES.get(dim, f"a {dim}-d model")
+        raise PatchError(f"patch needs a {dim}-d text context ({need}); this model has {context_dim}")
+    missing = [layer for layer in patch.layers if layer not in layer_names]
+    missing += [m for m in patch.deltas if m.rsplit(".", 1)[0].replace(".to_out", "") not in layer_names]
+    if missing:
+        raise PatchError(f"patch names layers this model lacks ({missing[0]}, {len(missing)} in all); "
+                         "it was made for another architecture")
+    for module, delta in patch.deltas.items():
+        if weight_shapes is not None and module in weight_shapes and tuple(weight_shapes[module]) != delta.shape:
+            raise PatchError(f"delta {module} is {delta.shape}, the model's weight is {tuple(weight_shapes[module])}")
+    warnings = []
+    if fingerprint and patch.base_fingerprint and fingerprint != patch.base_fingerprint:
+        warnings.append(f"patch was trained on {patch.base_model or 'another checkpoint'} "
+                        f"({patch.base_fingerprint}); this model's fingerprint is {fingerprint}. It usually "
+                        "transfers to fine-tunes of the same base; check the result")
+    return warnings
+
+
+def model_fingerprint(unet) -> str:
+    """A short, stable hash of the cross-attention K/V weights: identifies the base checkpoint."""
+    h = hashlib.sha256()
+    for name, p in sorted(unet.named_parameters()):
+        if ".attn2.to_k." in name or ".attn2.to_v." in name:
+            h.update(name.encode())
+            h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]

@@ -1,0 +1,126 @@
+"""The patch file: round trip, size, and refusal of bad or hostile files."""
+import json
+import pickle
+import struct
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from erasure_core.patch import (ConceptMemory, ErasurePatch, PatchError, WeightDelta, check_compatible, load_patch,
+                                save_patch)
+
+LAYER = "middle_block.1.transformer_blocks.0.attn2"
+LAYERS = ["input_blocks.1.1.transformer_blocks.0.attn2", LAYER]
+
+
+def make_patch(d=32, m=4, lora=True):
+    g = torch.Generator().manual_seed(0)
+    deltas = {f"{LAYER}.to_k": WeightDelta(full=torch.randn(16, d, generator=g))}
+    if lora:
+        deltas[f"{LAYER}.to_v"] = WeightDelta(down=torch.randn(2, d, generator=g), up=torch.randn(16, 2, generator=g),
+                                              alpha=1.0)
+    return ErasurePatch(layers=LAYERS, memory=ConceptMemory(torch.randn(m, d, generator=g), torch.randn(m, d, generator=g)),
+                        deltas=deltas, method="memory", concepts=["circle"], alternative="square",
+                        preserve=["stripes", "dots"], base_model="toy", base_fingerprint="abc123",
+                        training={"steps": 10, "lr": 1e-3}, seed=7, metrics={"ua": 0.99})
+
+
+def test_save_then_load_is_exact(tmp_path):
+    patch = make_patch()
+    path = save_patch(patch, tmp_path / "p.safetensors")
+    back = load_patch(path)
+    assert torch.equal(back.memory.k, patch.memory.k) and torch.equal(back.memory.v, patch.memory.v)
+    assert set(back.deltas) == set(patch.deltas)
+    for name, delta in patch.deltas.items():
+        assert torch.equal(back.deltas[name].weight(), delta.weight())
+    assert back.metadata() == patch.metadata()
+    assert (back.concepts, back.alternative, back.preserve, back.seed, back.metrics) == \
+        (["circle"], "square", ["stripes", "dots"], 7, {"ua": 0.99})
+
+
+def test_per_layer_memory_round_trip(tmp_path):
+    g = torch.Generator().manual_seed(1)
+    mem = {n: ConceptMemory(torch.randn(3, 8, generator=g), torch.randn(3, 8, generator=g)) for n in LAYERS}
+    back = load_patch(save_patch(ErasurePatch(layers=LAYERS, memory=mem), tmp_path / "p.safetensors"))
+    for n in LAYERS:
+        assert torch.equal(back.memory_for(n).k, mem[n].k)
+
+
+def test_memory_only_patch_at_sd15_size_is_small(tmp_path):
+    mem = ConceptMemory(torch.randn(16, 768).half(), torch.randn(16, 768).half())
+    path = save_patch(ErasurePatch(layers=[LAYER], memory=mem, concepts=["Van Gogh"]), tmp_path / "p.safetensors")
+    assert path.stat().st_size <= 100 * 1024
+    assert load_patch(path).metadata()["modelspec.architecture"] == "stable-diffusion-v1/concept-erasure"
+
+
+def _write_header(path, header: dict, data: bytes = b""):
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+
+
+META = {"erasure.format_version": "1", "erasure.layers": json.dumps([LAYER])}
+
+
+@pytest.mark.parametrize("case, message", [
+    ("text", "not a safetensors file"),
+    ("pickle", "pickle"),
+    ("torch_zip", "pickle"),
+    ("truncated", "truncated"),
+    ("huge_header", "header claims"),
+    ("int_dtype", "dtype"),
+    ("nan", "NaN or Inf"),
+    ("unknown_key", "unknown key"),
+    ("no_metadata", "not an erasure patch"),
+    ("newer_format", "format 9"),
+    ("mismatched_kv", "tokens x dim"),
+    ("missing", "no patch file"),
+])
+def test_bad_files_are_refused_with_one_line(tmp_path, case, message):
+    path = tmp_path / "bad.safetensors"
+    good = tmp_path / "good.safetensors"
+    save_patch(make_patch(), good)
+    if case == "text":
+        path.write_text("hello, I am not a patch\n" * 10)
+    elif case == "pickle":
+        path.write_bytes(pickle.dumps({"erasure.memory.k": [1, 2, 3]}))
+    elif case == "torch_zip":
+        torch.save({"k": torch.zeros(2)}, path)
+    elif case == "truncated":
+        path.write_bytes(good.read_bytes()[:-100])
+    elif case == "huge_header":
+        path.write_bytes(struct.pack("<Q", 5 * 2**30) + b"{}")
+    elif case == "int_dtype":
+        save_file({"erasure.memory.k": torch.zeros(2, 4, dtype=torch.int64),
+                   "erasure.memory.v": torch.zeros(2, 4, dtype=torch.int64)}, str(path), metadata=META)
+    elif case == "nan":
+        k = torch.zeros(2, 4)
+        k[0, 1] = float("nan")
+        save_file({"erasure.memory.k": k, "erasure.memory.v": torch.zeros(2, 4)}, str(path), metadata=META)
+    elif case == "unknown_key":
+        save_file({"erasure.memory.k": torch.zeros(2, 4), "erasure.memory.v": torch.zeros(2, 4),
+                   "model.diffusion_model.evil": torch.zeros(1)}, str(path), metadata=META)
+    elif case == "no_metadata":
+        save_file({"erasure.memory.k": torch.zeros(2, 4), "erasure.memory.v": torch.zeros(2, 4)}, str(path))
+    elif case == "newer_format":
+        save_file({"erasure.memory.k": torch.zeros(2, 4), "erasure.memory.v": torch.zeros(2, 4)}, str(path),
+                  metadata={**META, "erasure.format_version": "9"})
+    elif case == "mismatched_kv":
+        save_file({"erasure.memory.k": torch.zeros(2, 4), "erasure.memory.v": torch.zeros(3, 4)}, str(path),
+                  metadata=META)
+    elif case == "missing":
+        path = tmp_path / "nope.safetensors"
+    with pytest.raises(PatchError, match=message) as info:
+        load_patch(path)
+    assert "\n" not in str(info.value)
+
+
+def test_compatibility_dimension_layers_and_fingerprint():
+    patch = make_patch(d=768)
+    with pytest.raises(PatchError, match="768-d text context .stable-diffusion-v1.; this model has 1024"):
+        check_compatible(patch, 1024, LAYERS)
+    with pytest.raises(PatchError, match="layers this model lacks"):
+        check_compatible(patch, 768, [LAYER])
+    assert check_compatible(patch, 768, LAYERS, fingerprint="abc123") == []
+    warnings = check_compatible(patch, 768, LAYERS, fingerprint="fff000")
+    assert len(warnings) == 1 and "fingerprint" in warnings[0]
