@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -89,12 +90,72 @@ def cmd_generate(args) -> int:
     out = _png_path(args.out, "--out")
     if args.n > 256:
         raise UserError(f"--n is at most 256, got {args.n}")
+    patches = _load_patches(args.patch, args.strength)
     model = _load_model(args.model)
     seeds = list(range(args.seed, args.seed + args.n))
-    images = model.generate([args.prompt] * args.n, seeds, steps=args.steps, guidance=args.guidance,
-                            progress=_progress_bar("generate"))
-    save_grid(images, out, ncols=min(args.n, 8), scale=4, title=f'"{args.prompt}" seeds {seeds[0]}..{seeds[-1]}')
+    with _attached_or_error(model, patches):
+        images = model.generate([args.prompt] * args.n, seeds, steps=args.steps, guidance=args.guidance,
+                                progress=_progress_bar("generate"))
+    title = f'"{args.prompt}" seeds {seeds[0]}..{seeds[-1]}'
+    if patches:
+        title += " with " + ", ".join(f"{Path(p).stem}@{s:g}" for p, (_, s) in zip(args.patch, patches))
+    save_grid(images, out, ncols=min(args.n, 8), scale=4, title=title)
     print(f"wrote {out}")
+    return 0
+
+
+def _load_patches(paths: list[str] | None, strengths: list[float] | None):
+    """Load and validate every patch before any model work, so bad input costs nothing."""
+    from .patch import PatchError, load_patch
+
+    paths = paths or []
+    strengths = strengths or [1.0] * len(paths)
+    if len(strengths) != len(paths):
+        raise UserError(f"give one --strength per --patch ({len(paths)} patches, {len(strengths)} strengths)")
+    try:
+        return [(load_patch(p), s) for p, s in zip(paths, strengths)]
+    except PatchError as exc:
+        raise UserError(str(exc)) from None
+
+
+@contextlib.contextmanager
+def _attached_or_error(model, patches):
+    """Attach patches to the model's UNet for the duration; compatibility problems are user errors."""
+    if not patches:
+        yield
+        return
+    from .injection import attach
+    from .patch import PatchError
+
+    try:
+        handle = attach(model.unet, patches)
+    except PatchError as exc:
+        raise UserError(str(exc)) from None
+    for warning in handle.warnings:
+        print(f"erasure: warning: {warning}", file=sys.stderr)
+    try:
+        yield
+    finally:
+        handle.detach()
+
+
+def cmd_inspect(args) -> int:
+    from .patch import PatchError, load_patch
+
+    try:
+        patch = load_patch(args.patch)
+    except PatchError as exc:
+        raise UserError(str(exc)) from None
+    meta = patch.metadata()
+    if args.json:
+        print(json.dumps(meta, indent=2))
+        return 0
+    print(f"{args.patch}: valid erasure patch, format {meta['erasure.format_version']}")
+    width = max(len(k) for k in meta)
+    for key, value in meta.items():
+        print(f"  {key:<{width}}  {value}")
+    print(f"  {'tensors':<{width}}  " + ", ".join(f"{k} {tuple(v.shape)} {str(v.dtype).replace('torch.', '')}"
+                                               for k, v in patch.tensors().items()))
     return 0
 
 
@@ -164,8 +225,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n", type=_positive_int, default=8, help="number of images (seeds seed..seed+n-1)")
     p.add_argument("--out", required=True, help="output PNG")
+    p.add_argument("--patch", action="append", help="erasure patch to apply (repeatable)")
+    p.add_argument("--strength", action="append", type=_finite_float,
+                   help="strength of the matching --patch (repeatable; default 1)")
     sampling_options(p)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("inspect", help="validate a patch file and print its metadata")
+    p.add_argument("patch")
+    p.add_argument("--json", action="store_true", help="print the metadata as JSON")
+    p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("evaluate", help="judge generations over the object x style grid with the oracle")
     p.add_argument("--json", help="write the report here")

@@ -1,0 +1,77 @@
+"""`erasure inspect` and `erasure generate --patch` on the toy model."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from erasure_core.cli import main
+from erasure_core.patch import ConceptMemory, ErasurePatch, model_fingerprint, save_patch
+
+
+@pytest.fixture(scope="module")
+def toy_patch(tmp_path_factory, toy_model):
+    g = torch.Generator().manual_seed(0)
+    d = toy_model.context_dim
+    patch = ErasurePatch(layers=toy_model.layer_names(), memory=ConceptMemory(3 * torch.randn(4, d, generator=g),
+                                                                              3 * torch.randn(4, d, generator=g)),
+                         concepts=["circle"], base_model="toy", base_fingerprint=model_fingerprint(toy_model.unet))
+    return save_patch(patch, tmp_path_factory.mktemp("p") / "circle.safetensors")
+
+
+def _generate(tmp_path, name, *extra):
+    out = tmp_path / name
+    code = main(["generate", "--prompt", "a circle with dots", "--n", "2", "--steps", "4", "--out", str(out), *extra])
+    return code, out
+
+
+def pixels(path):
+    return np.asarray(Image.open(path))
+
+
+def test_inspect_prints_metadata(toy_patch, capsys):
+    assert main(["inspect", str(toy_patch)]) == 0
+    out = capsys.readouterr().out
+    assert "valid erasure patch" in out and '["circle"]' in out and "erasure.memory.k (4, 128)" in out
+
+
+def test_patch_strength_zero_is_identity_and_one_changes_images(toy_patch, tmp_path):
+    _, plain = _generate(tmp_path, "plain.png")
+    _, zero = _generate(tmp_path, "zero.png", "--patch", str(toy_patch), "--strength", "0")
+    _, one = _generate(tmp_path, "one.png", "--patch", str(toy_patch))
+    a, z, o = pixels(plain), pixels(zero), pixels(one)
+    # the title line differs; compare the image rows below it
+    assert np.array_equal(a[20:], z[20:])
+    assert np.abs(a[20:].astype(int) - o[20:].astype(int)).mean() > 1
+
+
+def test_other_fingerprint_warns_but_works(tmp_path, toy_model, capsys):
+    patch = ErasurePatch(layers=toy_model.layer_names()[:1], memory=ConceptMemory(torch.zeros(2, 128), torch.zeros(2, 128)),
+                         base_model="another-toy", base_fingerprint="0123456789abcdef")
+    path = save_patch(patch, tmp_path / "other.safetensors")
+    code, out = _generate(tmp_path, "g.png", "--patch", str(path))
+    assert code == 0 and out.exists()
+    assert "warning" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind, message", [("wrong_dim", "768-d text context"), ("wrong_layer", "lacks"),
+                                           ("pickle", "pickle"), ("strengths", "one --strength per --patch")])
+def test_bad_patches_are_user_errors_and_nothing_is_written(kind, message, tmp_path, capsys):
+    path = tmp_path / "bad.safetensors"
+    extra = ["--patch", str(path)]
+    if kind == "wrong_dim":
+        save_patch(ErasurePatch(layers=["middle_block.1.transformer_blocks.0.attn2"],
+                                memory=ConceptMemory(torch.zeros(2, 768), torch.zeros(2, 768))), path)
+    elif kind == "wrong_layer":
+        save_patch(ErasurePatch(layers=["input_blocks.1.1.transformer_blocks.0.attn2"],
+                                memory=ConceptMemory(torch.zeros(2, 128), torch.zeros(2, 128))), path)
+    elif kind == "pickle":
+        torch.save({"k": torch.zeros(1)}, path)
+    else:
+        save_patch(ErasurePatch(layers=["middle_block.1.transformer_blocks.0.attn2"],
+                                memory=ConceptMemory(torch.zeros(2, 128), torch.zeros(2, 128))), path)
+        extra += ["--strength", "1", "--strength", "0.5"]
+    code, out = _generate(tmp_path, "g.png", *extra)
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.count("\n") == 1
+    assert not out.exists()
+    assert main(["inspect", str(path)]) == (0 if kind in ("wrong_dim", "wrong_layer", "strengths") else 2)
