@@ -77,7 +77,7 @@ class DiffusersDenoiser:
     def layer_names(self) -> list[str]:
         from ..layers import attn2_layers
 
-        return [canonical for canonical, _ in attn2_layers(self.unet)]
+        return [layer.canonical for layer in attn2_layers(self.unet)]
 
     # -- generation ------------------------------------------------------------------------
     @torch.no_grad()
