@@ -1,0 +1,205 @@
+"""The training engine: one loop for every method, over the denoiser protocol.
+
+The frozen model's DDIM trajectories for the erased prompt are sampled once and
+cached (x_t, t, ε*(x_t, ∅), ε*(x_t, c_e), ε*(x_t, c_a)); each training step then
+costs one forward and one backward pass of the trainable model. The trainable
+parts are concept-memory tokens and/or attn2 projection deltas, attached through
+the same injection the product uses, so a trained patch behaves exactly as it did
+in training. The user's weights are never touched.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .denoiser import CacheRecord, Conditioning, Denoiser, sample_trajectories
+from .injection import PROJECTIONS, attach
+from .layers import select_layers
+from .patch import ConceptMemory, ErasurePatch, WeightDelta, model_fingerprint
+from .sampling import seeded_noise
+
+
+class Cancelled(Exception):
+    """Raised when the caller's cancel check says stop; the last checkpoint stays usable."""
+
+
+@dataclass
+class TrainConfig:
+    concept: str
+    method: str = "esd-x"
+    alternative: str = ""
+    preserve: list[str] = field(default_factory=list)
+    steps: int = 200
+    lr: float = 1e-3
+    memory_lr: float = 1e-2
+    tokens: int = 8
+    layers: str | list[str] = "all"
+    seed: int = 0
+    eta: float = 1.0             # ESD negative-guidance strength
+    batch: int = 8
+    cache_seeds: int = 8         # trajectories sampled once from the frozen model
+    cache_steps: int = 25        # DDIM steps per trajectory
+    cache_guidance: float = 3.0  # CFG scale of the sampler (ESD uses 3)
+
+
+class TrajectoryCache:
+    """Frozen-model trajectories for the erased prompt, flattened over seeds and steps."""
+
+    def __init__(self, records: list[CacheRecord]) -> None:
+        def cat(name: str) -> torch.Tensor | None:
+            parts = [getattr(r, name) for r in records]
+            return None if parts[0] is None else torch.cat(parts)
+
+        self.x_t, self.t = cat("x_t"), cat("t")
+        self.eps_uncond, self.eps_concept, self.eps_alternative = cat("eps_uncond"), cat("eps_concept"), \
+            cat("eps_alternative")
+
+    def __len__(self) -> int:
+        return len(self.x_t)
+
+    @classmethod
+    def build(cls, denoiser: Denoiser, concept: Conditioning, empty: Conditioning, seeds: list[int], steps: int,
+              guidance: float, alternative: Conditioning | None = None,
+              progress: Callable[[int, int], None] | None = None) -> "TrajectoryCache":
+        noise = seeded_noise(seeds, denoiser.sample_shape, denoiser.device)
+        return cls(list(sample_trajectories(denoiser, concept, empty, noise, steps, guidance, alternative, progress)))
+
+    def draw(self, n: int, generator: torch.Generator) -> CacheRecord:
+        idx = torch.randint(0, len(self), (n,), generator=generator)
+        return CacheRecord(self.x_t[idx], self.t[idx], self.eps_uncond[idx], self.eps_concept[idx],
+                           None if self.eps_alternative is None else self.eps_alternative[idx])
+
+
+class TrainableParts:
+    """Memory tokens and projection deltas being trained, viewable as an ErasurePatch at any time."""
+
+    def __init__(self, layers: list[str], context_dim: int, tokens: int, projections: tuple[str, ...],
+                 weight_shapes: dict[str, tuple[int, int]], generator: torch.Generator, device) -> None:
+        self.layers = layers
+        self.memory = None
+        if tokens:
+            # small random keys; values start at zero so the untrained memory contributes nothing
+            k = 0.1 * torch.randn(tokens, context_dim, generator=generator)
+            self.memory = ConceptMemory(torch.nn.Parameter(k.to(device)),
+                                        torch.nn.Parameter(torch.zeros(tokens, context_dim, device=device)))
+        self.deltas = {f"{layer}.{proj}": torch.nn.Parameter(torch.zeros(weight_shapes[f"{layer}.{proj}"],
+                                                                         device=device))
+                       for layer in layers for proj in projections}
+
+    def memory_params(self) -> list[torch.nn.Parameter]:
+        return [self.memory.k, self.memory.v] if self.memory else []
+
+    def delta_params(self) -> list[torch.nn.Parameter]:
+        return list(self.deltas.values())
+
+    def patch(self, with_memory: bool = True, with_deltas: bool = True) -> ErasurePatch:
+        """A live view (tensors shared, gradients flow) of the trained parts."""
+        return ErasurePatch(layers=self.layers, memory=self.memory if with_memory else None,
+                            deltas={k: WeightDelta(full=v) for k, v in self.deltas.items()} if with_deltas else {})
+
+    def state(self) -> dict[str, torch.Tensor]:
+        out = {f"delta.{k}": v.detach().clone() for k, v in self.deltas.items()}
+        if self.memory:
+            out["memory.k"], out["memory.v"] = self.memory.k.detach().clone(), self.memory.v.detach().clone()
+        return out
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for k, v in self.deltas.items():
+                v.copy_(state[f"delta.{k}"])
+            if self.memory:
+                self.memory.k.copy_(state["memory.k"])
+                self.memory.v.copy_(state["memory.v"])
+
+
+def weight_shapes(unet) -> dict[str, tuple[int, int]]:
+    from .layers import attn2_layers
+
+    modules = dict(unet.named_modules())
+    return {f"{layer.canonical}.{proj}": tuple(modules[f"{layer.diffusers}.{proj}"].weight.shape)
+            for layer in attn2_layers(unet) for proj in PROJECTIONS}
+
+
+def predict_with(denoiser: Denoiser, parts: ErasurePatch | None, x: torch.Tensor, t: torch.Tensor,
+                 cond: Conditioning) -> torch.Tensor:
+    """ε of the model with `parts` attached (or of the frozen model when None)."""
+    if parts is None or (parts.memory is None and not parts.deltas):
+        return denoiser.predict_noise(x, t, cond)
+    handle = attach(denoiser.unet, [(parts, 1.0)])
+    try:
+        return denoiser.predict_noise(x, t, cond)
+    finally:
+        handle.detach()
+
+
+def finish_patch(denoiser: Denoiser, parts: TrainableParts, config: TrainConfig, include_memory: bool = True,
+                 include_deltas: bool = True, metrics: dict | None = None) -> ErasurePatch:
+    """A detached, storable patch with full metadata."""
+    live = parts.patch(include_memory, include_deltas)
+    memory = None
+    if live.memory is not None:
+        memory = ConceptMemory(live.memory.k.detach().clone().cpu(), live.memory.v.detach().clone().cpu())
+    deltas = {k: WeightDelta(full=d.full.detach().clone().cpu()) for k, d in live.deltas.items()
+              if d.full.abs().max() > 0}
+    training = {k: v for k, v in asdict(config).items() if k not in ("concept", "alternative", "preserve", "seed")}
+    return ErasurePatch(layers=parts.layers if memory is not None else [], memory=memory, deltas=deltas,
+                        method=config.method, concepts=[config.concept], alternative=config.alternative,
+                        preserve=list(config.preserve), base_model=getattr(denoiser, "name", ""),
+                        base_fingerprint=model_fingerprint(denoiser.unet), training=training, seed=config.seed,
+                        metrics=metrics or {})
+
+
+def run_training(denoiser: Denoiser, config: TrainConfig, parts: TrainableParts, cache: TrajectoryCache,
+                 step_loss: Callable[[int, CacheRecord], torch.Tensor],
+                 param_groups: list[dict], checkpoint: Path | None = None,
+                 progress: Callable[[int, int, float], None] | None = None,
+                 cancel: Callable[[], bool] | None = None, checkpoint_seconds: float = 60.0) -> list[float]:
+    """The loop every method shares: draw from the cache, take a step, checkpoint, report, honour cancel.
+
+    A run resumed from its checkpoint continues with the same optimiser state and random stream, so it ends
+    where an uninterrupted run with the same seed would."""
+    generator = torch.Generator().manual_seed(config.seed)
+    optimiser = torch.optim.Adam(param_groups)
+    losses: list[float] = []
+    start = 0
+    if checkpoint is not None and checkpoint.exists():
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        parts.load_state(state["parts"])
+        optimiser.load_state_dict(state["optimiser"])
+        generator.set_state(state["generator"])
+        losses, start = list(state["losses"]), int(state["step"])
+
+    def save(step: int) -> None:
+        tmp = checkpoint.with_name(checkpoint.name + ".tmp")
+        torch.save({"parts": parts.state(), "optimiser": optimiser.state_dict(), "generator": generator.get_state(),
+                    "losses": losses, "step": step}, tmp)
+        tmp.replace(checkpoint)
+
+    last_save = time.time()
+    for step in range(start, config.steps):
+        if cancel is not None and cancel():
+            if checkpoint is not None:
+                save(step)
+            raise Cancelled(f"cancelled at step {step}")
+        batch = cache.draw(config.batch, generator)
+        loss = step_loss(step, batch)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        losses.append(loss.item())
+        if progress:
+            progress(step + 1, config.steps, losses[-1])
+        if checkpoint is not None and (time.time() - last_save > checkpoint_seconds or step + 1 == config.steps):
+            save(step + 1)
+            last_save = time.time()
+    return losses
+
+
+def setup(denoiser: Denoiser, config: TrainConfig, tokens: int, projections: tuple[str, ...]) -> TrainableParts:
+    layers = select_layers(denoiser.layer_names(), config.layers)
+    return TrainableParts(layers, denoiser.context_dim, tokens, projections, weight_shapes(denoiser.unet),
+                          torch.Generator().manual_seed(config.seed + 1), denoiser.device)

@@ -1,0 +1,42 @@
+"""ESD (Gandikota et al. 2023), the baseline: push ε(x_t, c_e) towards the negatively guided target
+y = ε*(x_t, ∅) − η·(ε*(x_t, c_e) − ε*(x_t, ∅)). Verified against the authors' code; training from the
+frozen-trajectory cache instead of re-sampling every step is our design (METHODS.md)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch.nn.functional as F
+
+from ..denoiser import CacheRecord, Denoiser
+from ..engine import TrainConfig, TrajectoryCache, finish_patch, predict_with, run_training, setup
+from ..injection import PROJECTIONS
+from ..patch import ErasurePatch
+
+# which attn2 projections each variant trains (ESD-u, outside attn2, needs full-UNet deltas: not yet supported)
+PARAMETER_SETS = {"esd-x": PROJECTIONS, "esd-x-strict": ("to_k", "to_v")}
+
+
+def esd_target(batch: CacheRecord, eta: float):
+    return batch.eps_uncond - eta * (batch.eps_concept - batch.eps_uncond)
+
+
+def train_esd(denoiser: Denoiser, config: TrainConfig, cache: TrajectoryCache | None = None,
+              checkpoint: Path | None = None, progress: Callable | None = None,
+              cancel: Callable[[], bool] | None = None) -> tuple[ErasurePatch, list[float]]:
+    if config.method not in PARAMETER_SETS:
+        raise ValueError(f"unknown ESD variant {config.method!r}; use one of {', '.join(PARAMETER_SETS)}")
+    concept, empty = denoiser.encode([config.concept]), denoiser.encode([""])
+    if cache is None:
+        cache = TrajectoryCache.build(denoiser, concept, empty, list(range(config.seed, config.seed + config.cache_seeds)),
+                                      config.cache_steps, config.cache_guidance)
+    parts = setup(denoiser, config, tokens=0, projections=PARAMETER_SETS[config.method])
+    live = parts.patch()
+
+    def step_loss(step: int, batch: CacheRecord):
+        pred = predict_with(denoiser, live, batch.x_t, batch.t, concept.expand(len(batch.x_t)))
+        return F.mse_loss(pred, esd_target(batch, config.eta))
+
+    losses = run_training(denoiser, config, parts, cache, step_loss, [{"params": parts.delta_params(), "lr": config.lr}],
+                          checkpoint, progress, cancel)
+    return finish_patch(denoiser, parts, config), losses
