@@ -77,9 +77,10 @@ class TrajectoryCache:
 class TrainableParts:
     """Memory tokens and projection deltas being trained, viewable as an ErasurePatch at any time."""
 
-    def __init__(self, layers: list[str], context_dim: int, tokens: int, projections: tuple[str, ...],
-                 weight_shapes: dict[str, tuple[int, int]], generator: torch.Generator, device) -> None:
-        self.layers = layers
+    def __init__(self, layers: list[str], delta_layers: list[str], context_dim: int, tokens: int,
+                 projections: tuple[str, ...], weight_shapes: dict[str, tuple[int, int]], generator: torch.Generator,
+                 device) -> None:
+        self.layers = layers  # where the memory goes
         self.memory = None
         if tokens:
             # small random keys; values start at zero so the untrained memory contributes nothing
@@ -88,7 +89,7 @@ class TrainableParts:
                                         torch.nn.Parameter(torch.zeros(tokens, context_dim, device=device)))
         self.deltas = {f"{layer}.{proj}": torch.nn.Parameter(torch.zeros(weight_shapes[f"{layer}.{proj}"],
                                                                          device=device))
-                       for layer in layers for proj in projections}
+                       for layer in delta_layers for proj in projections}
 
     def memory_params(self) -> list[torch.nn.Parameter]:
         return [self.memory.k, self.memory.v] if self.memory else []
@@ -96,10 +97,14 @@ class TrainableParts:
     def delta_params(self) -> list[torch.nn.Parameter]:
         return list(self.deltas.values())
 
-    def patch(self, with_memory: bool = True, with_deltas: bool = True) -> ErasurePatch:
-        """A live view (tensors shared, gradients flow) of the trained parts."""
-        return ErasurePatch(layers=self.layers, memory=self.memory if with_memory else None,
-                            deltas={k: WeightDelta(full=v) for k, v in self.deltas.items()} if with_deltas else {})
+    def patch(self, with_memory: bool = True, with_deltas: bool = True, frozen: tuple[str, ...] = ()) -> ErasurePatch:
+        """A live view of the trained parts: tensors shared, so it follows every update. Parts named in
+        `frozen` ("memory", "deltas") are detached, so a loss through this view trains only the others."""
+        memory = self.memory if with_memory else None
+        if memory is not None and "memory" in frozen:
+            memory = ConceptMemory(memory.k.detach(), memory.v.detach())
+        deltas = {k: WeightDelta(full=v.detach() if "deltas" in frozen else v) for k, v in self.deltas.items()}
+        return ErasurePatch(layers=self.layers, memory=memory, deltas=deltas if with_deltas else {})
 
     def state(self) -> dict[str, torch.Tensor]:
         out = {f"delta.{k}": v.detach().clone() for k, v in self.deltas.items()}
@@ -199,7 +204,16 @@ def run_training(denoiser: Denoiser, config: TrainConfig, parts: TrainableParts,
     return losses
 
 
-def setup(denoiser: Denoiser, config: TrainConfig, tokens: int, projections: tuple[str, ...]) -> TrainableParts:
-    layers = select_layers(denoiser.layer_names(), config.layers)
-    return TrainableParts(layers, denoiser.context_dim, tokens, projections, weight_shapes(denoiser.unet),
+def setup(denoiser: Denoiser, config: TrainConfig, tokens: int, projections: tuple[str, ...],
+          delta_layers: str | list[str] = "all") -> TrainableParts:
+    """Trainable parts: `tokens` memory tokens in config.layers, `projections` deltas in `delta_layers`."""
+    names = denoiser.layer_names()
+    return TrainableParts(select_layers(names, config.layers), select_layers(names, delta_layers) if projections else [],
+                          denoiser.context_dim, tokens, projections, weight_shapes(denoiser.unet),
                           torch.Generator().manual_seed(config.seed + 1), denoiser.device)
+
+
+def concept_cache(denoiser: Denoiser, config: TrainConfig, concept: Conditioning, empty: Conditioning,
+                  alternative: Conditioning | None = None) -> TrajectoryCache:
+    seeds = list(range(config.seed, config.seed + config.cache_seeds))
+    return TrajectoryCache.build(denoiser, concept, empty, seeds, config.cache_steps, config.cache_guidance, alternative)

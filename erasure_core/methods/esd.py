@@ -9,7 +9,7 @@ from typing import Callable
 import torch.nn.functional as F
 
 from ..denoiser import CacheRecord, Denoiser
-from ..engine import TrainConfig, TrajectoryCache, finish_patch, predict_with, run_training, setup
+from ..engine import TrainConfig, TrajectoryCache, concept_cache, finish_patch, predict_with, run_training, setup
 from ..injection import PROJECTIONS
 from ..patch import ErasurePatch
 
@@ -27,10 +27,8 @@ def train_esd(denoiser: Denoiser, config: TrainConfig, cache: TrajectoryCache | 
     if config.method not in PARAMETER_SETS:
         raise ValueError(f"unknown ESD variant {config.method!r}; use one of {', '.join(PARAMETER_SETS)}")
     concept, empty = denoiser.encode([config.concept]), denoiser.encode([""])
-    if cache is None:
-        cache = TrajectoryCache.build(denoiser, concept, empty, list(range(config.seed, config.seed + config.cache_seeds)),
-                                      config.cache_steps, config.cache_guidance)
-    parts = setup(denoiser, config, tokens=0, projections=PARAMETER_SETS[config.method])
+    cache = cache or concept_cache(denoiser, config, concept, empty)
+    parts = setup(denoiser, config, tokens=0, projections=PARAMETER_SETS[config.method], delta_layers=config.layers)
     live = parts.patch()
 
     def step_loss(step: int, batch: CacheRecord):

@@ -1,0 +1,48 @@
+"""All but One (Hong, Lee, Woo, AAAI 2024), OUR RECONSTRUCTION from the abstract and Figure 1 (no code is public).
+
+A surgical update of the guidance term that holds the unconditional prediction in place:
+  L_guid  = ‖[ε_θ(x_t, c_e) − sg(ε_θ(x_t, ∅))] − (ε*(x_t, c_a) − ε*(x_t, ∅))‖²
+  L_drift = ‖ε_θ(x_t, ∅) − ε*(x_t, ∅)‖²
+  L = L_guid + λ·L_drift, on the ESD-x parameter set.
+With no alternative (c_a = ∅) the erased prompt yields the unconditional distribution; with one, prompts for c_e
+yield c_a while the layout, carried by the unconditional score, stays.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch.nn.functional as F
+
+from ..denoiser import CacheRecord, Denoiser
+from ..engine import TrainConfig, TrajectoryCache, concept_cache, finish_patch, predict_with, run_training, setup
+from ..injection import PROJECTIONS
+from ..patch import ErasurePatch
+
+DRIFT_WEIGHT = 1.0  # λ
+
+
+def train_all_but_one(denoiser: Denoiser, config: TrainConfig, cache: TrajectoryCache | None = None,
+                      checkpoint: Path | None = None, progress: Callable | None = None,
+                      cancel: Callable[[], bool] | None = None, drift_weight: float = DRIFT_WEIGHT
+                      ) -> tuple[ErasurePatch, list[float]]:
+    concept, empty = denoiser.encode([config.concept]), denoiser.encode([""])
+    alternative = denoiser.encode([config.alternative]) if config.alternative else None
+    cache = cache or concept_cache(denoiser, config, concept, empty, alternative)
+    if alternative is not None and cache.eps_alternative is None:
+        raise ValueError("the cache has no alternative predictions; build it with the alternative")
+    parts = setup(denoiser, config, tokens=0, projections=PROJECTIONS, delta_layers=config.layers)
+    live = parts.patch()
+
+    def step_loss(step: int, batch: CacheRecord):
+        n = len(batch.x_t)
+        pred_c = predict_with(denoiser, live, batch.x_t, batch.t, concept.expand(n))
+        pred_u = predict_with(denoiser, live, batch.x_t, batch.t, empty.expand(n))
+        guidance_target = (batch.eps_alternative - batch.eps_uncond) if alternative is not None \
+            else 0 * batch.eps_uncond
+        guid = F.mse_loss(pred_c - pred_u.detach(), guidance_target)
+        return guid + drift_weight * F.mse_loss(pred_u, batch.eps_uncond)
+
+    losses = run_training(denoiser, config, parts, cache, step_loss, [{"params": parts.delta_params(), "lr": config.lr}],
+                          checkpoint, progress, cancel)
+    return finish_patch(denoiser, parts, config), losses
