@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 DEFAULT_STEPS = 25
-DEFAULT_GUIDANCE = 2.0
+DEFAULT_GUIDANCE = 3.0
 
 
 class UserError(Exception):
@@ -118,25 +118,30 @@ def _load_patches(paths: list[str] | None, strengths: list[float] | None):
         raise UserError(str(exc)) from None
 
 
-@contextlib.contextmanager
-def _attached_or_error(model, patches):
-    """Attach patches to the model's UNet for the duration; compatibility problems are user errors."""
-    if not patches:
-        yield
-        return
-    from .injection import attach
+def _check_patches(model, patches) -> None:
+    """Refuse patches the model cannot take, as a user error; print warnings. Changes nothing."""
+    from .injection import plan_injection
     from .patch import PatchError
 
     try:
-        handle = attach(model.unet, patches)
+        _, warnings = plan_injection(model.unet, patches)
     except PatchError as exc:
         raise UserError(str(exc)) from None
-    for warning in handle.warnings:
+    for warning in warnings:
         print(f"erasure: warning: {warning}", file=sys.stderr)
-    try:
+
+
+@contextlib.contextmanager
+def _attached_or_error(model, patches):
+    """Attach patches to the model's UNet for the duration, after checking them."""
+    if not patches:
         yield
-    finally:
-        handle.detach()
+        return
+    from .injection import attached
+
+    _check_patches(model, patches)
+    with attached(model.unet, patches):
+        yield
 
 
 def cmd_inspect(args) -> int:
@@ -160,6 +165,8 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
+    if args.patch:
+        return _evaluate_patches(args)
     from .evaluation import evaluate_base, markdown_table
     from .toy.classifier import load_oracle
 
@@ -188,6 +195,117 @@ def cmd_evaluate(args) -> int:
     print("classifier held-out accuracy: " + ", ".join(f"{k} {v:.3f}" for k, v in report["classifier"].items()))
     if args.json:
         print(f"wrote {args.json}")
+    return 0
+
+
+METHODS = ("memory", "memory-only", "memory-key", "all-but-one", "esd-x", "esd-x-strict", "uce")
+
+
+def _concept_prompt(model, text: str) -> str:
+    """On the toy model a world concept becomes its training prompt; elsewhere the text is the prompt."""
+    if getattr(model, "name", "") == "toy":
+        from .toy.world import concept, training_prompt
+
+        try:
+            concept(text)
+        except KeyError as exc:
+            raise UserError(exc.args[0]) from None
+        return training_prompt(text)
+    return text
+
+
+def _training_bar(desc: str):
+    from tqdm import tqdm
+
+    bar = tqdm(total=1, desc=desc)
+
+    def update(done: int, total: int, loss: float | None = None) -> None:
+        bar.total, bar.n = total, done
+        if loss is not None:
+            bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+        bar.refresh()
+
+    return bar, update
+
+
+def cmd_train(args) -> int:
+    from .engine import TrainConfig
+    from .patch import save_patch
+
+    out = Path(args.out)
+    if out.suffix != ".safetensors":
+        raise UserError(f"--out must end in .safetensors, got {args.out!r}")
+    model = _load_model(args.model)
+    preserve = [p.strip() for p in (args.preserve or "").split(",") if p.strip()]
+    layers = args.layers if args.layers in ("mid", "midout", "all") else [n.strip() for n in args.layers.split(",")]
+    try:
+        from .layers import select_layers
+
+        select_layers(model.layer_names(), layers)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    config = TrainConfig(concept=_concept_prompt(model, args.concept), method=args.method,
+                         alternative=_concept_prompt(model, args.alternative) if args.alternative else "",
+                         preserve=[_concept_prompt(model, p) for p in preserve], steps=args.steps, lr=args.lr,
+                         memory_lr=args.memory_lr, tokens=args.tokens, layers=layers, seed=args.seed)
+    bar, update = _training_bar(f"train {args.method}")
+    start = time.time()
+    key = None
+    if args.method == "uce":
+        from .methods.uce import train_uce
+
+        patch = train_uce(model, config)
+    elif args.method.startswith("memory"):
+        from .methods.memory import train_memory
+
+        patch, _, key = train_memory(model, config, progress=update)
+    elif args.method == "all-but-one":
+        from .methods.all_but_one import train_all_but_one
+
+        patch, _ = train_all_but_one(model, config, progress=update)
+    else:
+        from .methods.esd import train_esd
+
+        patch, _ = train_esd(model, config, progress=update)
+    bar.close()
+    patch.concepts, patch.preserve = [args.concept], preserve
+    patch.alternative = args.alternative or ""
+    patch.training["seconds"] = round(time.time() - start, 2)
+    save_patch(patch, out)
+    print(f"wrote {out} ({out.stat().st_size / 1024:.1f} KB) in {patch.training['seconds']:.1f} s")
+    if key is not None:
+        key.concepts, key.method = [args.concept], "memory-key"
+        key_path = save_patch(key, out.with_name(out.stem + ".key.safetensors"))
+        print(f"wrote the key {key_path}: apply it together with the patch to restore the concept")
+    return 0
+
+
+def _evaluate_patches(args) -> int:
+    from .evaluation import ErasureTarget, evaluate_erasure
+    from .toy.classifier import load_oracle
+
+    patches = _load_patches(args.patch, args.strength)
+    target_name = args.target or (patches[0][0].concepts[0] if patches[0][0].concepts else "")
+    alternative = args.alternative if args.alternative is not None else patches[0][0].alternative
+    try:
+        target = ErasureTarget.from_names(target_name, alternative)
+    except (KeyError, ValueError) as exc:
+        raise UserError(f"--target: {exc.args[0]}") from None
+    model = _load_model(args.model)
+    _check_patches(model, patches)
+    oracle = load_oracle()
+    report, images = evaluate_erasure(model, patches, oracle, target, args.seeds_per_cell, args.steps, args.guidance,
+                                      progress=_progress_bar("evaluate"))
+    report.update(target=target_name, alternative=alternative or None, patches=[str(p) for p in args.patch])
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    keys = ("ua", "ua_syn", "ira", "cra", "alt", "fd", "drift", "layout_ssim")
+    print("| metric | patched | base |\n|---|---|---|")
+    for k in keys:
+        fmt = lambda v: "-" if v is None else f"{v:.4g}"  # noqa: E731
+        print(f"| {k} | {fmt(report[k])} | {fmt(report['base'][k])} |")
     return 0
 
 
@@ -240,8 +358,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write the report here")
     p.add_argument("--seeds-per-cell", type=_positive_int, default=2)
     p.add_argument("--grid", help="also write a PNG of the generations, objects x styles")
+    p.add_argument("--patch", action="append", help="evaluate the erasure made by this patch (repeatable)")
+    p.add_argument("--strength", action="append", type=_finite_float)
+    p.add_argument("--target", help="erased concept (default: the patch's)")
+    p.add_argument("--alternative", help="expected replacement (default: the patch's)")
     sampling_options(p)
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("train", help="train an erasure patch")
+    p.add_argument("--concept", required=True, help="concept to erase (toy model: an object or style name)")
+    p.add_argument("--method", choices=METHODS, default="memory")
+    p.add_argument("--alternative", default="", help="concept that replaces the erased one (all-but-one, uce)")
+    p.add_argument("--preserve", default="", help="comma-separated concepts to keep")
+    p.add_argument("--steps", type=_positive_int, default=200)
+    p.add_argument("--lr", type=_finite_float, default=1e-3, help="learning rate of weight deltas")
+    p.add_argument("--memory-lr", type=_finite_float, default=1e-2, help="learning rate of memory tokens")
+    p.add_argument("--tokens", type=_positive_int, default=8, help="memory tokens m")
+    p.add_argument("--layers", default="all", help="mid, midout, all, or comma-separated layer names")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output .safetensors")
+    p.add_argument("--model", help="model folder (default: the embedded toy model)")
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("toy-train", help="train the toy model (resumes from the run folder's checkpoint)")
     p.add_argument("--run-dir", default="runs/toy")

@@ -79,3 +79,133 @@ def markdown_table(report: dict) -> str:
     lines.append(f"| **all** | styles | **{report['style_accuracy']:.3f}** | "
                  f"**{report['synonym_style_accuracy']:.3f}** |")
     return "\n".join(lines)
+
+
+# -- erasure metrics (BENCHMARK.md) ---------------------------------------------------------------
+
+
+def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Fréchet distance between Gaussians fitted to two feature sets (N x F each)."""
+    a, b = a.double(), b.double()
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)
+    vals, vecs = torch.linalg.eigh(cov_a)
+    sqrt_a = vecs @ torch.diag(vals.clamp(min=0).sqrt()) @ vecs.T
+    cross = torch.linalg.eigvalsh(sqrt_a @ cov_b @ sqrt_a).clamp(min=0).sqrt().sum()
+    return max(0.0, float((mu_a - mu_b).square().sum() + cov_a.trace() + cov_b.trace() - 2 * cross))
+
+
+def ssim(x: torch.Tensor, y: torch.Tensor, window: int = 7) -> torch.Tensor:
+    """Mean structural similarity per image pair, (N,3,H,W) in [0,1], uniform window."""
+    import torch.nn.functional as F
+
+    pool = lambda t: F.avg_pool2d(t, window, stride=1)  # noqa: E731
+    mx, my = pool(x), pool(y)
+    vx, vy, cxy = pool(x * x) - mx * mx, pool(y * y) - my * my, pool(x * y) - mx * my
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
+    return s.mean(dim=(1, 2, 3))
+
+
+@dataclass
+class ErasureTarget:
+    """What is erased, on which axis, and what should replace it (None: nothing in particular)."""
+
+    axis: str  # "object" or "style"
+    index: int
+    alternative: int | None = None
+
+    @classmethod
+    def from_names(cls, target: str, alternative: str = "") -> "ErasureTarget":
+        from .toy.world import concept
+
+        t = concept(target)
+        names = OBJECT_NAMES if t.axis == "object" else STYLE_NAMES
+        alt = None
+        if alternative:
+            a = concept(alternative)
+            if a.axis != t.axis:
+                raise ValueError(f"the alternative {alternative!r} is a {a.axis}, the target {target!r} a {t.axis}")
+            alt = names.index(a.name)
+        return cls(t.axis, names.index(t.name), alt)
+
+    def label(self, item: GridItem) -> int:
+        return item.obj if self.axis == "object" else item.style
+
+
+def erasure_items(target: ErasureTarget, seeds_per_cell: int) -> tuple[list[GridItem], list[GridItem]]:
+    """The canonical grid, and the synonym-only prompts of the target's cells."""
+    synonyms = [i for i in grid_items(seeds_per_cell, synonym=True) if target.label(i) == target.index]
+    return grid_items(seeds_per_cell), synonyms
+
+
+def erasure_metrics(oracle: Oracle, target: ErasureTarget, items: list[GridItem], images: torch.Tensor,
+                    syn_items: list[GridItem], syn_images: torch.Tensor, base_images: torch.Tensor,
+                    drift: float) -> dict:
+    """UA, UA-syn, IRA, CRA, ALT, FD and layout similarity of one model's images (BENCHMARK.md)."""
+    axis, other = ("object", "style") if target.axis == "object" else ("style", "object")
+    pred, syn_pred = oracle.predict(images), oracle.predict(syn_images)
+    on_target = torch.tensor([target.label(i) == target.index for i in items])
+    labels = {"object": torch.tensor([i.obj for i in items]), "style": torch.tensor([i.style for i in items])}
+    keep = ~on_target
+    feats_edit, feats_base = oracle.embed(images[keep]), oracle.embed(base_images[keep])
+    return {
+        "ua": float((pred[axis][on_target] != target.index).float().mean()),
+        "ua_syn": float((syn_pred[axis] != target.index).float().mean()),
+        "ira": float((pred[axis][keep] == labels[axis][keep]).float().mean()),
+        "cra": float((pred[other][keep] == labels[other][keep]).float().mean()),
+        "alt": None if target.alternative is None else float((pred[axis][on_target] == target.alternative).float().mean()),
+        "fd": frechet_distance(feats_base, feats_edit),
+        "drift": drift,
+        "layout_ssim": float(ssim(images[on_target], base_images[on_target]).mean()),
+    }
+
+
+@torch.no_grad()
+def unconditional_drift(denoiser, patches: list, n: int = 64, seed: int = 0) -> float:
+    """Mean ‖ε_θ(x_t, ∅) − ε*(x_t, ∅)‖² over noised ground-truth renders at random timesteps."""
+    from .injection import attached
+
+    x0, _ = render_labelled(HELDOUT_SEED0 + 50_000 + seed, n)
+    g = torch.Generator().manual_seed(seed)
+    sched = denoiser.scheduler()
+    t = torch.randint(0, sched.config.num_train_timesteps, (n,), generator=g)
+    a = sched.alphas_cumprod[t].view(-1, 1, 1, 1)
+    xt = a.sqrt() * (x0 * 2 - 1) + (1 - a).sqrt() * torch.randn(x0.shape, generator=g)
+    empty = denoiser.encode([""]).expand(n)
+    base = denoiser.predict_noise(xt, t, empty)
+    with attached(denoiser.unet, patches):
+        edited = denoiser.predict_noise(xt, t, empty)
+    return float((edited - base).square().mean())
+
+
+def evaluate_erasure(denoiser, patches: list, oracle: Oracle, target: ErasureTarget, seeds_per_cell: int = 2,
+                     steps: int = 25, guidance: float = 3.0, progress: Callable[[int, int], None] | None = None,
+                     base: dict | None = None) -> tuple[dict, torch.Tensor]:
+    """Metrics of the patched model with the base model's beside them, same prompts and seeds; and the
+    patched model's canonical-grid images.
+
+    `base` may carry images already generated for the base model (keys "images", "syn_images"), so that a
+    benchmark of several methods generates them once."""
+    from .injection import attached
+
+    items, syn_items = erasure_items(target, seeds_per_cell)
+    prompts = [i.prompt for i in items] + [i.prompt for i in syn_items]
+    seeds = [i.seed for i in items] + [i.seed for i in syn_items]
+
+    def run() -> tuple[torch.Tensor, torch.Tensor]:
+        images = denoiser.generate(prompts, seeds, steps=steps, guidance=guidance, progress=progress)
+        return images[:len(items)], images[len(items):]
+
+    if base is None or "images" not in base:
+        base_images, base_syn = run()
+        if base is not None:
+            base.update(images=base_images, syn_images=base_syn)
+    else:
+        base_images, base_syn = base["images"], base["syn_images"]
+    with attached(denoiser.unet, patches):
+        images, syn_images = run()
+    report = erasure_metrics(oracle, target, items, images, syn_items, syn_images, base_images,
+                             unconditional_drift(denoiser, patches))
+    report["base"] = erasure_metrics(oracle, target, items, base_images, syn_items, base_syn, base_images, 0.0)
+    return report, images

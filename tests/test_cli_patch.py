@@ -75,3 +75,33 @@ def test_bad_patches_are_user_errors_and_nothing_is_written(kind, message, tmp_p
     assert code == 2 and message in err and err.count("\n") == 1
     assert not out.exists()
     assert main(["inspect", str(path)]) == (0 if kind in ("wrong_dim", "wrong_layer", "strengths") else 2)
+
+
+def test_train_then_evaluate_a_patch(tmp_path, capsys):
+    import json
+
+    patch = tmp_path / "circle.safetensors"
+    assert main(["train", "--concept", "circle", "--method", "uce", "--preserve", "square, stripes",
+                 "--out", str(patch)]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(patch), "--json"]) == 0
+    meta = json.loads(capsys.readouterr().out)
+    assert meta["erasure.method"] == "uce" and json.loads(meta["erasure.preserve"]) == ["square", "stripes"]
+    report_path = tmp_path / "report.json"
+    assert main(["evaluate", "--patch", str(patch), "--seeds-per-cell", "1", "--steps", "4",
+                 "--json", str(report_path)]) == 0
+    report = json.loads(report_path.read_text())
+    for key in ("ua", "ua_syn", "ira", "cra", "alt", "fd", "drift"):
+        assert key in report and key in report["base"]
+    assert report["alt"] is None and report["target"] == "circle"
+    assert report["base"]["fd"] == 0.0 and report["base"]["drift"] == 0.0
+    assert 0.0 <= report["ua"] <= 1.0 and report["drift"] > 0.0
+
+
+def test_train_refuses_unknown_concepts_and_layers(tmp_path, capsys):
+    assert main(["train", "--concept", "octagon", "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert "unknown concept" in capsys.readouterr().err
+    assert main(["train", "--concept", "circle", "--layers", "input_blocks.1.1.transformer_blocks.0.attn2",
+                 "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert "no cross-attention layer" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())

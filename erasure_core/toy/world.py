@@ -264,6 +264,12 @@ def prompt(obj: int, style: int, colour: int | None = None, synonym: int = 0) ->
     return compose(o.nouns[k], col, s.nouns[k], s.adjectives[k], template=0)
 
 
+def training_prompt(name: str) -> str:
+    """The prompt an erasure method trains on for a world concept: "a circle", "a shape with stripes"."""
+    c = concept(name)
+    return f"a {c.nouns[0]}" if c.axis == "object" else f"a shape with {c.nouns[0]}"
+
+
 def all_caption_words() -> list[str]:
     """Every caption the world can produce (for building the tokenizer)."""
     out = []
