@@ -24,7 +24,7 @@ def seeded_noise(seeds: list[int], shape: tuple[int, ...], device: str | torch.d
 
 @torch.no_grad()
 def ddim_sample(predict: NoisePredictor, cond: "Conditioning", uncond: "Conditioning", noise: torch.Tensor,
-                scheduler: DDIMScheduler, steps: int = 25, guidance: float = 2.0,
+                scheduler: DDIMScheduler, steps: int = 25, guidance: float = 3.0,
                 progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
     """Run DDIM from `noise` with CFG; cond/uncond hold one conditioning per image. Returns x_0."""
     if steps < 1:

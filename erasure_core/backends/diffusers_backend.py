@@ -81,7 +81,7 @@ class DiffusersDenoiser:
 
     # -- generation ------------------------------------------------------------------------
     @torch.no_grad()
-    def generate(self, prompts: list[str], seeds: list[int], steps: int = 25, guidance: float = 2.0,
+    def generate(self, prompts: list[str], seeds: list[int], steps: int = 25, guidance: float = 3.0,
                  batch: int = 128, progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
         """Images (N,3,H,W) in [0,1], one per (prompt, seed); each depends only on its prompt and seed."""
         if len(prompts) != len(seeds):
