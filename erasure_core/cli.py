@@ -63,16 +63,20 @@ def _load_model(path: str | None):
 
 
 def _progress_bar(desc: str):
+    """A tqdm bar driven by (done, total[, loss]) callbacks; created on first use, closed when done."""
     from tqdm import tqdm
 
-    bar = tqdm(total=1, desc=desc, leave=False)
+    state: dict = {}
 
-    def update(done: int, total: int) -> None:
-        bar.total = total
-        bar.n = done
+    def update(done: int, total: int, loss: float | None = None) -> None:
+        bar = state.get("bar") or state.setdefault("bar", tqdm(total=total, desc=desc))
+        bar.total, bar.n = total, done
+        if loss is not None:
+            bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
         bar.refresh()
         if done >= total:
             bar.close()
+            state.clear()
 
     return update
 
@@ -214,20 +218,6 @@ def _concept_prompt(model, text: str) -> str:
     return text
 
 
-def _training_bar(desc: str):
-    from tqdm import tqdm
-
-    bar = tqdm(total=1, desc=desc)
-
-    def update(done: int, total: int, loss: float | None = None) -> None:
-        bar.total, bar.n = total, done
-        if loss is not None:
-            bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-        bar.refresh()
-
-    return bar, update
-
-
 def cmd_train(args) -> int:
     from .engine import TrainConfig
     from .patch import save_patch
@@ -248,7 +238,7 @@ def cmd_train(args) -> int:
                          alternative=_concept_prompt(model, args.alternative) if args.alternative else "",
                          preserve=[_concept_prompt(model, p) for p in preserve], steps=args.steps, lr=args.lr,
                          memory_lr=args.memory_lr, tokens=args.tokens, layers=layers, seed=args.seed)
-    bar, update = _training_bar(f"train {args.method}")
+    update = _progress_bar(f"train {args.method}")
     start = time.time()
     key = None
     if args.method == "uce":
@@ -267,7 +257,6 @@ def cmd_train(args) -> int:
         from .methods.esd import train_esd
 
         patch, _ = train_esd(model, config, progress=update)
-    bar.close()
     patch.concepts, patch.preserve = [args.concept], preserve
     patch.alternative = args.alternative or ""
     patch.training["seconds"] = round(time.time() - start, 2)
@@ -306,6 +295,57 @@ def _evaluate_patches(args) -> int:
     for k in keys:
         fmt = lambda v: "-" if v is None else f"{v:.4g}"  # noqa: E731
         print(f"| {k} | {fmt(report[k])} | {fmt(report['base'][k])} |")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """The main job: erase a concept from the toy model, draw before/after, measure."""
+    import torch
+
+    from .evaluation import ErasureTarget, evaluate_erasure
+    from .imaging import save_grid
+    from .injection import attached
+    from .patch import load_patch
+    from .toy.classifier import load_oracle
+    from .toy.world import prompt
+
+    out_dir = Path(args.out_dir)
+    try:
+        target = ErasureTarget.from_names(args.concept, args.alternative)
+    except (KeyError, ValueError) as exc:
+        raise UserError(exc.args[0]) from None
+    patch_path = out_dir / f"{args.concept}.safetensors"
+    cmd_train(build_parser().parse_args(
+        ["train", "--concept", args.concept, "--method", args.method, "--steps", str(args.steps),
+         "--out", str(patch_path)] + (["--alternative", args.alternative] if args.alternative else [])))
+    patches = [(load_patch(patch_path), 1.0)]
+    model, oracle = _load_model(None), load_oracle()
+    # four prompts naming the target, then four naming a neighbour on the same axis instead
+    others = [i for i in range(8) if i != target.index][:4]
+    partners = (1, 2, 3, 0) if target.axis == "object" else (0, 1, 4, 6)
+    cells = [(target.index, p) for p in partners] + list(zip(others, partners))
+    if target.axis == "style":
+        cells = [(o, s) for s, o in cells]
+    prompts = [prompt(o, s) for o, s in cells]
+    seeds = [7, 8]
+    all_prompts = [p for p in prompts for _ in seeds]
+    all_seeds = seeds * len(prompts)
+    before = model.generate(all_prompts, all_seeds, steps=args.sample_steps)
+    with attached(model.unet, patches):
+        after = model.generate(all_prompts, all_seeds, steps=args.sample_steps)
+    pairs = [torch.cat([before[i:i + 2], after[i:i + 2]]) for i in range(0, len(all_prompts), 2)]
+    grid_path = save_grid(torch.cat(pairs), out_dir / "before_after.png", ncols=4, scale=3, row_labels=prompts,
+                          col_labels=["original", "original", "erased", "erased"],
+                          title=f"erase '{args.concept}' ({args.method}): same seeds, before | after")
+    print(f"wrote {grid_path}")
+    report, _ = evaluate_erasure(model, patches, oracle, target, seeds_per_cell=1, steps=args.sample_steps,
+                                 progress=_progress_bar("evaluate"))
+    report.update(target=args.concept, method=args.method, patch=str(patch_path))
+    (out_dir / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out_dir / 'metrics.json'}")
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    for k in ("ua", "ua_syn", "ira", "cra", "alt"):
+        print(f"{k:>7}: {fmt(report[k])}  (base {fmt(report['base'][k])})")
     return 0
 
 
@@ -379,6 +419,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output .safetensors")
     p.add_argument("--model", help="model folder (default: the embedded toy model)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("demo", help="erase a concept from the toy model: before/after grid and metrics")
+    p.add_argument("--concept", default="circle")
+    p.add_argument("--method", choices=METHODS, default="memory")
+    p.add_argument("--alternative", default="")
+    p.add_argument("--steps", type=_positive_int, default=200, help="training steps")
+    p.add_argument("--sample-steps", type=_positive_int, default=20, help="DDIM steps when generating")
+    p.add_argument("--out-dir", default="demo")
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("toy-train", help="train the toy model (resumes from the run folder's checkpoint)")
     p.add_argument("--run-dir", default="runs/toy")

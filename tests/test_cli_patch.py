@@ -105,3 +105,16 @@ def test_train_refuses_unknown_concepts_and_layers(tmp_path, capsys):
                  "--out", str(tmp_path / "x.safetensors")]) == 2
     assert "no cross-attention layer" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+def test_demo_writes_the_before_after_grid_and_metrics(tmp_path):
+    import json
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--concept", "stripes", "--method", "esd-x", "--steps", "6", "--sample-steps", "4",
+                 "--out-dir", str(out)]) == 0
+    grid = Image.open(out / "before_after.png")
+    assert grid.width > 4 * 32 * 3 and grid.height > 8 * 32 * 3
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["target"] == "stripes" and report["method"] == "esd-x" and "base" in report
+    assert (out / "stripes.safetensors").exists()
