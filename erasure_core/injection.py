@@ -8,7 +8,8 @@ Strength s: 0 removes the patch entirely (bit-identical to no patch); 1 is the
 trained behaviour; in between the memory keys stay and their values fade (V
 scales linearly, which is what ComfyUI's and A1111's context hooks can express
 too), and deltas scale linearly. Several patches compose: memories concatenate
-along the token axis, deltas add.
+along the token axis, deltas add. Attaching on top of attached patches composes
+the same way, and detaching restores exactly what was there before.
 """
 from __future__ import annotations
 
@@ -19,10 +20,11 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from .layers import attn2_layers
-from .patch import ErasurePatch, PatchError, check_compatible, model_fingerprint
+from .layers import PROJECTIONS, attn2_layers
+from .patch import ErasurePatch, PatchError, WeightDelta, check_compatible, model_fingerprint
 
-PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
+__all__ = ["PROJECTIONS", "LayerInjection", "MemoryAttnProcessor", "AttachedPatches", "plan_injection", "attach",
+           "attached"]
 
 
 @dataclass
@@ -30,7 +32,27 @@ class LayerInjection:
     """What one attn2 layer receives: memory tokens (k, v, strength) and weight deltas per projection."""
 
     memories: list[tuple[torch.Tensor, torch.Tensor, float]] = field(default_factory=list)
-    deltas: dict[str, list[tuple[torch.Tensor, float]]] = field(default_factory=dict)
+    deltas: dict[str, list[tuple[WeightDelta, float]]] = field(default_factory=dict)
+
+    def combined(self, later: LayerInjection) -> LayerInjection:
+        """This layer's injection followed by a later one: memories concatenate, deltas add."""
+        deltas = {proj: list(items) for proj, items in self.deltas.items()}
+        for proj, items in later.deltas.items():
+            deltas.setdefault(proj, []).extend(items)
+        return LayerInjection(self.memories + later.memories, deltas)
+
+
+def _extend_mask(mask: torch.Tensor, extra: int, batch: int, heads: int) -> torch.Tensor:
+    """Append `extra` always-visible key positions and shape the mask for scaled_dot_product_attention."""
+    visible = torch.ones((), dtype=torch.bool, device=mask.device) if mask.dtype == torch.bool \
+        else torch.zeros((), dtype=mask.dtype, device=mask.device)
+    if extra:
+        mask = torch.cat([mask, visible.expand(*mask.shape[:-1], extra)], dim=-1)
+    if mask.dim() == 2:  # (B, keys)
+        return mask[:, None, None, :]
+    if mask.dim() == 3:  # (B, queries or 1, keys), or diffusers' head-repeated (B*heads, ..., keys)
+        return mask.unsqueeze(1) if mask.shape[0] == batch else mask.view(batch, heads, *mask.shape[1:])
+    return mask
 
 
 class MemoryAttnProcessor:
@@ -39,45 +61,48 @@ class MemoryAttnProcessor:
     def __init__(self, injection: LayerInjection) -> None:
         self.injection = injection
 
-    def _linear(self, module: torch.nn.Linear, name: str, x: torch.Tensor) -> torch.Tensor:
+    def _linear(self, module: torch.nn.Linear, projection: str, x: torch.Tensor) -> torch.Tensor:
         weight = module.weight
-        for delta, strength in self.injection.deltas.get(name, ()):
-            weight = weight + strength * delta.to(weight.device, weight.dtype)
+        for delta, strength in self.injection.deltas.get(projection, ()):
+            weight = weight + strength * delta.weight().to(weight.device, weight.dtype)
         return F.linear(x, weight, module.bias)
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
-                 attention_mask: torch.Tensor | None = None, temb=None, **kwargs) -> torch.Tensor:
+                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
+                 **kwargs) -> torch.Tensor:
         if hidden_states.dim() != 3 or encoder_hidden_states is None:
             raise RuntimeError("concept memory applies to cross-attention on (B, N, C) hidden states only")
         residual = hidden_states
-        batch = hidden_states.shape[0]
+        batch, heads = hidden_states.shape[0], attn.heads
         context = encoder_hidden_states
         if attn.norm_cross:
             context = attn.norm_encoder_hidden_states(context)
-        context_k, context_v = context, context
-        if self.injection.memories:
-            dev, dt = context.device, context.dtype
-            mem_k = torch.cat([k.to(dev, dt) for k, _, _ in self.injection.memories])
-            mem_v = torch.cat([(s * v).to(dev, dt) for _, v, s in self.injection.memories])
+        context_k = context_v = context
+        memories = self.injection.memories
+        if memories:
+            device, dtype = context.device, context.dtype
+            mem_k = torch.cat([k.to(device, dtype) for k, _, _ in memories])
+            mem_v = torch.cat([(strength * v).to(device, dtype) for _, v, strength in memories])
             context_k = torch.cat([context, mem_k.expand(batch, -1, -1)], dim=1)
             context_v = torch.cat([context, mem_v.expand(batch, -1, -1)], dim=1)
-            if attention_mask is not None:  # memory tokens are always visible
-                attention_mask = F.pad(attention_mask, (0, mem_k.shape[0]), value=0.0)
+        if attention_mask is not None:  # memory tokens are always visible
+            attention_mask = _extend_mask(attention_mask, context_k.shape[1] - context.shape[1], batch, heads)
         q = self._linear(attn.to_q, "to_q", hidden_states)
         k = self._linear(attn.to_k, "to_k", context_k)
         v = self._linear(attn.to_v, "to_v", context_v)
-        heads = attn.heads
         q, k, v = (t.view(batch, -1, heads, t.shape[-1] // heads).transpose(1, 2) for t in (q, k, v))
-        if attention_mask is not None:
-            attention_mask = attention_mask.view(batch, -1, 1, attention_mask.shape[-1]) \
-                if attention_mask.dim() == 3 else attention_mask
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, scale=attn.scale)
-        out = out.transpose(1, 2).reshape(batch, -1, heads * out.shape[-1]).to(q.dtype)
+        out = out.transpose(1, 2).reshape(batch, -1, heads * out.shape[-1])
         out = self._linear(attn.to_out[0], "to_out.0", out)
-        out = attn.to_out[1](out)
+        out = attn.to_out[1](out)  # dropout
         if attn.residual_connection:
             out = out + residual
         return out / attn.rescale_output_factor
+
+
+def _ready(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Move frozen tensors to the model once; trainable ones stay as they are so gradients reach them."""
+    return tensor if tensor.requires_grad else tensor.detach().to(device)
 
 
 def plan_injection(unet, patches: list[tuple[ErasurePatch, float]]) -> tuple[dict[str, LayerInjection], list[str]]:
@@ -91,6 +116,7 @@ def plan_injection(unet, patches: list[tuple[ErasurePatch, float]]) -> tuple[dic
     modules = dict(unet.named_modules())
     shapes = {f"{layer.canonical}.{proj}": tuple(modules[f"{layer.diffusers}.{proj}"].weight.shape)
               for layer in layers for proj in PROJECTIONS}
+    device = next(unet.parameters()).device
     plan: dict[str, LayerInjection] = {}
     warnings: list[str] = []
     for patch, strength in patches:
@@ -103,29 +129,42 @@ def plan_injection(unet, patches: list[tuple[ErasurePatch, float]]) -> tuple[dic
         for layer in patch.layers:
             mem = patch.memory_for(layer)
             if mem is not None:
-                plan.setdefault(to_diffusers[layer], LayerInjection()).memories.append((mem.k, mem.v, strength))
+                plan.setdefault(to_diffusers[layer], LayerInjection()).memories.append(
+                    (_ready(mem.k, device), _ready(mem.v, device), strength))
         for module, delta in patch.deltas.items():
-            layer, proj = module.split(".attn2.")
+            layer, projection = module.split(".attn2.")
+            trainable = any(t is not None and t.requires_grad for t in (delta.full, delta.down, delta.up))
+            ready = delta if trainable else WeightDelta(full=delta.weight().detach().to(device))
             entry = plan.setdefault(to_diffusers[layer + ".attn2"], LayerInjection())
-            entry.deltas.setdefault(proj, []).append((delta.weight(), strength))
+            entry.deltas.setdefault(projection, []).append((ready, strength))
     return plan, warnings
 
 
 class AttachedPatches:
-    """Handle of patches attached to a UNet; `detach()` restores the original processors exactly."""
+    """Handle of patches attached to a UNet; `detach()` restores the previous processors exactly."""
 
     def __init__(self, unet, plan: dict[str, LayerInjection], warnings: list[str]) -> None:
         self.warnings = warnings
         modules = dict(unet.named_modules())
-        self._originals = {name: modules[name].processor for name in plan}
-        for name, injection in plan.items():
-            modules[name].set_processor(MemoryAttnProcessor(injection))
         self._modules = {name: modules[name] for name in plan}
+        self._previous = {name: module.processor for name, module in self._modules.items()}
+        self._ours: dict[str, MemoryAttnProcessor] = {}
+        for name, injection in plan.items():
+            previous = self._previous[name]
+            if isinstance(previous, MemoryAttnProcessor):  # patches already attached: compose with them
+                injection = previous.injection.combined(injection)
+            self._ours[name] = MemoryAttnProcessor(injection)
+            self._modules[name].set_processor(self._ours[name])
 
     def detach(self) -> None:
-        for name, processor in self._originals.items():
+        """Restore the processors found at attach time. Patches attached later must be detached first."""
+        covered = [name for name, proc in self._ours.items() if self._modules[name].processor is not proc]
+        if covered:
+            raise RuntimeError(f"patches attached later still hold {covered[0]}; detach them first")
+        for name, processor in self._previous.items():
             self._modules[name].set_processor(processor)
-        self._originals.clear()
+        self._ours.clear()
+        self._previous.clear()
 
 
 def attach(unet, patches: list[tuple[ErasurePatch, float]]) -> AttachedPatches:
@@ -136,6 +175,7 @@ def attach(unet, patches: list[tuple[ErasurePatch, float]]) -> AttachedPatches:
 
 @contextmanager
 def attached(unet, patches: list[tuple[ErasurePatch, float]]) -> Iterator[AttachedPatches]:
+    """`with attached(unet, [(patch, strength), ...]) as handle:` the patches apply inside the block only."""
     handle = attach(unet, patches)
     try:
         yield handle

@@ -3,16 +3,25 @@
 ComfyUI, A1111 and Forge all use LDM paths such as
 `input_blocks.1.1.transformer_blocks.0.attn2`; diffusers uses
 `down_blocks.0.attentions.0.transformer_blocks.0.attn2`. Patches store canonical
-names; this module converts to diffusers paths, kohya keys and ComfyUI keys.
-The LDM index arithmetic is derived from the UNet config, so SD1.x, SD2.x, SDXL
-and the toy layout are all covered by the same rules.
+names; this module converts them to and from diffusers paths, kohya keys and
+ComfyUI keys. The LDM index arithmetic is derived from the UNet config, so SD1.x,
+SD2.x, SDXL and the toy layout are all covered by the same rules:
+
+- input_blocks.0 is conv_in; layer j of down block i is input_blocks[1 + i*(lpb+1) + j], and the
+  downsampler that ends the block takes the next index (the last block has none);
+- layer j of up block i (each has lpb+1 layers) is output_blocks[i*(lpb+1) + j];
+- the attention is submodule `.1` of its LDM block; the middle block's is middle_block.1.
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any, Iterable, Mapping
 
 SELECTION_MODES = ("mid", "midout", "all")
+PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
+
+_COMFY_BLOCK = {"input_blocks": "input", "middle_block": "middle", "output_blocks": "output"}
 
 
 @dataclass(frozen=True)
@@ -24,25 +33,25 @@ class CrossAttentionLayer:
     def comfy_block(self) -> tuple[str, int]:
         """ComfyUI's `extra_options["block"]`: ("input", i), ("middle", 0) or ("output", i)."""
         part, index = self.canonical.split(".")[:2]
-        return {"input_blocks": "input", "middle_block": "middle", "output_blocks": "output"}[part], \
-            (0 if part == "middle_block" else int(index))
+        return _COMFY_BLOCK[part], (0 if part == "middle_block" else int(index))
 
     @property
     def transformer_index(self) -> int:
+        """Index of the transformer block inside its spatial transformer (ComfyUI's `transformer_index`)."""
         return int(re.search(r"transformer_blocks\.(\d+)\.attn2$", self.canonical).group(1))
 
 
-def _per_block(value, n: int) -> list[int]:
+def _per_block(value: int | Iterable[int], n: int) -> list[int]:
     return list(value) if isinstance(value, (list, tuple)) else [value] * n
 
 
-def attn2_layers_from_config(config) -> list[CrossAttentionLayer]:
+def attn2_layers_from_config(config: Mapping[str, Any] | Any) -> list[CrossAttentionLayer]:
     """Every attn2 layer of a UNet2DConditionModel config, in LDM order: input, middle, output."""
-    get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
+    get = config.get if isinstance(config, Mapping) else lambda key, default=None: getattr(config, key, default)
     down, up = list(get("down_block_types")), list(get("up_block_types"))
     lpb = _per_block(get("layers_per_block"), len(down))
     depth = _per_block(get("transformer_layers_per_block", 1) or 1, len(down))
-    rev_depth = get("reverse_transformer_layers_per_block") or depth[::-1]
+    up_depth = get("reverse_transformer_layers_per_block") or depth[::-1]
     layers: list[CrossAttentionLayer] = []
     ldm_index = 1  # input_blocks.0 is conv_in
     for i, kind in enumerate(down):
@@ -53,18 +62,18 @@ def attn2_layers_from_config(config) -> list[CrossAttentionLayer]:
                         f"input_blocks.{ldm_index}.1.transformer_blocks.{k}.attn2",
                         f"down_blocks.{i}.attentions.{j}.transformer_blocks.{k}.attn2"))
             ldm_index += 1
-        ldm_index += 1 if i < len(down) - 1 else 0  # the downsampler, absent after the last block
+        ldm_index += 1 if i < len(down) - 1 else 0  # the downsampler
     mid = get("mid_block_type", "UNetMidBlock2DCrossAttn")
     if mid and "CrossAttn" in mid:
         for k in range(depth[-1]):
             layers.append(CrossAttentionLayer(f"middle_block.1.transformer_blocks.{k}.attn2",
                                               f"mid_block.attentions.0.transformer_blocks.{k}.attn2"))
-    rev_lpb = lpb[::-1]
+    up_lpb = lpb[::-1]
     ldm_index = 0
     for i, kind in enumerate(up):
-        for j in range(rev_lpb[i] + 1):
+        for j in range(up_lpb[i] + 1):
             if "CrossAttn" in kind:
-                for k in range(_per_block(rev_depth[i], rev_lpb[i] + 1)[j]):
+                for k in range(_per_block(up_depth[i], up_lpb[i] + 1)[j]):
                     layers.append(CrossAttentionLayer(
                         f"output_blocks.{ldm_index}.1.transformer_blocks.{k}.attn2",
                         f"up_blocks.{i}.attentions.{j}.transformer_blocks.{k}.attn2"))
@@ -81,6 +90,48 @@ def attn2_layers(unet) -> list[CrossAttentionLayer]:
         raise ValueError(f"unsupported UNet layout: derived attn2 layers {sorted(derived - present)} missing, "
                          f"unexpected {sorted(present - derived)}")
     return layers
+
+
+_CANONICAL_LAYER = re.compile(
+    r"^(input_blocks\.\d+|middle_block|output_blocks\.\d+)\.\d+\.transformer_blocks\.\d+\.attn2$")
+
+
+def is_canonical_layer(name: str) -> bool:
+    """Whether `name` has the form of a canonical attn2 layer name (not whether a given model has it)."""
+    return bool(_CANONICAL_LAYER.match(name))
+
+
+def _split_layer(path: str) -> tuple[str, str]:
+    """`<...>.attn2.to_out.0` -> (`<...>.attn2`, `.to_out.0`); a bare layer path has an empty suffix."""
+    head, sep, tail = path.partition(".attn2")
+    if not sep or (tail and not tail.startswith(".")):
+        raise ValueError(f"not a cross-attention (attn2) path: {path!r}")
+    return head + sep, tail
+
+
+def layer_of(module: str) -> str:
+    """The attn2 layer a projection path belongs to: `<layer>.to_out.0` -> `<layer>`."""
+    return _split_layer(module)[0]
+
+
+def to_diffusers(canonical: str, layers: list[CrossAttentionLayer]) -> str:
+    """Canonical path (a layer, or a module inside one such as `<layer>.to_k`) -> diffusers path."""
+    layer, suffix = _split_layer(canonical)
+    for entry in layers:
+        if entry.canonical == layer:
+            return entry.diffusers + suffix
+    raise ValueError(f"the model has no cross-attention layer {layer!r}; "
+                     f"it has: {', '.join(e.canonical for e in layers)}")
+
+
+def to_canonical(diffusers: str, layers: list[CrossAttentionLayer]) -> str:
+    """Diffusers path (a layer, or a module inside one) -> canonical path."""
+    layer, suffix = _split_layer(diffusers)
+    for entry in layers:
+        if entry.diffusers == layer:
+            return entry.canonical + suffix
+    raise ValueError(f"the model has no cross-attention layer {layer!r}; "
+                     f"it has: {', '.join(e.diffusers for e in layers)}")
 
 
 def select_layers(all_layers: list[str], selection: str | list[str]) -> list[str]:
@@ -102,26 +153,36 @@ def select_layers(all_layers: list[str], selection: str | list[str]) -> list[str
     return [n for n in all_layers if n in selection]  # model order, no duplicates
 
 
-def kohya_prefix(canonical_module: str) -> str:
-    """`input_blocks.1.1.transformer_blocks.0.attn2.to_k` -> `lora_unet_input_blocks_1_1_transformer_blocks_0_attn2_to_k`."""
-    return "lora_unet_" + canonical_module.replace(".", "_")
+def kohya_prefix(canonical: str) -> str:
+    """`input_blocks.1.1.transformer_blocks.0.attn2.to_k`
+    -> `lora_unet_input_blocks_1_1_transformer_blocks_0_attn2_to_k`."""
+    return "lora_unet_" + canonical.replace(".", "_")
 
 
-_KOHYA_PATH = re.compile(
-    r"^lora_unet_(input_blocks_\d+|middle_block|output_blocks_\d+)_(\d+)_transformer_blocks_(\d+)_attn2_"
-    r"(to_q|to_k|to_v|to_out_0)$")
+_KOHYA = re.compile(r"^lora_unet_(input_blocks_\d+|middle_block|output_blocks_\d+)_(\d+)_transformer_blocks_(\d+)"
+                    r"_attn2(?:_(to_q|to_k|to_v|to_out_0))?$")
 
 
 def from_kohya_prefix(prefix: str) -> str:
-    """Inverse of kohya_prefix for attn2 projections (the only modules patches touch)."""
-    m = _KOHYA_PATH.match(prefix)
+    """Inverse of kohya_prefix for attn2 layers and their projections (the only modules patches touch)."""
+    m = _KOHYA.match(prefix)
     if not m:
-        raise ValueError(f"not a kohya key of a cross-attention projection: {prefix!r}")
-    block, sub, tb, proj = m.groups()
+        raise ValueError(f"not a kohya key of a cross-attention layer: {prefix!r}")
+    block, sub, transformer, projection = m.groups()
     block = re.sub(r"_(\d+)$", r".\1", block)
-    return f"{block}.{sub}.transformer_blocks.{tb}.attn2.{proj.replace('to_out_0', 'to_out.0')}"
+    path = f"{block}.{sub}.transformer_blocks.{transformer}.attn2"
+    return path + ("." + projection.replace("to_out_0", "to_out.0") if projection else "")
 
 
 def comfy_weight_key(canonical_module: str) -> str:
-    """The key ComfyUI's ModelPatcher.add_patches accepts (all other forms are dropped silently)."""
+    """The key ComfyUI's ModelPatcher.add_patches accepts (every other form is dropped silently)."""
     return f"diffusion_model.{canonical_module}.weight"
+
+
+def from_comfy_weight_key(key: str) -> str:
+    """`diffusion_model.<module>.weight` -> `<module>`."""
+    if not (key.startswith("diffusion_model.") and key.endswith(".weight")):
+        raise ValueError(f"not a ComfyUI diffusion_model weight key: {key!r}")
+    module = key[len("diffusion_model."):-len(".weight")]
+    _split_layer(module)
+    return module

@@ -20,12 +20,13 @@ import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .layers import from_kohya_prefix, kohya_prefix
+from .layers import PROJECTIONS, attn2_layers, from_kohya_prefix, is_canonical_layer, kohya_prefix, layer_of
 
 FORMAT_VERSION = "1"
 MAX_HEADER_BYTES = 16 * 1024 * 1024  # a patch header is a few KB; anything near this is hostile or broken
@@ -133,8 +134,8 @@ class ErasurePatch:
         return {k: v.detach().contiguous().cpu() for k, v in out.items()}
 
     def metadata(self) -> dict[str, str]:
-        dim = self.context_dim
-        arch = ARCHITECTURES.get(dim, f"custom-{dim}d")
+        dim = self.context_dim  # None for a patch holding only to_q / to_out deltas
+        arch = ARCHITECTURES.get(dim, f"custom-{dim}d") if dim else "unknown"
         concepts = ", ".join(self.concepts) or "a concept"
         return {
             "modelspec.sai_model_spec": "1.0.0",
@@ -149,7 +150,7 @@ class ErasurePatch:
             "erasure.preserve": json.dumps(self.preserve),
             "erasure.layers": json.dumps(self.layers),
             "erasure.tokens": str(self.tokens),
-            "erasure.context_dim": str(dim),
+            "erasure.context_dim": "" if dim is None else str(dim),
             "erasure.base_model": self.base_model,
             "erasure.base_fingerprint": self.base_fingerprint,
             "erasure.training": json.dumps(self.training, sort_keys=True),
@@ -169,26 +170,28 @@ def save_patch(patch: ErasurePatch, path: str | Path) -> Path:
     return path
 
 
+def _looks_pickled(head: bytes) -> bool:
+    """A pickle (protocol 2+) or a PyTorch zip checkpoint."""
+    return (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")) or head[:4] == b"PK\x03\x04"
+
+
 def _read_header(path: Path) -> tuple[dict, dict[str, str]]:
     """Parse and bound the safetensors header ourselves before any library touches the file."""
+    pickled = (f"{path.name} is a pickle / PyTorch checkpoint; only safetensors patches are accepted "
+               "(pickles can run code)")
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
-            head = f.read(8)
-            if head[:1] == b"\x80" or head[:2] == b"PK":
-                raise PatchError(f"{path.name} is a pickle / PyTorch checkpoint; only safetensors patches are "
-                                 "accepted (pickles can run code)")
-            if len(head) < 8:
-                raise PatchError(f"{path.name} is not a safetensors file (too short)")
-            (n,) = struct.unpack("<Q", head)
-            if f.read(1) != b"{":
-                raise PatchError(f"{path.name} is not a safetensors file")
-            f.seek(8)
+            head = f.read(9)
+            if len(head) < 9 or head[8:9] != b"{":  # a safetensors header is a JSON object
+                raise PatchError(pickled if _looks_pickled(head) else f"{path.name} is not a safetensors file")
+            (n,) = struct.unpack("<Q", head[:8])
             if n > MAX_HEADER_BYTES:
-                raise PatchError(f"{path.name}: the header claims {n} bytes (limit {MAX_HEADER_BYTES}); "
-                                 "not a valid patch")
+                raise PatchError(pickled if _looks_pickled(head) else f"{path.name}: the header claims {n} bytes "
+                                 f"(limit {MAX_HEADER_BYTES}); not a valid patch")
             if 8 + n > size:
                 raise PatchError(f"{path.name} is truncated (header runs past the end of the file)")
+            f.seek(8)
             raw = f.read(n)
     except OSError as exc:
         raise PatchError(f"cannot read {path}: {exc.strerror or exc}") from None
@@ -199,14 +202,18 @@ def _read_header(path: Path) -> tuple[dict, dict[str, str]]:
     except (ValueError, UnicodeDecodeError):
         raise PatchError(f"{path.name} is not a safetensors file (unreadable header)") from None
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise PatchError(f"{path.name}: metadata must map strings to strings")
     data_len = size - 8 - n
     for key, info in header.items():
-        if not isinstance(info, dict) or "dtype" not in info or "data_offsets" not in info:
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+                and "dtype" in info):
             raise PatchError(f"{path.name}: malformed entry {key!r}")
         if info["dtype"] not in ALLOWED_DTYPES:
             raise PatchError(f"{path.name}: tensor {key!r} has dtype {info['dtype']}; patches use "
                              f"{', '.join(ALLOWED_DTYPES)}")
-        start, end = info["data_offsets"]
+        start, end = offsets
         if not 0 <= start <= end <= data_len:
             raise PatchError(f"{path.name} is truncated (tensor {key!r} runs past the end of the file)")
     return header, metadata
@@ -230,6 +237,7 @@ def load_patch(path: str | Path) -> ErasurePatch:
         raise PatchError(f"{path.name} is not a valid safetensors file ({str(exc).splitlines()[0]})") from None
     patch = _from_parts(tensors, meta, path.name)
     _validate(patch, path.name)
+    _check_metadata_matches(patch, meta, path.name)
     return patch
 
 
@@ -241,9 +249,28 @@ def _json(meta: dict[str, str], key: str, kind: type, default, name: str):
         value = json.loads(text)
     except ValueError:
         raise PatchError(f"{name}: metadata {key} is not valid JSON") from None
-    if not isinstance(value, kind):
-        raise PatchError(f"{name}: metadata {key} should be a JSON {kind.__name__}")
+    if not isinstance(value, kind) or (kind is list and not all(isinstance(v, str) for v in value)):
+        expected = "list of strings" if kind is list else kind.__name__
+        raise PatchError(f"{name}: metadata {key} should be a JSON {expected}")
     return value
+
+
+def _int(meta: dict[str, str], key: str, name: str) -> int | None:
+    text = meta.get(key, "")
+    if not text:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise PatchError(f"{name}: metadata {key} should be an integer, got {text[:40]!r}") from None
+
+
+def _check_metadata_matches(patch: ErasurePatch, meta: dict[str, str], name: str) -> None:
+    """The header's token count and context dim describe the tensors; a mismatch means a hand-edited file."""
+    for key, actual in (("erasure.tokens", patch.tokens), ("erasure.context_dim", patch.context_dim)):
+        stated = _int(meta, key, name)
+        if stated is not None and actual is not None and stated != actual:
+            raise PatchError(f"{name}: metadata {key} says {stated}, the tensors have {actual}")
 
 
 def _from_parts(tensors: dict[str, torch.Tensor], meta: dict[str, str], name: str) -> ErasurePatch:
@@ -259,7 +286,9 @@ def _from_parts(tensors: dict[str, torch.Tensor], meta: dict[str, str], name: st
             try:
                 module = from_kohya_prefix(m.group(1))
             except ValueError:
-                raise PatchError(f"{name}: unknown key {key!r}") from None
+                module = ""
+            if not module.endswith(tuple("." + p for p in PROJECTIONS)):  # deltas belong to a projection
+                raise PatchError(f"{name}: unknown key {key!r}")
             delta_parts.setdefault(module, {})[m.group(2)] = value
         else:
             raise PatchError(f"{name}: unknown key {key!r}")
@@ -286,21 +315,22 @@ def _from_parts(tensors: dict[str, torch.Tensor], meta: dict[str, str], name: st
                 raise PatchError(f"{name}: {module} alpha must be a scalar")
             deltas[module] = WeightDelta(down=parts["lora_down.weight"], up=parts["lora_up.weight"],
                                          alpha=None if alpha is None else float(alpha.float()))
-    seed = meta.get("erasure.seed", "")
     return ErasurePatch(
         layers=_json(meta, "erasure.layers", list, [], name), memory=mem, deltas=deltas,
         method=meta.get("erasure.method", ""), concepts=_json(meta, "erasure.concepts", list, [], name),
         alternative=meta.get("erasure.alternative", ""), preserve=_json(meta, "erasure.preserve", list, [], name),
         base_model=meta.get("erasure.base_model", ""), base_fingerprint=meta.get("erasure.base_fingerprint", ""),
-        training=_json(meta, "erasure.training", dict, {}, name), seed=int(seed) if seed.lstrip("-").isdigit() else None,
+        training=_json(meta, "erasure.training", dict, {}, name), seed=_int(meta, "erasure.seed", name),
         metrics=_json(meta, "erasure.metrics", dict, {}, name), title=meta.get("modelspec.title", ""),
         description=meta.get("modelspec.description", ""), date=meta.get("modelspec.date", ""))
 
 
 def _validate(patch: ErasurePatch, name: str = "patch") -> None:
     """Shapes consistent, values finite, layers named: the invariants every host relies on."""
-    if not all(isinstance(layer, str) and layer.endswith("attn2") for layer in patch.layers):
-        raise PatchError(f"{name}: erasure.layers must list cross-attention (attn2) layer names")
+    bad = [layer for layer in patch.layers if not (isinstance(layer, str) and is_canonical_layer(layer))]
+    if bad:
+        raise PatchError(f"{name}: {bad[0]!r} is not a cross-attention layer name (LDM path such as "
+                         "middle_block.1.transformer_blocks.0.attn2)")
     if patch.memory is None and not patch.deltas:
         raise PatchError(f"{name}: holds neither memory nor weight deltas")
     mems = [patch.memory] if isinstance(patch.memory, ConceptMemory) else list((patch.memory or {}).values())
@@ -321,13 +351,20 @@ def _validate(patch: ErasurePatch, name: str = "patch") -> None:
         elif d.down is None or d.up is None or d.down.dim() != 2 or d.up.dim() != 2 \
                 or d.up.shape[1] != d.down.shape[0]:
             raise PatchError(f"{name}: low-rank delta {module} has inconsistent lora_up / lora_down shapes")
-    for mem in mems:
-        for t in (mem.k, mem.v):
-            if t.dtype not in ALLOWED_DTYPES.values():
-                raise PatchError(f"{name}: unsupported dtype {t.dtype}")
-    for t in [m.k for m in mems] + [m.v for m in mems] + \
-            [x for d in patch.deltas.values() for x in (d.full, d.down, d.up) if x is not None]:
-        if not torch.isfinite(t.float()).all():
+    dim = patch.context_dim
+    for module, d in patch.deltas.items():
+        layer, _, projection = module.partition(".attn2.")
+        if not is_canonical_layer(layer + ".attn2") or projection not in PROJECTIONS:
+            raise PatchError(f"{name}: {module!r} is not a cross-attention projection "
+                             "(<layer>.to_q, to_k, to_v or to_out.0)")
+        if projection in ("to_k", "to_v") and d.shape[1] != dim:
+            raise PatchError(f"{name}: delta {module} takes {d.shape[1]}-d context, the rest of the patch {dim}-d")
+    tensors = [t for m in mems for t in (m.k, m.v)]
+    tensors += [x for d in patch.deltas.values() for x in (d.full, d.down, d.up) if x is not None]
+    for t in tensors:
+        if t.dtype not in ALLOWED_DTYPES.values():
+            raise PatchError(f"{name}: unsupported dtype {t.dtype}; patches use float16, bfloat16 or float32")
+        if not torch.isfinite(t.detach()).all():
             raise PatchError(f"{name}: contains NaN or Inf values")
     if any(d.alpha is not None and not torch.isfinite(torch.tensor(d.alpha)) for d in patch.deltas.values()):
         raise PatchError(f"{name}: contains NaN or Inf values")
@@ -342,7 +379,7 @@ def check_compatible(patch: ErasurePatch, context_dim: int, layer_names: list[st
         need = ARCHITECTURES.get(dim, f"a {dim}-d model")
         raise PatchError(f"patch needs a {dim}-d text context ({need}); this model has {context_dim}")
     missing = [layer for layer in patch.layers if layer not in layer_names]
-    missing += [m for m in patch.deltas if m.rsplit(".", 1)[0].replace(".to_out", "") not in layer_names]
+    missing += [module for module in patch.deltas if layer_of(module) not in layer_names]
     if missing:
         raise PatchError(f"patch names layers this model lacks ({missing[0]}, {len(missing)} in all); "
                          "it was made for another architecture")
@@ -357,11 +394,20 @@ def check_compatible(patch: ErasurePatch, context_dim: int, layer_names: list[st
     return warnings
 
 
-def model_fingerprint(unet) -> str:
-    """A short, stable hash of the cross-attention K/V weights: identifies the base checkpoint."""
+def fingerprint_of(weights: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """sha256 over (canonical weight name, float32 little-endian bytes) pairs in the given order, 16 hex.
+
+    Every host computes it the same way from the attn2 to_k / to_v weights in LDM order, so a patch's
+    base fingerprint means the same thing in diffusers, ComfyUI, A1111 and Forge."""
     h = hashlib.sha256()
-    for name, p in sorted(unet.named_parameters()):
-        if ".attn2.to_k." in name or ".attn2.to_v." in name:
-            h.update(name.encode())
-            h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+    for name, weight in weights:
+        h.update(name.encode())
+        h.update(weight.detach().to("cpu", torch.float32).contiguous().numpy().astype("<f4").tobytes())
     return h.hexdigest()[:16]
+
+
+def model_fingerprint(unet) -> str:
+    """A short, stable hash of a diffusers UNet's cross-attention K/V weights: identifies the base checkpoint."""
+    modules = dict(unet.named_modules())
+    return fingerprint_of((f"{layer.canonical}.{proj}.weight", modules[f"{layer.diffusers}.{proj}"].weight)
+                          for layer in attn2_layers(unet) for proj in ("to_k", "to_v"))

@@ -1,12 +1,13 @@
-"""Layer names against UNets with the real block structure of SD1.x, SD2.x and SDXL (reduced widths)."""
+"""Layer names against UNets with the real block structure of SD1.x, SD2.x, SDXL and the toy model."""
+import time
+
 import pytest
+import torch
+from unets import SD1_INPUT, SD1_OUTPUT, sd1_unet, sd2_unet, sdxl_unet, toy_unet
 
-from unets import SD1_INPUT, SD1_OUTPUT, sd1_unet, sd2_unet, sdxl_unet
-
-
-from erasure_core.layers import (attn2_layers, comfy_weight_key, from_kohya_prefix, kohya_prefix,
-                                 select_layers)
-
+from erasure_core.layers import (PROJECTIONS, attn2_layers, attn2_layers_from_config, comfy_weight_key,
+                                 from_comfy_weight_key, from_kohya_prefix, is_canonical_layer, kohya_prefix, layer_of,
+                                 select_layers, to_canonical, to_diffusers)
 
 
 def sd1_names():
@@ -16,58 +17,145 @@ def sd1_names():
     return names
 
 
-@pytest.mark.parametrize("build", [sd1_unet, sd2_unet], ids=["sd1", "sd2"])
-def test_sd1_and_sd2_have_the_16_ldm_layers(build):
-    layers = attn2_layers(build())
+def sd1_diffusers_names():
+    names = [f"down_blocks.{i}.attentions.{j}.transformer_blocks.0.attn2" for i in range(3) for j in range(2)]
+    names.append("mid_block.attentions.0.transformer_blocks.0.attn2")
+    names += [f"up_blocks.{i}.attentions.{j}.transformer_blocks.0.attn2" for i in (1, 2, 3) for j in range(3)]
+    return names
+
+
+def sdxl_names():
+    names = [f"input_blocks.{i}.1.transformer_blocks.{k}.attn2" for i in (4, 5) for k in range(2)]
+    names += [f"input_blocks.{i}.1.transformer_blocks.{k}.attn2" for i in (7, 8) for k in range(10)]
+    names += [f"middle_block.1.transformer_blocks.{k}.attn2" for k in range(10)]
+    names += [f"output_blocks.{i}.1.transformer_blocks.{k}.attn2" for i in (0, 1, 2) for k in range(10)]
+    names += [f"output_blocks.{i}.1.transformer_blocks.{k}.attn2" for i in (3, 4, 5) for k in range(2)]
+    return names
+
+
+@pytest.fixture(scope="module")
+def built():
+    """Each layout built once; SDXL's 70 transformer blocks at tiny width must stay cheap to build."""
+    start = time.perf_counter()
+    unets = {"sd1": sd1_unet(), "sd2": sd2_unet(), "sdxl": sdxl_unet(), "toy": toy_unet()}
+    assert time.perf_counter() - start < 10
+    return unets
+
+
+@pytest.mark.parametrize("arch", ["sd1", "sd2"])
+def test_sd1_and_sd2_have_the_16_ldm_layers(built, arch):
+    layers = attn2_layers(built[arch])
+    assert len(layers) == 16
     assert [layer.canonical for layer in layers] == sd1_names()
-    assert layers[0].diffusers == "down_blocks.0.attentions.0.transformer_blocks.0.attn2"
-    assert layers[6].diffusers == "mid_block.attentions.0.transformer_blocks.0.attn2"
-    assert layers[-1].diffusers == "up_blocks.3.attentions.2.transformer_blocks.0.attn2"
-    assert [layer.comfy_block for layer in layers][5:8] == [("input", 8), ("middle", 0), ("output", 3)]
+    assert [layer.diffusers for layer in layers] == sd1_diffusers_names()
+    blocks = [layer.comfy_block for layer in layers]
+    assert blocks == [("input", i) for i in SD1_INPUT] + [("middle", 0)] + [("output", i) for i in SD1_OUTPUT]
+    assert {layer.transformer_index for layer in layers} == {0}
 
 
-def test_sdxl_has_70_layers_in_ldm_order():
-    layers = attn2_layers(sdxl_unet())
+def test_sd2_context_is_1024_wide(built):
+    unet = built["sd2"]
+    assert unet.config.cross_attention_dim == 1024
+    assert unet.get_submodule(attn2_layers(unet)[0].diffusers).to_k.weight.shape[1] == 1024
+
+
+def test_sdxl_has_70_layers_in_ldm_order(built):
+    layers = attn2_layers(built["sdxl"])
     assert len(layers) == 70
-    names = [layer.canonical for layer in layers]
-    expected = [f"input_blocks.{i}.1.transformer_blocks.{k}.attn2" for i in (4, 5) for k in range(2)]
-    expected += [f"input_blocks.{i}.1.transformer_blocks.{k}.attn2" for i in (7, 8) for k in range(10)]
-    expected += [f"middle_block.1.transformer_blocks.{k}.attn2" for k in range(10)]
-    expected += [f"output_blocks.{i}.1.transformer_blocks.{k}.attn2" for i in (0, 1, 2) for k in range(10)]
-    expected += [f"output_blocks.{i}.1.transformer_blocks.{k}.attn2" for i in (3, 4, 5) for k in range(2)]
-    assert names == expected
+    assert [layer.canonical for layer in layers] == sdxl_names()
     by_name = {layer.canonical: layer for layer in layers}
-    assert by_name["output_blocks.4.1.transformer_blocks.1.attn2"].diffusers == \
-        "up_blocks.1.attentions.1.transformer_blocks.1.attn2"
-    assert by_name["output_blocks.4.1.transformer_blocks.1.attn2"].transformer_index == 1
+    assert by_name["input_blocks.4.1.transformer_blocks.0.attn2"].diffusers == \
+        "down_blocks.1.attentions.0.transformer_blocks.0.attn2"
+    assert by_name["input_blocks.8.1.transformer_blocks.9.attn2"].diffusers == \
+        "down_blocks.2.attentions.1.transformer_blocks.9.attn2"
+    assert by_name["middle_block.1.transformer_blocks.9.attn2"].diffusers == \
+        "mid_block.attentions.0.transformer_blocks.9.attn2"
+    assert by_name["output_blocks.2.1.transformer_blocks.3.attn2"].diffusers == \
+        "up_blocks.0.attentions.2.transformer_blocks.3.attn2"
+    layer = by_name["output_blocks.4.1.transformer_blocks.1.attn2"]
+    assert layer.diffusers == "up_blocks.1.attentions.1.transformer_blocks.1.attn2"
+    assert (layer.comfy_block, layer.transformer_index) == (("output", 4), 1)
+    assert len(select_layers([layer.canonical for layer in layers], "mid")) == 10
+    assert len(select_layers([layer.canonical for layer in layers], "midout")) == 46
 
 
-def test_toy_layout(toy_model):
-    names = toy_model.layer_names()
-    assert names == ["input_blocks.5.1.transformer_blocks.0.attn2", "middle_block.1.transformer_blocks.0.attn2",
-                     "output_blocks.0.1.transformer_blocks.0.attn2", "output_blocks.1.1.transformer_blocks.0.attn2"]
+TOY_NAMES = ["input_blocks.5.1.transformer_blocks.0.attn2", "middle_block.1.transformer_blocks.0.attn2",
+             "output_blocks.0.1.transformer_blocks.0.attn2", "output_blocks.1.1.transformer_blocks.0.attn2"]
+
+
+def test_toy_layout(built):
+    from erasure_core.toy.model import UNET_CONFIG
+
+    layers = attn2_layers(built["toy"])
+    assert [layer.canonical for layer in layers] == TOY_NAMES
+    assert [layer.diffusers for layer in layers] == [
+        "down_blocks.2.attentions.0.transformer_blocks.0.attn2", "mid_block.attentions.0.transformer_blocks.0.attn2",
+        "up_blocks.0.attentions.0.transformer_blocks.0.attn2", "up_blocks.0.attentions.1.transformer_blocks.0.attn2"]
+    assert attn2_layers_from_config(UNET_CONFIG) == layers  # from the plain config dict, no model needed
+
+
+@pytest.mark.parametrize("arch", ["sd1", "sd2", "sdxl", "toy"])
+def test_diffusers_and_canonical_paths_round_trip(built, arch):
+    unet = built[arch]
+    layers = attn2_layers(unet)
+    for layer in layers:
+        assert is_canonical_layer(layer.canonical)
+        assert to_diffusers(layer.canonical, layers) == layer.diffusers
+        assert to_canonical(layer.diffusers, layers) == layer.canonical
+        for proj in PROJECTIONS:
+            module = to_diffusers(f"{layer.canonical}.{proj}", layers)
+            assert module == f"{layer.diffusers}.{proj}"
+            assert isinstance(unet.get_submodule(module), torch.nn.Linear)
+            assert to_canonical(module, layers) == f"{layer.canonical}.{proj}"
+            assert layer_of(f"{layer.canonical}.{proj}") == layer.canonical
+    with pytest.raises(ValueError, match="no cross-attention layer"):
+        to_diffusers("input_blocks.3.1.transformer_blocks.0.attn2", layers)
+    with pytest.raises(ValueError, match="no cross-attention layer"):
+        to_canonical("down_blocks.9.attentions.0.transformer_blocks.0.attn2.to_k", layers)
+    with pytest.raises(ValueError, match="attn2"):
+        to_diffusers("middle_block.1.transformer_blocks.0.attn1", layers)
 
 
 def test_selection_modes():
     names = sd1_names()
     assert select_layers(names, "mid") == ["middle_block.1.transformer_blocks.0.attn2"]
-    assert len(select_layers(names, "midout")) == 10
+    assert select_layers(names, "midout") == names[6:]
     assert select_layers(names, "all") == names
-    assert select_layers(names, [names[3], names[0]]) == [names[0], names[3]]
-    with pytest.raises(ValueError, match="no cross-attention layer"):
+    assert select_layers(names, [names[3], names[0], names[3]]) == [names[0], names[3]]
+    with pytest.raises(ValueError, match="no cross-attention layer") as info:
         select_layers(names, ["input_blocks.3.1.transformer_blocks.0.attn2"])
+    assert all(name in str(info.value) for name in names)  # the message lists the valid names
     with pytest.raises(ValueError, match="unknown layer selection"):
         select_layers(names, "middle")
+    with pytest.raises(ValueError, match="empty"):
+        select_layers(names, [])
 
 
-def test_kohya_and_comfy_keys_round_trip():
-    for name in sd1_names():
-        for proj in ("to_q", "to_k", "to_v", "to_out.0"):
+@pytest.mark.parametrize("names", [sd1_names(), sdxl_names(), TOY_NAMES], ids=["sd1", "sdxl", "toy"])
+def test_kohya_and_comfy_keys_round_trip(names):
+    for name in names:
+        assert from_kohya_prefix(kohya_prefix(name)) == name
+        for proj in PROJECTIONS:
             module = f"{name}.{proj}"
             assert from_kohya_prefix(kohya_prefix(module)) == module
-    assert kohya_prefix("input_blocks.1.1.transformer_blocks.0.attn2.to_k") == \
-        "lora_unet_input_blocks_1_1_transformer_blocks_0_attn2_to_k"
-    assert comfy_weight_key("input_blocks.1.1.transformer_blocks.0.attn2.to_k") == \
-        "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
-    with pytest.raises(ValueError):
-        from_kohya_prefix("lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_k")
+            assert from_comfy_weight_key(comfy_weight_key(module)) == module
+
+
+def test_key_spellings():
+    module = "input_blocks.1.1.transformer_blocks.0.attn2.to_k"
+    assert kohya_prefix(module) == "lora_unet_input_blocks_1_1_transformer_blocks_0_attn2_to_k"
+    assert kohya_prefix("output_blocks.11.1.transformer_blocks.0.attn2.to_out.0") == \
+        "lora_unet_output_blocks_11_1_transformer_blocks_0_attn2_to_out_0"
+    assert from_kohya_prefix("lora_unet_middle_block_1_transformer_blocks_9_attn2_to_v") == \
+        "middle_block.1.transformer_blocks.9.attn2.to_v"
+    assert comfy_weight_key(module) == "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+    for bad in ("lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_k",
+                "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k",
+                "lora_te_text_model_encoder_layers_0_self_attn_k_proj"):
+        with pytest.raises(ValueError):
+            from_kohya_prefix(bad)
+    for bad in ("model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight",
+                "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k"):
+        with pytest.raises(ValueError):
+            from_comfy_weight_key(bad)
+    assert not is_canonical_layer("down_blocks.0.attentions.0.transformer_blocks.0.attn2")
