@@ -95,7 +95,7 @@ def accuracy(oracle: Oracle, x: torch.Tensor, labels: dict[str, torch.Tensor]) -
     return {k: float((pred[k] == labels[k]).float().mean()) for k in HEADS}
 
 
-def train_oracle(steps: int = 4000, n_train: int = 40_000, batch: int = 128, lr: float = 2e-3,
+def train_oracle(steps: int = 1500, n_train: int = 30_000, batch: int = 128, lr: float = 2e-3,
                  seed: int = 0, out: Path = ASSETS / "oracle.safetensors") -> dict[str, float]:
     """Train the oracle, save it, and return its held-out accuracy per head."""
     torch.manual_seed(seed)
