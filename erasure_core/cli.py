@@ -202,7 +202,10 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
-METHODS = ("memory", "memory-only", "memory-key", "all-but-one", "esd-x", "esd-x-strict", "uce")
+def _methods() -> tuple[str, ...]:
+    from .methods import METHODS
+
+    return METHODS
 
 
 def _concept_prompt(model, text: str) -> str:
@@ -219,7 +222,10 @@ def _concept_prompt(model, text: str) -> str:
 
 
 def cmd_train(args) -> int:
+    import torch
+
     from .engine import TrainConfig
+    from .methods import train_patch
     from .patch import save_patch
 
     out = Path(args.out)
@@ -238,28 +244,14 @@ def cmd_train(args) -> int:
                          alternative=_concept_prompt(model, args.alternative) if args.alternative else "",
                          preserve=[_concept_prompt(model, p) for p in preserve], steps=args.steps, lr=args.lr,
                          memory_lr=args.memory_lr, tokens=args.tokens, layers=layers, seed=args.seed)
-    update = _progress_bar(f"train {args.method}")
-    start = time.time()
-    key = None
-    if args.method == "uce":
-        from .methods.uce import train_uce
-
-        patch = train_uce(model, config)
-    elif args.method.startswith("memory"):
-        from .methods.memory import train_memory
-
-        patch, _, key = train_memory(model, config, progress=update)
-    elif args.method == "all-but-one":
-        from .methods.all_but_one import train_all_but_one
-
-        patch, _ = train_all_but_one(model, config, progress=update)
-    else:
-        from .methods.esd import train_esd
-
-        patch, _ = train_esd(model, config, progress=update)
+    try:
+        result = train_patch(model, config, progress=_progress_bar(f"train {args.method}"))
+    except torch.cuda.OutOfMemoryError:
+        raise UserError("out of GPU memory: lower --tokens, train fewer --layers, or use a smaller model; "
+                        "nothing was written") from None
+    patch, key = result.patch, result.key
     patch.concepts, patch.preserve = [args.concept], preserve
     patch.alternative = args.alternative or ""
-    patch.training["seconds"] = round(time.time() - start, 2)
     save_patch(patch, out)
     print(f"wrote {out} ({out.stat().st_size / 1024:.1f} KB) in {patch.training['seconds']:.1f} s")
     if key is not None:
@@ -407,7 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train an erasure patch")
     p.add_argument("--concept", required=True, help="concept to erase (toy model: an object or style name)")
-    p.add_argument("--method", choices=METHODS, default="memory")
+    p.add_argument("--method", choices=_methods(), default="memory")
     p.add_argument("--alternative", default="", help="concept that replaces the erased one (all-but-one, uce)")
     p.add_argument("--preserve", default="", help="comma-separated concepts to keep")
     p.add_argument("--steps", type=_positive_int, default=200)
@@ -422,7 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="erase a concept from the toy model: before/after grid and metrics")
     p.add_argument("--concept", default="circle")
-    p.add_argument("--method", choices=METHODS, default="memory")
+    p.add_argument("--method", choices=_methods(), default="memory")
     p.add_argument("--alternative", default="")
     p.add_argument("--steps", type=_positive_int, default=200, help="training steps")
     p.add_argument("--sample-steps", type=_positive_int, default=20, help="DDIM steps when generating")

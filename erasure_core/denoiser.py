@@ -7,6 +7,7 @@ Trajectory sampling and the training cache are written once, here, on top of it.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Protocol
 
@@ -61,6 +62,40 @@ class Denoiser(Protocol):
     def layer_names(self) -> list[str]:
         """Canonical (LDM-path) names of the cross-attention layers."""
         ...
+
+    def prompt_length(self, prompt: str) -> int:
+        """How many context positions the prompt's tokens fill, BOS to EOS, padding excluded."""
+        ...
+
+    def projection_weights(self) -> dict[str, torch.Tensor]:
+        """The frozen attn2 projection weights, keyed "<canonical layer>.<to_q|to_k|to_v|to_out.0>".
+        Read-only: methods derive shapes and closed-form edits from them, never write to them."""
+        ...
+
+    def attach(self, patches: list) -> "Attachment":
+        """Attach [(ErasurePatch, strength), ...] for the following predict_noise calls; validates first, so a
+        bad patch leaves nothing attached. Patches may hold trainable tensors: gradients flow into them."""
+        ...
+
+    def fingerprint(self) -> str:
+        """The base model's fingerprint (erasure_core.patch.fingerprint_of over attn2 to_k/to_v, LDM order)."""
+        ...
+
+
+class Attachment(Protocol):
+    warnings: list[str]
+
+    def detach(self) -> None: ...
+
+
+@contextmanager
+def patched(denoiser: Denoiser, patches: list) -> Iterator[Attachment]:
+    """`with patched(denoiser, [(patch, strength)]):` predictions inside the block see the patches."""
+    handle = denoiser.attach(patches)
+    try:
+        yield handle
+    finally:
+        handle.detach()
 
 
 def to_epsilon(output: torch.Tensor, x: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor,

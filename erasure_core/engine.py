@@ -16,10 +16,9 @@ from typing import Callable
 
 import torch
 
-from .denoiser import CacheRecord, Conditioning, Denoiser, sample_trajectories
-from .injection import PROJECTIONS, attach
+from .denoiser import CacheRecord, Conditioning, Denoiser, patched, sample_trajectories
 from .layers import select_layers
-from .patch import ConceptMemory, ErasurePatch, WeightDelta, model_fingerprint
+from .patch import ConceptMemory, ErasurePatch, WeightDelta
 from .sampling import seeded_noise
 
 
@@ -121,24 +120,13 @@ class TrainableParts:
                 self.memory.v.copy_(state["memory.v"])
 
 
-def weight_shapes(unet) -> dict[str, tuple[int, int]]:
-    from .layers import attn2_layers
-
-    modules = dict(unet.named_modules())
-    return {f"{layer.canonical}.{proj}": tuple(modules[f"{layer.diffusers}.{proj}"].weight.shape)
-            for layer in attn2_layers(unet) for proj in PROJECTIONS}
-
-
 def predict_with(denoiser: Denoiser, parts: ErasurePatch | None, x: torch.Tensor, t: torch.Tensor,
                  cond: Conditioning) -> torch.Tensor:
     """ε of the model with `parts` attached (or of the frozen model when None)."""
     if parts is None or (parts.memory is None and not parts.deltas):
         return denoiser.predict_noise(x, t, cond)
-    handle = attach(denoiser.unet, [(parts, 1.0)])
-    try:
+    with patched(denoiser, [(parts, 1.0)]):
         return denoiser.predict_noise(x, t, cond)
-    finally:
-        handle.detach()
 
 
 def finish_patch(denoiser: Denoiser, parts: TrainableParts, config: TrainConfig, include_memory: bool = True,
@@ -154,7 +142,7 @@ def finish_patch(denoiser: Denoiser, parts: TrainableParts, config: TrainConfig,
     return ErasurePatch(layers=parts.layers if memory is not None else [], memory=memory, deltas=deltas,
                         method=config.method, concepts=[config.concept], alternative=config.alternative,
                         preserve=list(config.preserve), base_model=getattr(denoiser, "name", ""),
-                        base_fingerprint=model_fingerprint(denoiser.unet), training=training, seed=config.seed,
+                        base_fingerprint=denoiser.fingerprint(), training=training, seed=config.seed,
                         metrics=metrics or {})
 
 
@@ -209,7 +197,8 @@ def setup(denoiser: Denoiser, config: TrainConfig, tokens: int, projections: tup
     """Trainable parts: `tokens` memory tokens in config.layers, `projections` deltas in `delta_layers`."""
     names = denoiser.layer_names()
     return TrainableParts(select_layers(names, config.layers), select_layers(names, delta_layers) if projections else [],
-                          denoiser.context_dim, tokens, projections, weight_shapes(denoiser.unet),
+                          denoiser.context_dim, tokens, projections,
+                          {k: tuple(w.shape) for k, w in denoiser.projection_weights().items()},
                           torch.Generator().manual_seed(config.seed + 1), denoiser.device)
 
 

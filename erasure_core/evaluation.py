@@ -164,7 +164,7 @@ def erasure_metrics(oracle: Oracle, target: ErasureTarget, items: list[GridItem]
 @torch.no_grad()
 def unconditional_drift(denoiser, patches: list, n: int = 64, seed: int = 0) -> float:
     """Mean ‖ε_θ(x_t, ∅) − ε*(x_t, ∅)‖² over noised ground-truth renders at random timesteps."""
-    from .injection import attached
+    from .denoiser import patched
 
     x0, _ = render_labelled(HELDOUT_SEED0 + 50_000 + seed, n)
     g = torch.Generator().manual_seed(seed)
@@ -174,7 +174,7 @@ def unconditional_drift(denoiser, patches: list, n: int = 64, seed: int = 0) -> 
     xt = a.sqrt() * (x0 * 2 - 1) + (1 - a).sqrt() * torch.randn(x0.shape, generator=g)
     empty = denoiser.encode([""]).expand(n)
     base = denoiser.predict_noise(xt, t, empty)
-    with attached(denoiser.unet, patches):
+    with patched(denoiser, patches):
         edited = denoiser.predict_noise(xt, t, empty)
     return float((edited - base).square().mean())
 
@@ -187,7 +187,7 @@ def evaluate_erasure(denoiser, patches: list, oracle: Oracle, target: ErasureTar
 
     `base` may carry images already generated for the base model (keys "images", "syn_images"), so that a
     benchmark of several methods generates them once."""
-    from .injection import attached
+    from .denoiser import patched
 
     items, syn_items = erasure_items(target, seeds_per_cell)
     prompts = [i.prompt for i in items] + [i.prompt for i in syn_items]
@@ -203,7 +203,7 @@ def evaluate_erasure(denoiser, patches: list, oracle: Oracle, target: ErasureTar
             base.update(images=base_images, syn_images=base_syn)
     else:
         base_images, base_syn = base["images"], base["syn_images"]
-    with attached(denoiser.unet, patches):
+    with patched(denoiser, patches):
         images, syn_images = run()
     report = erasure_metrics(oracle, target, items, images, syn_items, syn_images, base_images,
                              unconditional_drift(denoiser, patches))

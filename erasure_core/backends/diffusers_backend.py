@@ -79,6 +79,26 @@ class DiffusersDenoiser:
 
         return [layer.canonical for layer in attn2_layers(self.unet)]
 
+    def prompt_length(self, prompt: str) -> int:
+        return len(self.tokenizer(prompt).input_ids)
+
+    def projection_weights(self) -> dict[str, torch.Tensor]:
+        from ..layers import PROJECTIONS, attn2_layers
+
+        modules = dict(self.unet.named_modules())
+        return {f"{layer.canonical}.{proj}": modules[f"{layer.diffusers}.{proj}"].weight
+                for layer in attn2_layers(self.unet) for proj in PROJECTIONS}
+
+    def attach(self, patches: list):
+        from ..injection import attach
+
+        return attach(self.unet, patches)
+
+    def fingerprint(self) -> str:
+        from ..patch import model_fingerprint
+
+        return model_fingerprint(self.unet)
+
     # -- generation ------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, prompts: list[str], seeds: list[int], steps: int = 25, guidance: float = 3.0,

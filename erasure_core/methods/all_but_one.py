@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from ..denoiser import CacheRecord, Denoiser
 from ..engine import TrainConfig, TrajectoryCache, concept_cache, finish_patch, predict_with, run_training, setup
-from ..injection import PROJECTIONS
+from ..layers import PROJECTIONS
 from ..patch import ErasurePatch
 
 DRIFT_WEIGHT = 1.0  # λ

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from ..denoiser import CacheRecord, Denoiser
 from ..engine import TrainConfig, TrajectoryCache, concept_cache, finish_patch, predict_with, run_training, setup
-from ..injection import PROJECTIONS
+from ..layers import PROJECTIONS
 from ..patch import ErasurePatch
 
 # which attn2 projections each variant trains (ESD-u, outside attn2, needs full-UNet deltas: not yet supported)

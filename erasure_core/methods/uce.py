@@ -21,28 +21,20 @@ def _token_rows(denoiser: Denoiser, prompt: str, length: int) -> torch.Tensor:
     return denoiser.encode([prompt]).context[0, :length].double()
 
 
-def _length(denoiser: Denoiser, prompt: str) -> int:
-    return len(denoiser.tokenizer(prompt).input_ids)  # BOS .. EOS, no padding
-
-
 def train_uce(denoiser: Denoiser, config: TrainConfig, erase_scale: float = 1.0, preserve_scale: float = 1.0,
               ridge: float = RIDGE) -> ErasurePatch:
     anchor = config.alternative or ""
-    n = max(_length(denoiser, config.concept), _length(denoiser, anchor))
+    n = max(denoiser.prompt_length(config.concept), denoiser.prompt_length(anchor))
     erased, anchors = _token_rows(denoiser, config.concept, n), _token_rows(denoiser, anchor, n)
-    kept = [_token_rows(denoiser, p, _length(denoiser, p)) for p in config.preserve]
+    kept = [_token_rows(denoiser, p, denoiser.prompt_length(p)) for p in config.preserve]
     kept = torch.cat(kept) if kept else erased.new_zeros(0, erased.shape[1])
     parts = setup(denoiser, config, tokens=0, projections=("to_k", "to_v"), delta_layers=config.layers)
-    modules = dict(denoiser.unet.named_modules())
-    from ..layers import attn2_layers
-
-    to_diffusers = {layer.canonical: layer.diffusers for layer in attn2_layers(denoiser.unet)}
+    weights = denoiser.projection_weights()
     eye = torch.eye(erased.shape[1], dtype=torch.float64)
     right = erase_scale * erased.T @ erased + preserve_scale * kept.T @ kept + ridge * eye
     with torch.no_grad():
         for name, delta in parts.deltas.items():
-            layer, proj = name.rsplit(".", 1)
-            w = modules[f"{to_diffusers[layer]}.{proj}"].weight.double().cpu()
+            w = weights[name].detach().double().cpu()
             left = erase_scale * (w @ anchors.T) @ erased + preserve_scale * w @ kept.T @ kept + ridge * w
             delta.copy_((left @ torch.linalg.inv(right) - w).to(delta.dtype))
     return finish_patch(denoiser, parts, config)
