@@ -63,6 +63,14 @@ class Denoiser(Protocol):
         """Canonical (LDM-path) names of the cross-attention layers."""
         ...
 
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (N,3,H,W) in [0,1] to x_0 (latents); `decode` is its inverse."""
+        ...
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """x_0 to images (N,3,H,W) in [0,1] on the CPU."""
+        ...
+
     def prompt_length(self, prompt: str) -> int:
         """How many context positions the prompt's tokens fill, BOS to EOS, padding excluded."""
         ...

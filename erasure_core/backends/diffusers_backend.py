@@ -44,6 +44,11 @@ class DiffusersDenoiser:
         return (self.unet.config.in_channels, size, size)
 
     @property
+    def image_size(self) -> int:
+        """Side of the generated images in pixels."""
+        return self.sample_shape[-1] * self._vae_scale()
+
+    @property
     def tokenizer(self):
         return self.tokenizers[0]
 
@@ -61,7 +66,7 @@ class DiffusersDenoiser:
                 contexts.append(out[0])
         cond = Conditioning(torch.cat(contexts, dim=-1).to(self.unet.dtype))
         if self.is_sdxl:
-            px = self.sample_shape[-1] * self._vae_scale()
+            px = self.image_size
             ids = torch.tensor([px, px, 0, 0, px, px], dtype=self.unet.dtype, device=self.device)
             cond.extra = {"text_embeds": pooled.to(self.unet.dtype), "time_ids": ids.expand(len(prompts), 6)}
         return cond
@@ -123,6 +128,14 @@ class DiffusersDenoiser:
         if self.vae is not None:
             x = self.vae.decode(x.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
         return ((x.float().clamp(-1, 1) + 1) / 2).cpu()
+
+    @torch.no_grad()
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (N,3,H,W) in [0,1] to the model's x_0 space (VAE latents, or pixels in [-1,1])."""
+        x = images.to(self.device, self.unet.dtype) * 2 - 1
+        if self.vae is not None:
+            x = self.vae.encode(x.to(self.vae.dtype)).latent_dist.mean * self.vae.config.scaling_factor
+        return x.to(self.unet.dtype)
 
     def _vae_scale(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
