@@ -1,0 +1,344 @@
+"""The AUTOMATIC1111 / Forge backend.
+
+A1111 holds an ldm `LatentDiffusion` (SD1.x, SD2.x) or an sgm `DiffusionEngine` (SDXL) as `p.sd_model` /
+`shared.sd_model`. `LdmDenoiser` puts it behind the denoiser protocol (erasure_core.denoiser) through the two
+calls every such model has, `get_learned_conditioning` and `apply_model`, so every method trains on the model the
+user has loaded, and the tab can draw a before/after preview with it.
+
+Patches are applied with hooks on the selected attn2 layers' `to_k` / `to_v` Linear modules, the calls every
+attention implementation A1111 swaps in makes (`k = self.to_k(context)`, `v = self.to_v(context)`):
+
+- a forward pre-hook on `to_k` appends P_k to its input, one on `to_v` appends s·P_v, so keys and values end the
+  same length whatever attention kernel runs next;
+- a forward hook on a projection adds s·ΔW·x to its output (no bias), so weights are never written, which A1111's
+  own LoRA code (it keeps in-place backups of weights) relies on.
+
+`LdmAttachment.detach()` removes every hook handle it made. Strength 0 skips a patch entirely, so it is
+bit-identical to no patch. Several patches compose: their memories concatenate in order, their deltas add.
+
+Forge resets its unet patcher before every sampling pass, so there patches go through the patcher instead,
+re-applied each time (`apply_forge`): an attn2 patch that appends the memory to the unprojected context and
+value, and the deltas through `add_patches`, whose applied keys are checked.
+
+A long prompt is several 77-token chunks concatenated; Forge and ComfyUI also repeat a shorter conditioning to the
+length of a longer one in the same batch. The memory is appended once per 77-token chunk, so its share of the
+attention stays what it was in training (duplicating every key and value alike leaves attention unchanged).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..denoiser import Conditioning, to_epsilon
+from ..injection import LayerInjection
+from ..layers import PROJECTIONS, comfy_weight_key, is_canonical_layer
+from ..patch import ErasurePatch, PatchError, WeightDelta, check_compatible, fingerprint_of
+from ..sampling import ddim_sample, seeded_noise
+
+__all__ = ["CHUNK", "LdmDenoiser", "LdmAttachment", "attn2_modules", "modules_fingerprint", "plan_layers", "attach_hooks",
+           "ForgeMemoryPatch", "apply_forge", "layer_from_extra_options"]
+
+CHUNK = 77  # tokens per CLIP chunk; a context of k*77 tokens gets the memory k times
+
+
+def _chunks(tokens: int) -> int:
+    return tokens // CHUNK if tokens > CHUNK and tokens % CHUNK == 0 else 1
+
+
+def attn2_modules(diffusion_model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """{canonical name: attn2 module} of an LDM-layout UNet, in LDM order (input, middle, output)."""
+    found = {name: module for name, module in diffusion_model.named_modules() if is_canonical_layer(name)}
+    if not found:
+        raise ValueError("this model has no cross-attention (attn2) layers under LDM paths such as "
+                         "input_blocks.1.1.transformer_blocks.0.attn2")
+    for name, module in found.items():
+        if not all(hasattr(module, p) for p in ("to_q", "to_k", "to_v", "to_out")):
+            raise ValueError(f"{name} has no to_q / to_k / to_v / to_out projections")
+    return found
+
+
+def modules_fingerprint(modules: dict[str, torch.nn.Module]) -> str:
+    """The base-model fingerprint (erasure_core.patch.fingerprint_of) over attn2 to_k / to_v in LDM order."""
+    return fingerprint_of((f"{name}.{proj}.weight", getattr(m, proj).weight)
+                          for name, m in modules.items() for proj in ("to_k", "to_v"))
+
+
+def _projection(attn2: torch.nn.Module, projection: str) -> torch.nn.Module:
+    return attn2.to_out[0] if projection == "to_out.0" else getattr(attn2, projection)
+
+
+def plan_layers(modules: dict[str, torch.nn.Module], patches: list[tuple[ErasurePatch, float]],
+                fingerprint: Callable[[], str] | None = None) -> tuple[dict[str, LayerInjection], list[str]]:
+    """Validate every patch against the model's attn2 layers and work out each layer's injection, changing nothing.
+    Returns ({canonical layer: LayerInjection}, warnings); a bad patch raises PatchError."""
+    names = list(modules)
+    context_dim = _projection(modules[names[0]], "to_k").in_features
+    shapes = {f"{name}.{proj}": tuple(_projection(m, proj).weight.shape) for name, m in modules.items()
+              for proj in PROJECTIONS}
+    model_fp = fingerprint() if fingerprint and any(p.base_fingerprint for p, _ in patches) else None
+    plan: dict[str, LayerInjection] = {}
+    warnings: list[str] = []
+    for patch, strength in patches:
+        strength = float(strength)
+        if not torch.isfinite(torch.tensor(strength)):
+            raise PatchError(f"strength must be a finite number, got {strength}")
+        warnings += check_compatible(patch, context_dim, names, model_fp, shapes)
+        if strength == 0:
+            continue
+        for layer in patch.layers:
+            mem = patch.memory_for(layer)
+            if mem is not None:
+                plan.setdefault(layer, LayerInjection()).memories.append((mem.k, mem.v, strength))
+        for module, delta in patch.deltas.items():
+            layer, projection = module.split(".attn2.")
+            plan.setdefault(layer + ".attn2", LayerInjection()).deltas.setdefault(projection, []).append(
+                (delta, strength))
+    return plan, warnings
+
+
+def _memory_hook(memories: list[tuple[torch.Tensor, float]]):
+    """Forward pre-hook: (B, T, d) input -> (B, T + chunks·m, d), the memory appended after the text context."""
+    def hook(module, args, kwargs):
+        x = args[0] if args else kwargs.get("input")
+        if x is None or x.dim() != 3:
+            return None
+        mem = torch.cat([(t if s == 1 else s * t).to(x.device, x.dtype) for t, s in memories])
+        mem = mem.repeat(_chunks(x.shape[1]), 1).expand(x.shape[0], -1, -1)
+        x = torch.cat([x, mem], dim=1)
+        return ((x,) + tuple(args[1:]), kwargs) if args else (args, {**kwargs, "input": x})
+    return hook
+
+
+def _delta_hook(deltas: list[tuple[WeightDelta, float]]):
+    """Forward hook: output + Σ s·ΔW·x, computed functionally from the (possibly extended) input."""
+    def hook(module, args, kwargs, output):
+        x = args[0] if args else kwargs.get("input")
+        for delta, strength in deltas:
+            weight = delta.weight()
+            output = output + F.linear(x, (strength * weight).to(x.device, x.dtype))
+        return output
+    return hook
+
+
+class LdmAttachment:
+    """Hook handles of attached patches. `detach()` removes exactly these, in any order, once."""
+
+    def __init__(self, handles: list, warnings: list[str]) -> None:
+        self.handles = handles
+        self.warnings = warnings
+
+    @property
+    def attached(self) -> bool:
+        return bool(self.handles)
+
+    def detach(self) -> None:
+        while self.handles:
+            self.handles.pop().remove()
+
+
+def attach_hooks(modules: dict[str, torch.nn.Module], patches: list[tuple[ErasurePatch, float]],
+                 fingerprint: Callable[[], str] | None = None) -> LdmAttachment:
+    """Register the hooks of `patches` on the attn2 `modules`. Validation runs first: a bad patch attaches nothing."""
+    plan, warnings = plan_layers(modules, patches, fingerprint)
+    handles = []
+    try:
+        for layer, injection in plan.items():
+            attn2 = modules[layer]
+            if injection.memories:
+                handles.append(attn2.to_k.register_forward_pre_hook(
+                    _memory_hook([(k, 1.0) for k, _, _ in injection.memories]), with_kwargs=True))
+                handles.append(attn2.to_v.register_forward_pre_hook(
+                    _memory_hook([(v, s) for _, v, s in injection.memories]), with_kwargs=True))
+            for projection, deltas in injection.deltas.items():
+                handles.append(_projection(attn2, projection).register_forward_hook(
+                    _delta_hook(deltas), with_kwargs=True))
+    except BaseException:
+        LdmAttachment(handles, []).detach()
+        raise
+    return LdmAttachment(handles, warnings)
+
+
+class LdmDenoiser:
+    """An A1111 `sd_model` (ldm LatentDiffusion or sgm DiffusionEngine) behind the denoiser protocol.
+
+    `resolution` is the training / preview image size (default by architecture: 512 for SD1.x, 768 for a
+    v-prediction SD2.x, 1024 for SDXL); `latent_scale` the VAE's downsampling (8 for every SD model).
+    `autocast` is a context factory the host runs model calls under (A1111: `modules.devices.autocast`).
+    The model's weights are never written."""
+
+    def __init__(self, sd_model, resolution: int | None = None, latent_scale: int = 8,
+                 autocast: Callable[[], contextlib.AbstractContextManager] | None = None, name: str | None = None):
+        self.sd_model = sd_model
+        self.unet = sd_model.model.diffusion_model
+        self.modules = attn2_modules(self.unet)
+        self.is_sdxl = hasattr(sd_model, "conditioner")
+        self.parameterization = getattr(sd_model, "parameterization", "eps")
+        self.alphas_cumprod = torch.as_tensor(sd_model.alphas_cumprod).detach().float().cpu()
+        if resolution is None:
+            resolution = {2048: 1024}.get(self.context_dim, 768 if self.parameterization == "v" else 512)
+        channels = getattr(self.unet, "out_channels", None) or getattr(self.unet, "in_channels", 4)
+        self.sample_shape = (int(channels), resolution // latent_scale, resolution // latent_scale)
+        self.autocast = autocast or contextlib.nullcontext
+        info = getattr(sd_model, "sd_checkpoint_info", None)
+        self.name = name or getattr(info, "name_for_extra", None) or getattr(info, "model_name", None) or "model"
+
+    # -- the denoiser protocol -------------------------------------------------------------
+    @property
+    def context_dim(self) -> int:
+        return int(next(iter(self.modules.values())).to_k.in_features)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    def encode(self, prompts: list[str]) -> Conditioning:
+        with torch.no_grad(), self.autocast():
+            c = self.sd_model.get_learned_conditioning(list(prompts))
+        if isinstance(c, dict):  # sgm: {"crossattn": (B,T,d), "vector": (B,k)}
+            extra = {k: v.clone() for k, v in c.items() if k != "crossattn" and torch.is_tensor(v)}
+            return Conditioning(c["crossattn"].clone(), extra)
+        return Conditioning(c.clone())  # clone: hosts may hand out inference tensors
+
+    def predict_noise(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        c = {"crossattn": cond.context, **cond.extra} if self.is_sdxl else cond.context
+        with self.autocast():
+            out = self.sd_model.apply_model(x, t, c)
+        kind = "v_prediction" if self.parameterization == "v" else "epsilon"
+        return to_epsilon(out.to(x.dtype), x, t, self.alphas_cumprod, kind)
+
+    def scheduler(self):
+        from diffusers import DDIMScheduler
+
+        a = self.alphas_cumprod.double()
+        betas = 1 - a / torch.cat([torch.ones(1, dtype=a.dtype), a[:-1]])
+        return DDIMScheduler(num_train_timesteps=len(a), trained_betas=betas.numpy(), clip_sample=False,
+                             set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
+
+    def layer_names(self) -> list[str]:
+        return list(self.modules)
+
+    def prompt_length(self, prompt: str) -> int:
+        for owner in (getattr(self.sd_model, "cond_stage_model", None),
+                      *getattr(getattr(self.sd_model, "conditioner", None), "embedders", [])[:1]):
+            tokenize = getattr(owner, "tokenize", None)
+            if callable(tokenize):  # A1111's CLIP wrappers: ids without BOS / EOS
+                return min(len(tokenize([prompt])[0]) + 2, CHUNK)
+            tokenizer = getattr(owner, "tokenizer", None)
+            if callable(tokenizer):
+                return min(len(tokenizer(prompt).input_ids), CHUNK)
+        return min(len(prompt.split()) + 2, CHUNK)  # no tokenizer found: a word count, BOS and EOS
+
+    def projection_weights(self) -> dict[str, torch.Tensor]:
+        return {f"{name}.{proj}": _projection(m, proj).weight for name, m in self.modules.items()
+                for proj in PROJECTIONS}
+
+    def attach(self, patches: list) -> LdmAttachment:
+        return attach_hooks(self.modules, patches, self.fingerprint)
+
+    def fingerprint(self) -> str:
+        return modules_fingerprint(self.modules)
+
+    # -- training and preview helpers ------------------------------------------------------
+    @contextlib.contextmanager
+    def frozen(self):
+        """Stop gradients into the host's weights while a patch trains (ldm UNets keep requires_grad=True), and
+        restore every flag exactly afterwards."""
+        params = [p for p in self.sd_model.parameters() if p.requires_grad]
+        for p in params:
+            p.requires_grad_(False)
+        try:
+            yield self
+        finally:
+            for p in params:
+                p.requires_grad_(True)
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], seeds: list[int], steps: int = 25, guidance: float = 3.0,
+                 progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+        """Images (N,3,H,W) in [0,1], one per (prompt, seed): DDIM with CFG, decoded by the model's VAE."""
+        if len(prompts) != len(seeds):
+            raise ValueError("one seed per prompt")
+        cond, empty = self.encode(prompts), self.encode([""]).expand(len(prompts))
+        noise = seeded_noise(seeds, self.sample_shape, self.device)
+        x = ddim_sample(self.predict_noise, cond, empty, noise, self.scheduler(), steps, guidance, progress)
+        return self.decode(x)
+
+    @torch.no_grad()
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        first = getattr(self.sd_model, "first_stage_model", None)
+        dtype = next(first.parameters(), x).dtype if isinstance(first, torch.nn.Module) else x.dtype
+        with self.autocast():
+            images = self.sd_model.decode_first_stage(x.to(dtype))
+        return ((images.float().clamp(-1, 1) + 1) / 2).cpu()
+
+
+# -- Forge: the unet patcher ----------------------------------------------------------------
+_BLOCK_PATH = {"input": "input_blocks", "middle": "middle_block", "output": "output_blocks"}
+
+
+def layer_from_extra_options(extra_options: dict) -> str | None:
+    """The canonical attn2 name from a patcher's `extra_options`: `block` ("input", 1) and `block_index` (the
+    transformer block inside its spatial transformer). The middle block's attention is middle_block.1."""
+    block = extra_options.get("block")
+    if not block or block[0] not in _BLOCK_PATH:
+        return None
+    where = "middle_block.1" if block[0] == "middle" else f"{_BLOCK_PATH[block[0]]}.{int(block[1])}.1"
+    return f"{where}.transformer_blocks.{int(extra_options.get('block_index', 0))}.attn2"
+
+
+class ForgeMemoryPatch:
+    """An attn2 patch for a ComfyUI-style unet patcher: `(n, context, value, extra_options)` in and out, the
+    memory appended to the unprojected context (keys) and value (values) of the selected layers."""
+
+    def __init__(self, memories: dict[str, list[tuple[torch.Tensor, torch.Tensor, float]]]) -> None:
+        self.memories = {layer: [(k.detach().clone(), v.detach().clone(), float(s)) for k, v, s in items]
+                         for layer, items in memories.items()}
+
+    def __call__(self, n, context, value, extra_options):
+        items = self.memories.get(layer_from_extra_options(extra_options) or "")
+        if not items or context is None:
+            return n, context, value
+        if value is None:
+            value = context
+        repeat = _chunks(context.shape[1])
+        mem_k = torch.cat([k for k, _, _ in items]).to(context.device, context.dtype).repeat(repeat, 1)
+        mem_v = torch.cat([s * v for _, v, s in items]).to(value.device, value.dtype).repeat(repeat, 1)
+        context = torch.cat([context, mem_k.expand(context.shape[0], -1, -1)], dim=1)
+        value = torch.cat([value, mem_v.expand(value.shape[0], -1, -1)], dim=1)
+        return n, context, value
+
+    def to(self, device):
+        self.memories = {layer: [(k.to(device), v.to(device), s) for k, v, s in items]
+                         for layer, items in self.memories.items()}
+        return self
+
+
+def apply_forge(unet_patcher, patches: list[tuple[ErasurePatch, float]], filename: str = "erasure"):
+    """Return a clone of Forge's `p.sd_model.forge_objects.unet` with the patches applied; the original is left
+    alone. The memory goes in through `set_model_attn2_patch`, deltas through the keyword-only `add_patches`,
+    whose returned keys are checked: a key the patcher dropped is an error, never a silent no-op."""
+    model = unet_patcher.model
+    modules = attn2_modules(model.diffusion_model)
+    plan, _ = plan_layers(modules, patches)
+    clone = unet_patcher.clone()
+    memories = {layer: inj.memories for layer, inj in plan.items() if inj.memories}
+    if memories:
+        clone.set_model_attn2_patch(ForgeMemoryPatch(memories))
+    for i, (patch, strength) in enumerate(patches):
+        if float(strength) == 0 or not patch.deltas:
+            continue
+        wanted = {comfy_weight_key(module): ("diff", (delta.weight().detach().clone(),))
+                  for module, delta in patch.deltas.items()}
+        applied = clone.add_patches(filename=f"{filename}-{i}", patches=wanted, strength_patch=float(strength),
+                                    strength_model=1.0)
+        missing = sorted(set(wanted) - set(applied or ()))
+        if missing:
+            raise PatchError(f"the unet patcher did not take {missing[0]} ({len(missing)} keys in all)")
+    return clone

@@ -1,0 +1,216 @@
+"""The A1111 / Forge backend (erasure_core.backends.ldm) against contract fakes of ldm's CrossAttention and
+Forge's unet patcher, on the same weights as erasure_core.injection's diffusers processors."""
+import pytest
+import torch
+from unets import sd1_unet, toy_unet
+from webui_fakes import (FakeLatentDiffusion, KModel, LdmUNet, UnetPatcher, block_of, checksum, hook_counts,
+                         one_thread)
+
+from erasure_core.backends.ldm import (LdmDenoiser, apply_forge, attach_hooks, attn2_modules,
+                                       layer_from_extra_options, modules_fingerprint)
+from erasure_core.injection import attached
+from erasure_core.layers import attn2_layers
+from erasure_core.patch import ConceptMemory, ErasurePatch, PatchError, WeightDelta, model_fingerprint
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _threads():
+    with one_thread():
+        yield
+
+
+class Case:
+    """A diffusers UNet, its LDM view (same projection modules) and fixed inputs."""
+
+    def __init__(self, unet, channels, size, tokens=5):
+        self.unet = unet.eval().requires_grad_(False)
+        self.ldm = LdmUNet(self.unet)  # routes the UNet's attn2 through ldm-style CrossAttention
+        self.modules = attn2_modules(self.ldm)
+        self.dim = unet.config.cross_attention_dim
+        self.names = [layer.canonical for layer in attn2_layers(unet)]
+        g = torch.Generator().manual_seed(3)
+        self.inputs = (torch.randn(2, channels, size, size, generator=g), torch.tensor([10, 700]),
+                       torch.randn(2, tokens, self.dim, generator=g))
+
+    def run(self):
+        with torch.no_grad():
+            return self.unet(*self.inputs).sample
+
+    def patch(self, layers, seed, m=3, deltas=()):
+        g = torch.Generator().manual_seed(seed)
+        patch = ErasurePatch(layers=layers, memory=ConceptMemory(torch.randn(m, self.dim, generator=g),
+                                                                 torch.randn(m, self.dim, generator=g)))
+        for i, module in enumerate(deltas):
+            shape = self.unet.get_submodule(self._diffusers(module)).weight.shape
+            if i % 2:
+                patch.deltas[module] = WeightDelta(down=0.3 * torch.randn(2, shape[1], generator=g),
+                                                   up=0.3 * torch.randn(shape[0], 2, generator=g), alpha=1.0)
+            else:
+                patch.deltas[module] = WeightDelta(full=0.1 * torch.randn(*shape, generator=g))
+        return patch
+
+    def _diffusers(self, module):
+        layer, proj = module.split(".attn2.")
+        entry = next(l for l in attn2_layers(self.unet) if l.canonical == layer + ".attn2")
+        return f"{entry.diffusers}.{proj}"
+
+
+@pytest.fixture(scope="module", params=["sd1", "toy"])
+def case(request):
+    return Case(sd1_unet(), 4, 8) if request.param == "sd1" else Case(toy_unet(), 3, 32)
+
+
+def two_patches(case):
+    first = case.patch(case.names, 1, deltas=[f"{case.names[0]}.to_k", f"{case.names[-1]}.to_v",
+                                              f"{case.names[-1]}.to_q", f"{case.names[1]}.to_out.0"])
+    second = case.patch([n for n in case.names if n.startswith("middle_block")], 2, m=2,
+                        deltas=[f"{case.names[-1]}.to_v"])
+    return [(first, 0.7), (second, 1.0)]
+
+
+def test_hooks_match_the_diffusers_injection_on_the_same_weights(case):
+    patches = two_patches(case)
+    with attached(case.unet, patches):  # diffusers processors replace the bridges for the duration
+        expected = case.run()
+    before = checksum(case.unet)
+    handle = attach_hooks(case.modules, patches)
+    assert hook_counts(case.ldm)[0] > 0 and hook_counts(case.ldm)[1] > 0
+    got = case.run()
+    handle.detach()
+    assert (got - expected).abs().max() < 1e-5
+    assert hook_counts(case.ldm) == (0, 0) and not handle.attached
+    assert checksum(case.unet) == before
+
+
+def test_strength_zero_and_detach_are_bit_identical(case):
+    plain = case.run()
+    with torch.no_grad():
+        handle = attach_hooks(case.modules, [(p, 0.0) for p, _ in two_patches(case)])
+        assert hook_counts(case.ldm) == (0, 0)  # nothing to do at strength 0
+        assert torch.equal(case.run(), plain)
+        handle.detach()
+        handle = attach_hooks(case.modules, two_patches(case))
+        assert not torch.equal(case.run(), plain)
+        handle.detach()
+        handle.detach()  # twice is harmless
+    assert torch.equal(case.run(), plain) and hook_counts(case.ldm) == (0, 0)
+
+
+def test_a_bad_patch_attaches_nothing(case):
+    good = case.patch(case.names, 1)
+    bad = ErasurePatch(layers=case.names, memory=ConceptMemory(torch.zeros(2, case.dim + 1),
+                                                               torch.zeros(2, case.dim + 1)))
+    with pytest.raises(PatchError, match="text context"):
+        attach_hooks(case.modules, [(good, 1.0), (bad, 1.0)])
+    with pytest.raises(PatchError, match="finite"):
+        attach_hooks(case.modules, [(good, float("nan"))])
+    assert hook_counts(case.ldm) == (0, 0)
+
+
+def test_memory_keeps_its_share_when_the_context_is_repeated_in_77_token_chunks():
+    case = Case(sd1_unet(), 4, 8, tokens=77)
+    patches = [(case.patch(case.names, 4, m=4), 1.0)]
+    single = case.run()
+    handle = attach_hooks(case.modules, patches)
+    once = case.run()
+    x, t, c = case.inputs
+    case.inputs = (x, t, c.repeat(1, 2, 1))  # what Forge / ComfyUI do to batch a shorter cond with a longer one
+    twice = case.run()
+    handle.detach()
+    assert torch.allclose(once, twice, atol=1e-5) and not torch.allclose(once, single, atol=1e-3)
+
+
+def test_forge_extra_options_name_every_layer():
+    names = [layer.canonical for layer in attn2_layers(sd1_unet())]
+    for name in names:
+        block, block_index = block_of(name)
+        assert layer_from_extra_options({"block": block, "block_index": block_index, "transformer_index": 3}) == name
+    assert layer_from_extra_options({}) is None and layer_from_extra_options({"block": ("last", 0)}) is None
+
+
+def test_forge_patcher_path_matches_the_diffusers_injection(case):
+    patches = two_patches(case)
+    with attached(case.unet, patches):
+        expected = case.run()
+    patcher = UnetPatcher(KModel(case.ldm))
+    before = checksum(case.unet)
+    clone = apply_forge(patcher, patches)
+    assert patcher.model_options == {"transformer_options": {}} and patcher.lora_patches == {}
+    clone = clone.clone()  # Forge clones again; the patch must survive the deep copy
+    with torch.no_grad():
+        got = clone.apply_model(*case.inputs)
+        plain = patcher.apply_model(*case.inputs)
+    assert (got - expected).abs().max() < 1e-5
+    assert torch.equal(plain, case.run())
+    assert checksum(case.unet) == before and hook_counts(case.ldm) == (0, 0)
+
+
+def test_forge_dropped_delta_keys_are_an_error(case):
+    class Dropping(UnetPatcher):
+        def add_patches(self, *, filename, patches, **kwargs):
+            return set()
+
+        def clone(self):
+            return Dropping(self.model)
+
+    patch = case.patch(case.names, 1, deltas=[f"{case.names[0]}.to_k"])
+    with pytest.raises(PatchError, match="did not take"):
+        apply_forge(Dropping(KModel(case.ldm)), [(patch, 1.0)])
+
+
+@pytest.fixture(scope="module")
+def toy_pair():
+    from erasure_core.toy.model import load_toy_model
+
+    toy = load_toy_model()  # its own copy: the fake re-routes its attention
+    return toy, FakeLatentDiffusion(toy)
+
+
+def test_ldm_denoiser_is_the_same_model_behind_the_protocol(toy_pair):
+    toy, sd_model = toy_pair
+    model = LdmDenoiser(sd_model, resolution=32, latent_scale=1)
+    assert model.layer_names() == [layer.canonical for layer in attn2_layers(toy.unet)]
+    assert model.fingerprint() == model_fingerprint(toy.unet) == modules_fingerprint(model.modules)
+    assert model.context_dim == 128 and model.sample_shape == (3, 32, 32) and model.name == "toy"
+    assert model.prompt_length("a red circle with stripes") == toy.prompt_length("a red circle with stripes")
+    cond = model.encode(["a circle", ""])
+    assert not cond.context.is_inference()
+    assert torch.allclose(cond.context, toy.encode(["a circle", ""]).context)
+    x, t = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)), torch.tensor([50, 900])
+    with torch.no_grad():
+        assert torch.allclose(model.predict_noise(x, t, cond), toy.predict_noise(x, t, cond), atol=1e-5)
+    a, b = model.scheduler(), toy.scheduler()
+    assert torch.allclose(a.alphas_cumprod, b.alphas_cumprod, atol=1e-6)
+    weights = model.projection_weights()
+    assert len(weights) == 4 * len(model.layer_names()) and all(not w.is_inference() for w in weights.values())
+
+
+def test_training_through_the_ldm_backend_leaves_the_model_bit_identical(toy_pair):
+    from erasure_core.denoiser import patched
+    from erasure_core.engine import TrainConfig
+    from erasure_core.methods import train_patch
+
+    toy, sd_model = toy_pair
+    model = LdmDenoiser(sd_model, resolution=32, latent_scale=1)
+    before = checksum(sd_model)
+    grads = [p.requires_grad for p in sd_model.parameters()]
+    assert any(grads)  # as in A1111: the UNet's parameters require grad
+    seen = []
+    config = TrainConfig(concept="a circle", method="memory", steps=4, tokens=2, batch=2, cache_seeds=1,
+                         cache_steps=3, seed=0)
+    with model.frozen():
+        result = train_patch(model, config, progress=lambda *a: seen.append(hook_counts(sd_model)))
+    assert len(result.losses) == 4 and len(seen) == 4
+    assert checksum(sd_model) == before and [p.requires_grad for p in sd_model.parameters()] == grads
+    assert all(p.grad is None for p in sd_model.parameters())
+    assert hook_counts(sd_model) == (0, 0)
+    patch = result.patch
+    assert patch.base_fingerprint == model_fingerprint(toy.unet) and patch.memory.k.shape == (2, 128)
+    x, t = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)), torch.tensor([100, 600])
+    cond = model.encode(["a circle", "a circle"])
+    with torch.no_grad(), patched(model, [(patch, 1.0)]):
+        through_hooks = model.predict_noise(x, t, cond)
+    with torch.no_grad(), attached(toy.unet, [(patch, 1.0)]):
+        through_processors = toy.predict_noise(x, t, cond)
+    assert (through_hooks - through_processors).abs().max() < 1e-5
+    assert checksum(sd_model) == before
