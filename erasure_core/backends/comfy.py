@@ -1,0 +1,481 @@
+"""The ComfyUI backend: erasure patches on a ComfyUI MODEL (ModelPatcher) and CLIP, duck-typed.
+
+Nothing here imports ComfyUI: the objects are used through the calls ComfyUI's own code makes (read from
+comfy/ldm/modules/attention.py, comfy/model_patcher.py, comfy/model_base.py, comfy/samplers.py). The node pack
+(nodes/) passes ComfyUI's objects in; the tests pass contract fakes (tests/comfy_fakes/).
+
+Applying a patch (`apply_patches`), the same arithmetic as erasure_core.injection for diffusers:
+- memory: a `MemoryAttn2Patch` set with `set_model_attn2_patch` on a clone. ComfyUI calls it in every
+  BasicTransformerBlock with the *unprojected* text context (`value is context` on entry); it appends P_k to
+  `context` and s·P_v to `value`, so K = W_k·[c ; P_k] and V = W_v·[c ; s·P_v]. It finds its layer from
+  extra_options: `block` = ("input", i) / ("middle", 0) / ("output", i) and `block_index`, the transformer block
+  inside the spatial transformer (ComfyUI's `transformer_index` counts spatial transformers across the whole
+  UNet, so it is not used). It needs nothing else (`sigmas`, `cond_or_uncond` are absent when a node calls
+  apply_model itself) and leaves every other layer alone.
+- weight deltas: `add_patches` with `diffusion_model.<ldm path>.weight` keys, checking the returned list, since
+  ComfyUI drops every key it does not know without a word.
+- never on the input MODEL: `clone()` shares the nn.Module, so no weight is written, and the patch holds only
+  detached tensors, because clone() deep-copies model_options.
+
+Training (`ComfyDenoiser`): nodes run under torch.inference_mode() and ComfyUI's weights are inference tensors,
+which cannot be saved for backward. The denoiser leaves the user's module alone and, while gradients are on, runs
+it through torch.func.functional_call with cloned, ordinary copies of its parameters (one extra copy of the weights,
+freed by `release()`); deltas become W + s·ΔW in that parameter set, memories a MemoryAttn2Patch holding the live
+tensors, so gradients reach the patch being trained.
+"""
+from __future__ import annotations
+
+import math
+import re
+from typing import Callable
+
+import torch
+
+from ..denoiser import Conditioning
+from ..layers import PROJECTIONS, comfy_weight_key, is_canonical_layer
+from ..patch import ErasurePatch, PatchError, WeightDelta, check_compatible, fingerprint_of
+
+__all__ = ["COMFY_CHUNK", "MemoryAttn2Patch", "ComfyDenoiser", "apply_patches", "comfy_address", "attn2_modules",
+           "address_from_extra_options", "padding_repeats", "pad_by_repetition"]
+
+COMFY_CHUNK = 77  # CLIP contexts come in chunks of 77 tokens; ComfyUI pads by repeating whole conds
+
+_LAYER = re.compile(r"^(input_blocks|middle_block|output_blocks)(?:\.(\d+))?\.\d+\.transformer_blocks\.(\d+)\.attn2$")
+_KIND = {"input_blocks": "input", "middle_block": "middle", "output_blocks": "output"}
+_ORDER = {"input": 0, "middle": 1, "output": 2}
+
+Address = tuple  # (kind, block number, block_index)
+
+
+def comfy_address(canonical: str) -> Address:
+    """`input_blocks.4.1.transformer_blocks.1.attn2` -> ("input", 4, 1): what extra_options carries."""
+    m = _LAYER.match(canonical)
+    if not m:
+        raise ValueError(f"not a canonical cross-attention layer: {canonical!r}")
+    kind = _KIND[m.group(1)]
+    return kind, 0 if kind == "middle" else int(m.group(2)), int(m.group(3))
+
+
+def address_from_extra_options(extra_options) -> Address | None:
+    """The layer ComfyUI is calling a patch for, or None when the caller does not say."""
+    block = extra_options.get("block") if hasattr(extra_options, "get") else None
+    if not block or len(block) < 2 or block[0] not in _ORDER:
+        return None
+    return block[0], 0 if block[0] == "middle" else int(block[1]), int(extra_options.get("block_index", 0) or 0)
+
+
+def padding_repeats(context: torch.Tensor, chunk: int = COMFY_CHUNK) -> int:
+    """How many times ComfyUI repeated the conds of this batch to pad them to one length (the fewest over rows).
+
+    ComfyUI pads each cond to the least common multiple of the batch's lengths by repeating it (conds.py);
+    plain attention is unchanged by that, but a memory appended once would lose weight against r copies of the
+    text. A row's repeat count r is found as the number of identical copies of a period that is a multiple of
+    `chunk`. The memory is appended min(r) times: exact for every row when all rows were padded alike (no
+    padding included), and for the least-padded rows otherwise. Rows padded more than that see the memory
+    with (min r)/r of its share; one length for all rows makes exactness for each impossible there."""
+    batch, length = context.shape[0], context.shape[1]
+    if length < 2 * chunk or length % chunk:
+        return 1
+    chunks = length // chunk
+    best = None
+    for row in context:
+        repeats = 1
+        for r in range(chunks, 1, -1):  # most copies first: the shortest period
+            if chunks % r:
+                continue
+            period = length // r
+            if torch.equal(row.view(r, period, -1), row[:period].unsqueeze(0).expand(r, -1, -1)):
+                repeats = r
+                break
+        best = repeats if best is None else min(best, repeats)
+        if best == 1:
+            break
+    return best or 1
+
+
+def pad_by_repetition(contexts: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate contexts of different lengths the way ComfyUI does: repeat each to the lcm of the lengths."""
+    length = 1
+    for c in contexts:
+        length = math.lcm(length, c.shape[1])
+    return torch.cat([c.repeat(1, length // c.shape[1], 1) if c.shape[1] < length else c for c in contexts])
+
+
+class MemoryAttn2Patch:
+    """ComfyUI attn2_patch appending concept-memory tokens to the text context of the layers it holds.
+
+    `memories` maps a layer address (comfy_address) to [(P_k, P_v, strength), ...]; several patches'
+    memories concatenate. Called as `patch(n, context, value, extra_options)` and returns the three."""
+
+    def __init__(self, memories: dict[Address, list[tuple[torch.Tensor, torch.Tensor, float]]],
+                 chunk: int = COMFY_CHUNK) -> None:
+        self.memories = {addr: list(entries) for addr, entries in memories.items() if entries}
+        self.chunk = chunk
+
+    @classmethod
+    def from_patches(cls, patches: list[tuple[ErasurePatch, float]], detach: bool = True,
+                     chunk: int = COMFY_CHUNK) -> "MemoryAttn2Patch":
+        """Memories of [(patch, strength)]; strength-0 patches are left out. `detach` copies the tensors out of
+        any autograd graph (what a MODEL may hold: clone() deep-copies it); training passes live tensors."""
+        memories: dict[Address, list] = {}
+        for patch, strength in patches:
+            strength = float(strength)
+            if strength == 0:
+                continue
+            for layer in patch.layers:
+                mem = patch.memory_for(layer)
+                if mem is None:
+                    continue
+                k, v = (t.detach().clone() if detach else t for t in (mem.k, mem.v))
+                memories.setdefault(comfy_address(layer), []).append((k, v, strength))
+        return cls(memories, chunk)
+
+    def merged(self, later: "MemoryAttn2Patch") -> "MemoryAttn2Patch":
+        memories = {addr: list(entries) for addr, entries in self.memories.items()}
+        for addr, entries in later.memories.items():
+            memories.setdefault(addr, []).extend(entries)
+        return MemoryAttn2Patch(memories, self.chunk)
+
+    def __bool__(self) -> bool:
+        return bool(self.memories)
+
+    def __call__(self, n, context, value, extra_options):
+        addr = address_from_extra_options(extra_options)
+        entries = self.memories.get(addr) if addr is not None else None
+        if not entries or context is None or context.dim() != 3:
+            return n, context, value
+        if value is None:
+            value = context
+        device, dtype = context.device, context.dtype
+        mem_k = torch.cat([k.to(device, dtype) for k, _, _ in entries])
+        mem_v = torch.cat([(strength * v).to(device, dtype) for _, v, strength in entries])
+        repeats = padding_repeats(context, self.chunk)
+        if repeats > 1:
+            mem_k, mem_v = mem_k.repeat(repeats, 1), mem_v.repeat(repeats, 1)
+        batch = context.shape[0]
+        context = torch.cat([context, mem_k.unsqueeze(0).expand(batch, -1, -1)], dim=1)
+        value = torch.cat([value, mem_v.unsqueeze(0).expand(value.shape[0], -1, -1)], dim=1)
+        return n, context, value
+
+    def to(self, device_or_dtype):
+        """ComfyUI moves model patches with the model (model_patches_to), and also calls this with the model's
+        dtype; memories keep their precision and are cast at call time, so a dtype changes nothing."""
+        if isinstance(device_or_dtype, torch.dtype):
+            return self
+        self.memories = {addr: [(k.to(device_or_dtype), v.to(device_or_dtype), s) for k, v, s in entries]
+                         for addr, entries in self.memories.items()}
+        return self
+
+    def __repr__(self) -> str:
+        tokens = {addr: sum(k.shape[0] for k, _, _ in entries) for addr, entries in self.memories.items()}
+        return f"MemoryAttn2Patch({len(tokens)} layers, {max(tokens.values(), default=0)} tokens)"
+
+
+def _layer_sort_key(name: str):
+    kind, block, index = comfy_address(name)
+    return _ORDER[kind], block, index
+
+
+def attn2_modules(diffusion_model) -> dict[str, torch.nn.Module]:
+    """{canonical layer name: attn2 module} of a ComfyUI diffusion model (LDM UNet), in LDM order."""
+    found = {name: module for name, module in diffusion_model.named_modules()
+             if name.endswith(".attn2") and is_canonical_layer(name) and hasattr(module, "to_k")}
+    return {name: found[name] for name in sorted(found, key=_layer_sort_key)}
+
+
+class _ModelInfo:
+    """What validation needs from a ComfyUI model: its attn2 layers, projection weights and context width."""
+
+    def __init__(self, base_model) -> None:
+        diffusion_model = getattr(base_model, "diffusion_model", None)
+        if diffusion_model is None:
+            raise PatchError("this MODEL has no diffusion_model; erasure patches need an SD1.x / SD2.x / SDXL UNet")
+        self.modules = attn2_modules(diffusion_model)
+        if not self.modules:
+            raise PatchError("this MODEL has no UNet cross-attention (attn2) layers; erasure patches work on "
+                             "SD1.x, SD2.x and SDXL UNets")
+        self.layers = list(self.modules)
+        first = next(iter(self.modules.values()))
+        self.context_dim = int(first.to_k.weight.shape[1])
+
+    def projection_weights(self) -> dict[str, torch.Tensor]:
+        return {f"{layer}.{proj}": module.get_submodule(proj).weight
+                for layer, module in self.modules.items() for proj in PROJECTIONS}
+
+    def fingerprint(self) -> str:
+        return fingerprint_of((f"{layer}.{proj}.weight", module.get_submodule(proj).weight)
+                              for layer, module in self.modules.items() for proj in ("to_k", "to_v"))
+
+    def check(self, patches: list[tuple[ErasurePatch, float]]) -> list[str]:
+        """Refuse what the model cannot take (PatchError); warnings for what is merely unusual."""
+        shapes = {name: tuple(w.shape) for name, w in self.projection_weights().items()}
+        fingerprint = self.fingerprint() if any(p.base_fingerprint for p, _ in patches) else None
+        warnings: list[str] = []
+        for patch, strength in patches:
+            if not isinstance(patch, ErasurePatch):
+                raise PatchError(f"expected an erasure patch, got {type(patch).__name__}")
+            if not math.isfinite(float(strength)):
+                raise PatchError(f"strength must be a finite number, got {strength}")
+            warnings += check_compatible(patch, self.context_dim, self.layers, fingerprint, shapes)
+        return warnings
+
+
+def _find_memory_patch(patch_list: list) -> int | None:
+    for i, p in enumerate(patch_list):
+        if isinstance(p, MemoryAttn2Patch):
+            return i
+    return None
+
+
+def apply_patches(model_patcher, patches: list[tuple[ErasurePatch, float]],
+                  chunk: int = COMFY_CHUNK) -> tuple[object, list[str]]:
+    """A new ModelPatcher with the patches applied, and the compatibility warnings.
+
+    Everything is validated before anything is built, and all changes go to a clone: the input patcher, its
+    model_options and the shared weights stay exactly as they were, whatever happens. Strength 0 leaves a patch
+    out entirely. A MODEL that already carries erasure memory gets one merged MemoryAttn2Patch."""
+    info = _ModelInfo(model_patcher.model)
+    warnings = info.check(patches)
+    active = [(patch, float(strength)) for patch, strength in patches if float(strength) != 0.0]
+    clone = model_patcher.clone()
+    memory = MemoryAttn2Patch.from_patches(active, detach=True, chunk=chunk)
+    if memory:
+        to = clone.model_options.setdefault("transformer_options", {})
+        existing = list(to.get("patches", {}).get("attn2_patch", []))
+        at = _find_memory_patch(existing)
+        if at is None:
+            clone.set_model_attn2_patch(memory)
+        else:  # one memory patch per model, so padding is detected on the plain text context
+            existing[at] = existing[at].merged(memory)
+            to["patches"] = dict(to.get("patches", {}))
+            to["patches"]["attn2_patch"] = existing
+    for patch, strength in active:
+        if not patch.deltas:
+            continue
+        deltas = {comfy_weight_key(module): ("diff", (delta.weight().detach().float().cpu().clone(),))
+                  for module, delta in patch.deltas.items()}
+        applied = set(clone.add_patches(deltas, strength))
+        missing = sorted(set(deltas) - applied)
+        if missing:
+            raise PatchError(f"ComfyUI did not apply the weight delta {missing[0]} ({len(missing)} of {len(deltas)} "
+                             "keys refused); the MODEL does not have that layer under that name")
+    return clone, warnings
+
+
+class _ApplyModel(torch.nn.Module):
+    """Calls base.apply_model, so that torch.func.functional_call can run it with other parameters."""
+
+    def __init__(self, base) -> None:
+        super().__init__()
+        self.base = base
+
+    def forward(self, *args, **kwargs):
+        return self.base.apply_model(*args, **kwargs)
+
+
+class _Attachment:
+    def __init__(self, owner: "ComfyDenoiser", patches: list[tuple[ErasurePatch, float]], warnings: list[str]):
+        self.owner, self.patches, self.warnings = owner, patches, warnings
+
+    def detach(self) -> None:
+        if self in self.owner._attached:
+            self.owner._attached.remove(self)
+
+
+class ComfyDenoiser:
+    """A ComfyUI MODEL (+ CLIP) behind the denoiser protocol (erasure_core.denoiser).
+
+    `load_model(patcher)` (ComfyUI: model_management.load_models_gpu) is called before predictions so the model
+    sits on its device with its own weight patches in place; `check_interrupt()` (ComfyUI:
+    throw_exception_if_processing_interrupted) is called on every prediction made without gradients (trajectory
+    sampling, generation). ComfyUI's apply_model takes sigma and returns x0 for every parameterisation; x_t of
+    the DDIM (variance-preserving) convention maps to ComfyUI's x = x_t·sqrt(1 + σ²), and ε = (x − x0) / σ."""
+
+    def __init__(self, model_patcher, clip=None, width: int = 512, height: int = 512, downscale: int = 8,
+                 name: str = "", load_model: Callable | None = None, check_interrupt: Callable | None = None,
+                 chunk: int = COMFY_CHUNK) -> None:
+        self.patcher = model_patcher
+        self.base = model_patcher.model
+        self.clip = clip
+        self._info = _ModelInfo(self.base)
+        sampling = self.base.model_sampling
+        sigmas = getattr(sampling, "sigmas", None)
+        if sigmas is None or sigmas.dim() != 1 or len(sigmas) < 2 or not hasattr(sampling, "calculate_denoised"):
+            raise ValueError("training and previews need a discrete-time model (SD1.x, SD2.x, SDXL); this MODEL's "
+                             "sampling has no sigma table")
+        with torch.inference_mode(False):
+            self._sigmas = sigmas.detach().to("cpu", torch.float64).clone()
+        channels = int(getattr(getattr(self.base, "latent_format", None), "latent_channels", 4))
+        self.sample_shape = (channels, height // downscale, width // downscale)
+        self.width, self.height = width, height
+        config = getattr(self.base, "model_config", None)
+        self.name = name or (type(config).__name__ if config is not None else "comfyui-model")
+        self._load, self._check_interrupt, self.chunk = load_model, check_interrupt, chunk
+        self._attached: list[_Attachment] = []
+        self._cloned: dict[str, torch.Tensor] | None = None
+        self._wrapper = _ApplyModel(self.base)
+
+    # -- the denoiser protocol -------------------------------------------------------------
+    @property
+    def context_dim(self) -> int:
+        return self._info.context_dim
+
+    @property
+    def device(self) -> torch.device:
+        self._ensure_loaded()
+        return next(self.base.diffusion_model.parameters()).device
+
+    def layer_names(self) -> list[str]:
+        return list(self._info.layers)
+
+    def projection_weights(self) -> dict[str, torch.Tensor]:
+        self._ensure_loaded()
+        return self._info.projection_weights()
+
+    def fingerprint(self) -> str:
+        self._ensure_loaded()
+        return self._info.fingerprint()
+
+    def scheduler(self):
+        """DDIM over the model's own noise schedule (alphas_cumprod = 1 / (1 + σ²)), predicting ε."""
+        from diffusers import DDIMScheduler
+
+        alphas_cumprod = 1.0 / (1.0 + self._sigmas ** 2)
+        previous = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
+        betas = (1.0 - alphas_cumprod / previous).clamp(0.0, 0.999)
+        return DDIMScheduler(num_train_timesteps=len(betas), trained_betas=betas.tolist(), clip_sample=False,
+                             set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
+
+    def encode(self, prompts: list[str]) -> Conditioning:
+        """Contexts from the user's CLIP, as ordinary tensors (CLIP output made under inference mode is cloned)."""
+        if self.clip is None:
+            raise ValueError("encoding prompts needs the CLIP that goes with this MODEL")
+        contexts, adm = [], []
+        with torch.inference_mode(False), torch.no_grad():
+            for prompt in prompts:
+                out = self.clip.encode_from_tokens(self.clip.tokenize(prompt), return_pooled=True)
+                cond, pooled = out if isinstance(out, tuple) else (out, None)
+                contexts.append(cond.detach().clone())
+                if getattr(self.base, "adm_channels", 0):
+                    y = self.base.encode_adm(pooled_output=pooled, width=self.width, height=self.height, crop_w=0,
+                                             crop_h=0, target_width=self.width, target_height=self.height,
+                                             device=cond.device)
+                    if y is not None:
+                        adm.append(y.detach().clone())
+            device = self.device
+            context = pad_by_repetition(contexts).to(device)
+            extra = {"y": torch.cat(adm).to(device)} if adm else {}
+        return Conditioning(context, extra)
+
+    def prompt_length(self, prompt: str) -> int:
+        """Context positions from BOS to the first EOS, found from the tokenizer's output for "" and the prompt."""
+        if self.clip is None:
+            raise ValueError("prompt lengths need the CLIP that goes with this MODEL")
+
+        def ids(text: str) -> list:
+            tokens = self.clip.tokenize(text)
+            first = tokens[next(iter(tokens))] if isinstance(tokens, dict) else tokens
+            return [t[0] if isinstance(t, (tuple, list)) else t for t in first[0]]
+
+        empty, tokens = ids(""), ids(prompt)
+        end = empty[1] if len(empty) > 1 else None
+        for i in range(1, len(tokens)):
+            if tokens[i] == end:
+                return i + 1
+        return len(tokens)
+
+    def attach(self, patches: list[tuple[ErasurePatch, float]]) -> _Attachment:
+        warnings = self._info.check(patches)  # refuse before attaching anything
+        handle = _Attachment(self, [(p, float(s)) for p, s in patches if float(s) != 0.0], warnings)
+        self._attached.append(handle)
+        return handle
+
+    def predict_noise(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        self._ensure_loaded()
+        training = torch.is_grad_enabled()
+        if not training and self._check_interrupt is not None:
+            self._check_interrupt()
+        sigma = self._sigmas[t.long().cpu()].to(x.device, torch.float32)
+        shape = (-1,) + (1,) * (x.dim() - 1)
+        x_in = x * (sigma ** 2 + 1).sqrt().view(shape)
+        kwargs = {"c_crossattn": cond.context, "transformer_options": self._transformer_options(), **cond.extra}
+        params = self._parameters(training)
+        if params:
+            denoised = torch.func.functional_call(self._wrapper, params, (x_in, sigma), kwargs, strict=False)
+        else:
+            denoised = self.base.apply_model(x_in, sigma, **kwargs)
+        return (x_in - denoised.to(x_in.dtype)) / sigma.view(shape)
+
+    # -- generation ------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, prompt: str, seeds: list[int], steps: int = 25, guidance: float = 7.0, negative: str = "",
+                 progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+        """DDIM + CFG from per-seed noise; returns x0 in the model's latent space (undo with latent_out)."""
+        from ..sampling import ddim_sample, seeded_noise
+
+        cond = self.encode([prompt]).expand(len(seeds))
+        uncond = self.encode([negative]).expand(len(seeds))
+        noise = seeded_noise(seeds, self.sample_shape, self.device)
+        return ddim_sample(self.predict_noise, cond, uncond, noise, self.scheduler(), steps, guidance, progress)
+
+    def latent_in(self, latent: torch.Tensor) -> torch.Tensor:
+        """A VAE latent into the space the model denoises (ComfyUI: process_latent_in)."""
+        process = getattr(self.base, "process_latent_in", None)
+        return process(latent) if process is not None else latent
+
+    def latent_out(self, latent: torch.Tensor) -> torch.Tensor:
+        process = getattr(self.base, "process_latent_out", None)
+        return process(latent) if process is not None else latent
+
+    def release(self) -> None:
+        """Free the training copy of the weights."""
+        self._cloned = None
+
+    # -- internals -------------------------------------------------------------------------
+    def _ensure_loaded(self) -> None:
+        if self._load is not None:
+            self._load(self.patcher)
+
+    def _parameters(self, training: bool) -> dict[str, torch.Tensor]:
+        """Parameters to run with: none (the module's own) for inference without deltas; ordinary copies of all
+        of them while training; attached deltas added functionally as W + s·ΔW."""
+        params: dict[str, torch.Tensor] = {}
+        if training:
+            if self._cloned is None:
+                with torch.inference_mode(False), torch.no_grad():
+                    self._cloned = {name: t.detach().clone() for name, t in
+                                    list(self._wrapper.named_parameters()) + list(self._wrapper.named_buffers())}
+            params.update(self._cloned)
+        deltas: dict[str, list[tuple[WeightDelta, float]]] = {}
+        for handle in self._attached:
+            for patch, strength in handle.patches:
+                for module, delta in patch.deltas.items():
+                    deltas.setdefault(module, []).append((delta, strength))
+        for module, items in deltas.items():
+            key = f"base.diffusion_model.{module}.weight"
+            weight = params.get(key)
+            if weight is None:
+                weight = self.base.diffusion_model.get_submodule(module).weight
+            total = weight.float()
+            for delta, strength in items:
+                total = total + strength * delta.weight().to(weight.device, torch.float32)
+            params[key] = total.to(weight.dtype)
+        return params
+
+    def _transformer_options(self) -> dict:
+        """The MODEL's own transformer_options (its patches included), plus the attached memories."""
+        base = getattr(self.patcher, "model_options", {}).get("transformer_options", {})
+        options = dict(base)
+        patches = {name: list(items) for name, items in base.get("patches", {}).items()}
+        attached = [(p, s) for handle in self._attached for p, s in handle.patches]
+        memory = MemoryAttn2Patch.from_patches(attached, detach=False, chunk=self.chunk)
+        if memory:
+            existing = patches.get("attn2_patch", [])
+            at = _find_memory_patch(existing)
+            if at is None:
+                patches["attn2_patch"] = existing + [memory]
+            else:  # the MODEL already carries erasure memory: one merged patch, as apply_patches makes
+                existing[at] = existing[at].merged(memory)
+        if patches:
+            options["patches"] = patches
+        return options
