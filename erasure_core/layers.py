@@ -37,7 +37,8 @@ class CrossAttentionLayer:
 
     @property
     def transformer_index(self) -> int:
-        """Index of the transformer block inside its spatial transformer (ComfyUI's `transformer_index`)."""
+        """Index of the transformer block inside its spatial transformer: ComfyUI's `extra_options["block_index"]`
+        (ComfyUI's `transformer_index` counts spatial transformers across the whole UNet instead)."""
         return int(re.search(r"transformer_blocks\.(\d+)\.attn2$", self.canonical).group(1))
 
 
