@@ -1,0 +1,471 @@
+"""The "Concept Erasure" tab: train a patch on the loaded model, watch it train, compare before and after.
+
+One gradio code base serves AUTOMATIC1111 (gradio 3.41), Forge (gradio 4) and the standalone `erasure ui` (what
+pip installs, gradio 6 at the time of writing): only components and arguments every one of them has, no
+`.style()`, no `gr.Box`, no `_js`, and handlers that return `gr.update(...)`. The host differences (progress in
+A1111's `shared.state`, its interrupt button, its GPU queue lock) come in through a small `Host` object.
+
+This module also holds what the WebUI accordion needs without gradio: the patch folder listing, short hashes, and
+the infotext entry (`Erasure: "circle: 0.8 [1a2b3c4d5e], ..."`) with its parser.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import queue
+import re
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+SUFFIX = ".safetensors"
+INFOTEXT_KEY = "Erasure"
+HASH_LENGTH = 10
+_NAME = re.compile(r"^[\w][\w.\- ]{0,99}$")
+
+
+# -- the patch folder ------------------------------------------------------------------------
+def list_patches(folder: str | Path) -> list[str]:
+    """Patch names in `folder` and its subfolders: paths relative to it, without `.safetensors`, `/`-separated."""
+    root = Path(folder)
+    if not root.is_dir():
+        return []
+    names = [p.relative_to(root).as_posix()[: -len(SUFFIX)] for p in root.rglob("*" + SUFFIX) if p.is_file()]
+    return sorted(names, key=str.lower)
+
+
+def patch_path(folder: str | Path, name: str) -> Path:
+    """The file of patch `name` inside `folder`; a name that would leave the folder is refused."""
+    root = Path(folder).resolve()
+    path = (root / (name + SUFFIX)).resolve()
+    if root not in path.parents:
+        raise ValueError(f"patch name {name!r} points outside the patch folder")
+    return path
+
+
+_hash_cache: dict[tuple[str, int, int], str] = {}
+
+
+def short_hash(path: str | Path) -> str:
+    """The first 10 hex digits of the file's sha256 (as A1111 shows LoRA hashes), cached by size and mtime."""
+    path = Path(path)
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _hash_cache:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        _hash_cache[key] = h.hexdigest()[:HASH_LENGTH]
+    return _hash_cache[key]
+
+
+def find_patch(folder: str | Path, name: str, hash_: str = "") -> str | None:
+    """The patch a pasted infotext means: `name` if its hash matches (or no hash is given), otherwise any patch in
+    the folder with that hash (the file was renamed); None when nothing matches."""
+    names = list_patches(folder)
+    if name in names and (not hash_ or short_hash(patch_path(folder, name)) == hash_):
+        return name
+    if hash_:
+        for other in names:
+            if short_hash(patch_path(folder, other)) == hash_:
+                return other
+    return None
+
+
+# -- the infotext entry ----------------------------------------------------------------------
+@dataclass
+class InfotextEntry:
+    name: str
+    strength: float
+    hash: str = ""
+
+
+def format_infotext(entries: list[InfotextEntry]) -> str:
+    """`circle: 0.8 [1a2b3c4d5e], styles/stripes: 1 [0f0f0f0f0f]`; the host quotes it in the infotext line."""
+    return ", ".join(f"{e.name}: {e.strength:g}" + (f" [{e.hash}]" if e.hash else "") for e in entries)
+
+
+_ENTRY = re.compile(r"\s*(?P<name>[^,\[\]]+?):\s*(?P<strength>[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)"
+                    r"(?:\s*\[(?P<hash>[0-9a-fA-F]+)\])?\s*(?:,|$)")
+
+
+def parse_infotext(text: str) -> list[InfotextEntry]:
+    """Inverse of format_infotext; unreadable parts are skipped."""
+    text = (text or "").strip()
+    if len(text) >= 2 and text[0] == text[-1] == '"':  # still quoted
+        import json
+
+        try:
+            text = json.loads(text)
+        except ValueError:
+            text = text[1:-1]
+    return [InfotextEntry(m["name"].strip(), float(m["strength"]), (m["hash"] or "").lower())
+            for m in _ENTRY.finditer(text)]
+
+
+# -- the host --------------------------------------------------------------------------------
+class Host:
+    """What a host offers a long job. The standalone app uses these defaults; the WebUI script subclasses it to
+    report into A1111's `shared.state`, honour its Interrupt button and hold its GPU queue lock."""
+
+    name = "standalone"
+
+    def begin(self, job: str, total: int) -> None:
+        pass
+
+    def step(self, done: int, total: int, text: str) -> None:
+        pass
+
+    def interrupted(self) -> bool:
+        return False
+
+    def end(self) -> None:
+        pass
+
+    def lock(self):
+        return contextlib.nullcontext()
+
+
+# -- training --------------------------------------------------------------------------------
+@dataclass
+class TrainRequest:
+    concept: str
+    method: str = "memory"
+    alternative: str = ""
+    preserve: str = ""
+    steps: int = 200
+    lr: float = 1e-3
+    layers: str = "all"
+    seed: int = 0
+    output: str = ""
+    tokens: int = 8
+    cache_seeds: int = 8
+    cache_steps: int = 25
+    preview_images: int = 2
+    preview_steps: int = 20
+
+
+def _toy_prompt(model, text: str) -> str:
+    """On the toy model a concept name becomes its training prompt ("circle" -> "a circle"); elsewhere the text is
+    the prompt. Raises ValueError for a word the toy world lacks."""
+    if getattr(model, "name", "") != "toy":
+        return text
+    from .toy.world import OBJECT_NAMES, STYLE_NAMES, training_prompt
+
+    try:
+        return training_prompt(text)
+    except KeyError:
+        raise ValueError(f"the toy model knows objects ({', '.join(OBJECT_NAMES)}) and styles "
+                         f"({', '.join(STYLE_NAMES)}); {text!r} is neither") from None
+
+
+def output_name(request: TrainRequest) -> str:
+    """The patch name: the one given, or `<concept>-<method>`."""
+    name = (request.output or "").strip()
+    if name.endswith(SUFFIX):
+        name = name[: -len(SUFFIX)]
+    if not name:
+        name = re.sub(r"-{2,}", "-", re.sub(r"[^\w.\-]+", "-", f"{request.concept.strip()}-{request.method}"))
+        name = name.strip("-.")
+    if not _NAME.match(name):
+        raise ValueError(f"output name {name!r}: use letters, digits, spaces, '.', '-' and '_' only")
+    return name
+
+
+def _config(model, request: TrainRequest):
+    from .engine import TrainConfig
+    from .layers import SELECTION_MODES, select_layers
+    from .methods import METHODS
+
+    if not request.concept.strip():
+        raise ValueError("name the concept to erase")
+    if request.method not in METHODS:
+        raise ValueError(f"unknown method {request.method!r}; use one of {', '.join(METHODS)}")
+    if request.method == "all-but-one" and not request.alternative.strip():
+        raise ValueError("all-but-one needs an alternative concept")
+    for label, value, low in (("steps", request.steps, 1), ("memory tokens", request.tokens, 1),
+                              ("trajectory seeds", request.cache_seeds, 1), ("trajectory steps", request.cache_steps, 1),
+                              ("preview images", request.preview_images, 0), ("preview steps", request.preview_steps, 1)):
+        if value is None or int(value) != value or value < low:
+            raise ValueError(f"{label} must be a whole number of at least {low}, got {value}")
+    if not (request.lr and request.lr > 0 and request.lr < 1):
+        raise ValueError(f"learning rate must be between 0 and 1, got {request.lr}")
+    text = (request.layers or "all").strip()
+    layers = text if text in SELECTION_MODES else [n.strip() for n in text.split(",") if n.strip()]
+    select_layers(model.layer_names(), layers)  # raises ValueError naming the model's layers
+    preserve = [p.strip() for p in (request.preserve or "").split(",") if p.strip()]
+    return TrainConfig(concept=_toy_prompt(model, request.concept.strip()), method=request.method,
+                       alternative=_toy_prompt(model, request.alternative.strip()) if request.alternative.strip()
+                       else "", preserve=[_toy_prompt(model, p) for p in preserve], steps=int(request.steps),
+                       lr=float(request.lr), memory_lr=10 * float(request.lr), tokens=int(request.tokens),
+                       layers=layers, seed=int(request.seed), cache_seeds=int(request.cache_seeds),
+                       cache_steps=int(request.cache_steps))
+
+
+@dataclass
+class JobState:
+    stage: str = "starting"
+    done: int = 0
+    total: int = 0
+    loss: float | None = None
+    finished: bool = False
+    error: str = ""
+    path: Path | None = None
+    preview: object = None  # PIL image
+    messages: list[str] = field(default_factory=list)
+
+
+class TrainJob:
+    """One training run in a worker thread: validate, train, write the patch, draw before/after.
+
+    `cancel()` makes the engine's cancel check return True; the engine raises engine.Cancelled and nothing is
+    written. Progress is read from `state` by whoever shows it."""
+
+    _running = threading.Lock()  # one run at a time per process: the GPU and the model are shared
+
+    def __init__(self, get_model: Callable[[], object], patch_folder: Callable[[], Path] | Path,
+                 request: TrainRequest, host: Host | None = None) -> None:
+        self.get_model, self.request, self.host = get_model, request, host or Host()
+        self.patch_folder = patch_folder if callable(patch_folder) else (lambda: Path(patch_folder))
+        self.state = JobState()
+        self._cancel = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    def cancelled(self) -> bool:
+        return self._cancel.is_set() or self.host.interrupted()
+
+    def start(self) -> "TrainJob":
+        if not TrainJob._running.acquire(blocking=False):
+            self.state.error, self.state.finished = "a training run is already in progress", True
+            return self
+        self._thread = threading.Thread(target=self._run, name="erasure-train", daemon=True)
+        self._thread.start()
+        return self
+
+    def join(self, timeout: float | None = None) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _progress(self, done: int, total: int, loss: float | None = None) -> None:
+        s = self.state
+        s.stage, s.done, s.total, s.loss = "training", done, total, loss
+        self.host.step(done, total, f"Concept Erasure: step {done}/{total}")
+
+    def _run(self) -> None:
+        import torch
+
+        from .engine import Cancelled
+        from .methods import train_patch
+        from .patch import save_patch
+
+        s = self.state
+        begun = False
+        try:
+            request = self.request
+            name = output_name(request)
+            folder = Path(self.patch_folder())
+            path = patch_path(folder, name)
+            if path.exists():
+                raise ValueError(f"{path.name} already exists in {folder}; choose another output name")
+            with self.host.lock(), torch.inference_mode(False), torch.enable_grad():
+                model = self.get_model()
+                if model is None:
+                    raise ValueError("no model is loaded")
+                config = _config(model, request)
+                s.total, s.stage = config.steps, "sampling the frozen model's trajectories"
+                self.host.begin("concept-erasure", config.steps)
+                begun = True
+                frozen = getattr(model, "frozen", None)
+                with (frozen() if frozen else contextlib.nullcontext()):
+                    result = train_patch(model, config, progress=self._progress, cancel=self.cancelled)
+                patch = result.patch
+                patch.concepts, patch.alternative = [request.concept.strip()], request.alternative.strip()
+                patch.preserve = [p.strip() for p in request.preserve.split(",") if p.strip()]
+                patch.title = patch.title or f"erase {request.concept.strip()}"
+                s.done = s.total
+                save_patch(patch, path)
+                s.path = path
+                s.messages.append(f"wrote {path} ({path.stat().st_size / 1024:.1f} KB) in "
+                                  f"{result.seconds:.1f} s")
+                if result.key is not None:
+                    result.key.concepts, result.key.method = [request.concept.strip()], "memory-key"
+                    key_path = save_patch(result.key, path.with_name(name + ".key" + SUFFIX))
+                    s.messages.append(f"wrote the key {key_path}: apply it with the patch to bring the concept back")
+                if request.preview_images > 0 and not self.cancelled():
+                    s.stage = "drawing the before/after preview"
+                    s.preview = self._preview(model, config, patch)
+            s.stage = "done"
+        except Cancelled as exc:
+            s.stage, s.error = "cancelled", f"cancelled ({exc}); nothing was written"
+        except torch.cuda.OutOfMemoryError:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            s.stage, s.error = "failed", ("out of GPU memory: lower the memory tokens, train fewer layers or lower "
+                                          "the trajectory seeds; nothing was written")
+        except (ValueError, KeyError) as exc:
+            s.stage, s.error = "failed", str(exc.args[0] if exc.args else exc)
+        except Exception as exc:  # a bug: say so in the tab, keep the traceback in the console
+            traceback.print_exc()
+            s.stage, s.error = "failed", f"{type(exc).__name__}: {exc}"
+        finally:
+            if begun:
+                self.host.end()
+            s.finished = True
+            TrainJob._running.release()
+
+    def _preview(self, model, config, patch):
+        """The erased concept's prompt drawn with the same seeds before and after, one row each."""
+        import torch
+
+        from .denoiser import patched
+        from .imaging import grid
+
+        n = int(self.request.preview_images)
+        prompts, seeds = [config.concept] * n, list(range(config.seed, config.seed + n))
+        guidance = 3.0 if getattr(model, "name", "") == "toy" else 7.5
+        before = model.generate(prompts, seeds, steps=int(self.request.preview_steps), guidance=guidance)
+        with patched(model, [(patch, 1.0)]):
+            after = model.generate(prompts, seeds, steps=int(self.request.preview_steps), guidance=guidance)
+        width = before.shape[-1]
+        return grid(torch.cat([before, after]), ncols=n, scale=max(1, 192 // width), row_labels=["before", "after"],
+                    title=f'"{config.concept}", seeds {seeds[0]}..{seeds[-1]}')
+
+
+def progress_html(state: JobState) -> str:
+    total = max(state.total, 1)
+    done = min(state.done, total)
+    pct = 100.0 * done / total
+    loss = f" · loss {state.loss:.4g}" if state.loss is not None else ""
+    label = f"{state.stage}: step {state.done}/{state.total}{loss}" if state.total else state.stage
+    return (f'<div class="erasure-progress" data-done="{state.done}" data-total="{state.total}">'
+            f'<div style="background:#8884;border-radius:4px;height:10px;overflow:hidden">'
+            f'<div style="background:#f97316;height:10px;width:{pct:.1f}%"></div></div>'
+            f'<div class="erasure-progress-text">{label}</div></div>')
+
+
+# -- the tab ---------------------------------------------------------------------------------
+def _gr():
+    import os
+
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from an offline tool
+    import gradio as gr
+
+    return gr
+
+
+def build_tab(get_model: Callable[[], object], patch_folder: Callable[[], Path] | Path, host: Host | None = None,
+              methods: tuple[str, ...] | None = None, defaults: TrainRequest | None = None):
+    """The tab as a `gr.Blocks`. `get_model()` returns the loaded model behind the denoiser protocol (with a
+    `generate` for the preview); `patch_folder` is where patches are written (a path or a function giving one)."""
+    gr = _gr()
+    if methods is None:
+        from .methods import METHODS as methods
+    d = defaults or TrainRequest(concept="")
+    host = host or Host()
+    folder = patch_folder if callable(patch_folder) else (lambda: Path(patch_folder))
+    jobs: dict[str, TrainJob] = {}
+
+    with gr.Blocks(analytics_enabled=False) as tab:
+        gr.Markdown("### Concept Erasure\nTrain an erasure patch on the loaded model. The model's weights are not "
+                    "changed; the patch is written to the patch folder and applied from the *Concept Erasure* "
+                    "accordion in txt2img / img2img (or with `erasure generate --patch`).")
+        with gr.Row():
+            with gr.Column():
+                concept = gr.Textbox(label="Concept to erase", value=d.concept, placeholder="e.g. circle",
+                                     elem_id="erasure_concept")
+                method = gr.Dropdown(label="Method", choices=list(methods), value=d.method, elem_id="erasure_method")
+                alternative = gr.Textbox(label="Alternative (all-but-one, uce)", value=d.alternative,
+                                         elem_id="erasure_alternative")
+                preserve = gr.Textbox(label="Preserve (comma-separated)", value=d.preserve, elem_id="erasure_preserve")
+                with gr.Row():
+                    steps = gr.Number(label="Steps", value=d.steps, precision=0, elem_id="erasure_steps")
+                    lr = gr.Number(label="Learning rate", value=d.lr, elem_id="erasure_lr")
+                    seed = gr.Number(label="Seed", value=d.seed, precision=0, elem_id="erasure_seed")
+                layers = gr.Textbox(label="Layers: all, midout, mid, or comma-separated attn2 names", value=d.layers,
+                                    elem_id="erasure_layers")
+                output = gr.Textbox(label="Output name (empty: <concept>-<method>)", value=d.output,
+                                    elem_id="erasure_output")
+                with gr.Accordion("Advanced", open=False):
+                    with gr.Row():
+                        tokens = gr.Number(label="Memory tokens", value=d.tokens, precision=0, elem_id="erasure_tokens")
+                        cache_seeds = gr.Number(label="Trajectory seeds", value=d.cache_seeds, precision=0,
+                                                elem_id="erasure_cache_seeds")
+                        cache_steps = gr.Number(label="Trajectory DDIM steps", value=d.cache_steps, precision=0,
+                                                elem_id="erasure_cache_steps")
+                    with gr.Row():
+                        preview_images = gr.Number(label="Preview images", value=d.preview_images, precision=0,
+                                                   elem_id="erasure_preview_images")
+                        preview_steps = gr.Number(label="Preview DDIM steps", value=d.preview_steps, precision=0,
+                                                  elem_id="erasure_preview_steps")
+                with gr.Row():
+                    train = gr.Button("Train", variant="primary", elem_id="erasure_train")
+                    cancel = gr.Button("Cancel", interactive=False, elem_id="erasure_cancel")
+            with gr.Column():
+                progress = gr.HTML(value=progress_html(JobState(stage="idle")), elem_id="erasure_progress")
+                status = gr.Markdown(value="", elem_id="erasure_status")
+                preview = gr.Image(label="Before / after (same seeds)", type="pil", interactive=False,
+                                   elem_id="erasure_preview")
+        job_id = gr.Textbox(value="", visible=False)
+
+        fields = [concept, method, alternative, preserve, steps, lr, layers, seed, output, tokens, cache_seeds,
+                  cache_steps, preview_images, preview_steps]
+
+        def run(*values):
+            job = TrainJob(get_model, folder, TrainRequest(*values), host)
+            key = f"{id(job):x}-{time.time():.6f}"
+            jobs[key] = job
+            job.start()
+            busy = (gr.update(interactive=False), gr.update(interactive=True))
+            try:
+                yield (gr.update(value=progress_html(job.state)), gr.update(value="Training..."),
+                       gr.update(value=None), *busy, gr.update(value=key))
+                last = None
+                while not job.state.finished:
+                    time.sleep(0.25)
+                    html = progress_html(job.state)
+                    if html != last:
+                        last = html
+                        yield gr.update(value=html), gr.update(), gr.update(), *busy, gr.update()
+                s = job.state
+                text = f"**Error:** {s.error}" if s.error else "\n\n".join(s.messages) or "done"
+                yield (gr.update(value=progress_html(s)), gr.update(value=text),
+                       gr.update(value=s.preview) if s.preview is not None else gr.update(),
+                       gr.update(interactive=True), gr.update(interactive=False), gr.update(value=""))
+            finally:  # the page went away mid-run: stop the job rather than train for nobody
+                if not job.state.finished:
+                    job.cancel()
+                jobs.pop(key, None)
+
+        def stop(key):
+            job = jobs.get(key)
+            if job is not None:
+                job.cancel()
+            return gr.update(value="Cancelling...")
+
+        train.click(run, inputs=fields, outputs=[progress, status, preview, train, cancel, job_id])
+        cancel.click(stop, inputs=[job_id], outputs=[status], queue=False)
+    return tab
+
+
+def launch(model, patch_folder: str | Path, host: str = "127.0.0.1", port: int = 7861,
+           defaults: TrainRequest | None = None) -> None:
+    """`erasure ui`: the tab as a page of its own on `host:port`, training on `model`. Blocks until stopped."""
+    folder = Path(patch_folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tab = build_tab(lambda: model, folder, defaults=defaults)
+    import inspect
+
+    params = inspect.signature(tab.queue).parameters
+    if "default_concurrency_limit" in params:   # gradio 4+: Train and Cancel have their own limits anyway
+        tab.queue(default_concurrency_limit=2)
+    else:                                        # gradio 3: one worker would hold Cancel behind Train
+        tab.queue(concurrency_count=2)
+    print(f"Concept Erasure on {getattr(model, 'name', 'model')}; patches go to {folder.resolve()}", flush=True)
+    tab.launch(server_name=host, server_port=port, share=False, inbrowser=False, show_error=True)

@@ -1,0 +1,227 @@
+"""AUTOMATIC1111 / Forge: the "Concept Erasure" accordion in txt2img and img2img, and the training tab.
+
+Thin on purpose: loading and validating patches, the hooks (A1111), the unet-patcher path (Forge) and the tab
+live in erasure_core; this file connects them to the WebUI's Script, callbacks, settings and infotext.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:  # the WebUI loads this file by path; erasure_core sits in the extension's root
+    sys.path.insert(0, _ROOT)
+
+import gradio as gr  # noqa: E402
+from modules import script_callbacks, scripts, shared  # noqa: E402
+
+from erasure_core import ui as erasure_ui  # noqa: E402
+from erasure_core.backends import ldm  # noqa: E402
+from erasure_core.patch import PatchError, load_patch  # noqa: E402
+
+SLOTS = 4
+NONE = "None"
+SECTION = ("concept_erasure", "Concept Erasure")
+LOG = "[Concept Erasure]"
+
+
+def patch_folder() -> Path:
+    """The folder set in Settings > Concept Erasure, or models/erasures."""
+    configured = (getattr(shared.opts, "erasure_patch_dir", "") or "").strip()
+    if configured:
+        return Path(configured)
+    from modules import paths
+
+    return Path(paths.models_path) / "erasures"
+
+
+def is_forge(sd_model) -> bool:
+    return hasattr(sd_model, "forge_objects")
+
+
+_patches: dict[str, tuple[tuple[int, int], object]] = {}
+
+
+def _load(name: str):
+    """A patch from the folder, validated; reloaded when the file changes."""
+    path = erasure_ui.patch_path(patch_folder(), name)
+    if not path.is_file():
+        raise PatchError(f"no patch {name!r} in {patch_folder()}")
+    stat = path.stat()
+    key = (stat.st_size, stat.st_mtime_ns)
+    cached = _patches.get(str(path))
+    if cached is None or cached[0] != key:
+        _patches[str(path)] = (key, load_patch(path))
+    return _patches[str(path)][1], path
+
+
+_attached: list[ldm.LdmAttachment] = []
+_fingerprints: dict[tuple[int, str], str] = {}
+_warned: set[tuple[str, str]] = set()
+
+
+def remove_hooks() -> None:
+    """Detach every hook this script put on the A1111 model (after each generation and on script unload)."""
+    while _attached:
+        _attached.pop().detach()
+
+
+def _fingerprint(sd_model, modules):
+    key = (id(sd_model), str(getattr(sd_model, "sd_model_hash", "")))
+    if key not in _fingerprints:
+        _fingerprints[key] = ldm.modules_fingerprint(modules)
+    return _fingerprints[key]
+
+
+class ConceptErasure(scripts.Script):
+    sorting_priority = 16
+
+    def __init__(self) -> None:
+        self.selected: list = []  # Forge: (patch, strength) pairs re-applied before every sampling pass
+
+    def title(self):
+        return "Concept Erasure"
+
+    def show(self, is_img2img):
+        return scripts.AlwaysVisible
+
+    def ui(self, is_img2img):
+        tab = "img2img" if is_img2img else "txt2img"
+        choices = [NONE] + erasure_ui.list_patches(patch_folder())
+        controls = []
+        with gr.Accordion("Concept Erasure", open=False, elem_id=f"erasure_{tab}_accordion"):
+            for i in range(SLOTS):
+                with gr.Row():
+                    name = gr.Dropdown(label=f"Erasure patch {i + 1}", choices=choices, value=NONE,
+                                       elem_id=f"erasure_{tab}_patch_{i + 1}")
+                    strength = gr.Slider(label="Strength", minimum=0.0, maximum=2.0, step=0.05, value=1.0,
+                                         elem_id=f"erasure_{tab}_strength_{i + 1}")
+                controls += [name, strength]
+            refresh = gr.Button("Refresh the patch list", elem_id=f"erasure_{tab}_refresh")
+
+        def refreshed():
+            names = [NONE] + erasure_ui.list_patches(patch_folder())
+            return [gr.update(choices=names) for _ in range(SLOTS)]
+
+        refresh.click(refreshed, inputs=[], outputs=controls[0::2])
+        self.infotext_fields = [(c, f"Erasure {i // 2 + 1} {'patch' if i % 2 == 0 else 'strength'}")
+                                for i, c in enumerate(controls)]
+        self.paste_field_names = [label for _, label in self.infotext_fields]
+        return controls
+
+    @staticmethod
+    def chosen(args) -> list[tuple[str, float]]:
+        pairs = [(args[2 * i], args[2 * i + 1]) for i in range(min(SLOTS, len(args) // 2))]
+        return [(name, float(strength)) for name, strength in pairs if name and name != NONE]
+
+    def process(self, p, *args):
+        remove_hooks()  # a generation that failed never reached postprocess
+        self.selected = []
+        chosen = self.chosen(args)
+        if not chosen:
+            return
+        try:
+            loaded = [(_load(name), strength) for name, strength in chosen]
+            patches = [(patch, strength) for (patch, _), strength in loaded]
+            if is_forge(p.sd_model):  # validated now, applied in process_before_every_sampling
+                ldm.plan_layers(ldm.attn2_modules(p.sd_model.forge_objects.unet.model.diffusion_model), patches)
+                self.selected = patches
+            else:
+                modules = ldm.attn2_modules(p.sd_model.model.diffusion_model)
+                handle = ldm.attach_hooks(modules, patches, lambda: _fingerprint(p.sd_model, modules))
+                _attached.append(handle)
+                for warning in handle.warnings:
+                    if (warning, str(id(p.sd_model))) not in _warned:
+                        _warned.add((warning, str(id(p.sd_model))))
+                        print(f"{LOG} warning: {warning}")
+        except (PatchError, ValueError, OSError) as exc:
+            remove_hooks()
+            print(f"{LOG} {exc}. Nothing is generated without the erasure you selected.", file=sys.stderr)
+            shared.state.interrupted = True
+            return
+        entries = [erasure_ui.InfotextEntry(name, strength, erasure_ui.short_hash(path))
+                   for (name, strength), ((_, path), _) in zip(chosen, loaded)]
+        p.extra_generation_params[erasure_ui.INFOTEXT_KEY] = erasure_ui.format_infotext(entries)
+
+    def process_before_every_sampling(self, p, *args, **kwargs):
+        if self.selected and is_forge(p.sd_model):  # Forge hands out a fresh patcher before every pass
+            objects = p.sd_model.forge_objects
+            objects.unet = ldm.apply_forge(objects.unet, self.selected, filename="concept-erasure")
+
+    def postprocess(self, p, processed, *args):
+        remove_hooks()
+        self.selected = []
+
+
+def on_infotext_pasted(infotext: str, params: dict) -> None:
+    """Spread `Erasure: "circle: 0.8 [hash], ..."` over the accordion's slots; a renamed file is found by hash.
+    An infotext without the entry leaves the accordion as it is."""
+    if erasure_ui.INFOTEXT_KEY not in params:
+        return
+    entries = erasure_ui.parse_infotext(str(params[erasure_ui.INFOTEXT_KEY]))
+    folder = patch_folder()
+    for i in range(SLOTS):
+        name, strength = NONE, 1.0
+        if i < len(entries):
+            found = erasure_ui.find_patch(folder, entries[i].name, entries[i].hash)
+            if found is None:
+                print(f"{LOG} pasted patch {entries[i].name} [{entries[i].hash}] is not in {folder}", file=sys.stderr)
+            else:
+                name, strength = found, entries[i].strength
+        params[f"Erasure {i + 1} patch"] = name
+        params[f"Erasure {i + 1} strength"] = strength
+
+
+def on_ui_settings() -> None:
+    shared.opts.add_option("erasure_patch_dir", shared.OptionInfo(
+        "", "Folder of erasure patches (empty: models/erasures)", section=SECTION))
+
+
+class WebUIHost(erasure_ui.Host):
+    """Training reports into shared.state, stops on the WebUI's Interrupt, and holds the GPU queue lock."""
+
+    name = "webui"
+
+    def begin(self, job: str, total: int) -> None:
+        shared.state.begin(job=job)
+        shared.state.job_count = 1
+        shared.state.sampling_steps, shared.state.sampling_step = total, 0
+
+    def step(self, done: int, total: int, text: str) -> None:
+        shared.state.sampling_steps, shared.state.sampling_step = total, done
+        shared.state.textinfo = text
+
+    def interrupted(self) -> bool:
+        return bool(shared.state.interrupted)
+
+    def end(self) -> None:
+        shared.state.end()
+
+    def lock(self):
+        from modules.call_queue import queue_lock
+
+        return queue_lock
+
+
+def loaded_model():
+    sd_model = shared.sd_model
+    if sd_model is None:
+        raise ValueError("no model is loaded")
+    if is_forge(sd_model):
+        raise ValueError("training in Forge is not supported yet: train with `erasure train` or the ComfyUI node "
+                         "and put the patch in the patch folder; the accordion applies it in Forge")
+    from modules import devices
+
+    return ldm.LdmDenoiser(sd_model, autocast=devices.autocast)
+
+
+def on_ui_tabs():
+    tab = erasure_ui.build_tab(loaded_model, patch_folder, host=WebUIHost())
+    return [(tab, "Concept Erasure", "concept_erasure")]
+
+
+script_callbacks.on_ui_settings(on_ui_settings)
+script_callbacks.on_ui_tabs(on_ui_tabs)
+script_callbacks.on_infotext_pasted(on_infotext_pasted)
+script_callbacks.on_script_unloaded(remove_hooks)

@@ -1,0 +1,96 @@
+"""erasure_core.ui without a browser: the patch folder, the infotext entry, requests and the training job."""
+import time
+
+import pytest
+from webui_fakes import one_thread
+
+from erasure_core import ui
+
+
+def test_infotext_round_trip_and_quoted_forms():
+    entries = [ui.InfotextEntry("circle", 0.8, "0123456789"), ui.InfotextEntry("styles/stripes v2", 1.0, ""),
+               ui.InfotextEntry("neg", -0.25, "abcdefabcd")]
+    text = ui.format_infotext(entries)
+    assert text == "circle: 0.8 [0123456789], styles/stripes v2: 1, neg: -0.25 [abcdefabcd]"
+    assert ui.parse_infotext(text) == entries
+    assert ui.parse_infotext('"' + text.replace('"', '\\"') + '"') == entries
+    assert ui.parse_infotext("") == [] and ui.parse_infotext("garbage") == []
+
+
+def test_patch_folder_listing_hashes_and_lookup(tmp_path):
+    (tmp_path / "sub").mkdir()
+    for name in ("b", "A", "sub/c"):
+        (tmp_path / f"{name}.safetensors").write_bytes(name.encode())
+    (tmp_path / "notes.txt").write_text("x")
+    assert ui.list_patches(tmp_path) == ["A", "b", "sub/c"] and ui.list_patches(tmp_path / "nope") == []
+    h = ui.short_hash(tmp_path / "b.safetensors")
+    assert len(h) == 10 and ui.find_patch(tmp_path, "b", h) == "b"
+    assert ui.find_patch(tmp_path, "gone", h) == "b" and ui.find_patch(tmp_path, "gone", "ffffffffff") is None
+    assert ui.find_patch(tmp_path, "A") == "A"
+    with pytest.raises(ValueError, match="outside"):
+        ui.patch_path(tmp_path, "../escape")
+
+
+@pytest.mark.parametrize("output, concept, expected", [
+    ("", "circle", "circle-memory"), ("my patch.safetensors", "x", "my patch"), ("", "Van Gogh!", "Van-Gogh-memory"),
+])
+def test_output_names(output, concept, expected):
+    assert ui.output_name(ui.TrainRequest(concept=concept, output=output)) == expected
+
+
+@pytest.mark.parametrize("bad", ["../x", "a/b", ".hidden", "x" * 120])
+def test_output_names_that_leave_the_folder_are_refused(bad):
+    with pytest.raises(ValueError, match="output name"):
+        ui.output_name(ui.TrainRequest(concept="c", output=bad))
+
+
+@pytest.fixture(scope="module")
+def toy():
+    from erasure_core.toy.model import load_toy_model
+
+    with one_thread():
+        yield load_toy_model()
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(concept=""), "name the concept"), (dict(concept="dragon"), "neither"),
+    (dict(method="nope"), "unknown method"), (dict(method="all-but-one"), "needs an alternative"),
+    (dict(steps=0), "steps must be"), (dict(steps=2.5), "steps must be"), (dict(lr=0), "learning rate"),
+    (dict(layers="input_blocks.99.1.transformer_blocks.0.attn2"), "has no cross-attention layer"),
+])
+def test_bad_requests_are_one_line_and_write_nothing(toy, tmp_path, change, message):
+    request = ui.TrainRequest(**{**dict(concept="circle", steps=2), **change})
+    job = ui.TrainJob(lambda: toy, tmp_path, request).start()
+    job.join(30)
+    assert job.state.stage == "failed" and message in job.state.error and "\n" not in job.state.error
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cancel_stops_training_and_writes_nothing(toy, tmp_path):
+    request = ui.TrainRequest(concept="circle", method="memory-only", steps=1000, tokens=2, cache_seeds=1,
+                              cache_steps=2, preview_images=0)
+    with one_thread():
+        job = ui.TrainJob(lambda: toy, tmp_path, request).start()
+        second = ui.TrainJob(lambda: toy, tmp_path, request).start()
+        assert second.state.finished and "already in progress" in second.state.error
+        while job.state.done < 2 and not job.state.finished:
+            time.sleep(0.02)
+        job.cancel()
+        job.join(60)
+    assert job.state.stage == "cancelled" and "nothing was written" in job.state.error
+    assert list(tmp_path.iterdir()) == []
+    assert "step" in ui.progress_html(job.state)
+
+
+def test_existing_output_is_not_overwritten(toy, tmp_path):
+    (tmp_path / "taken.safetensors").write_bytes(b"mine")
+    job = ui.TrainJob(lambda: toy, tmp_path, ui.TrainRequest(concept="circle", output="taken")).start()
+    job.join(30)
+    assert "already exists" in job.state.error and (tmp_path / "taken.safetensors").read_bytes() == b"mine"
+
+
+def test_the_tab_builds_with_the_installed_gradio(toy, tmp_path):
+    tab = ui.build_tab(lambda: toy, tmp_path)
+    ids = {getattr(block, "elem_id", None) for block in tab.blocks.values()}
+    assert {"erasure_concept", "erasure_method", "erasure_train", "erasure_cancel", "erasure_progress",
+            "erasure_preview"} <= ids
