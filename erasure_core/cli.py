@@ -395,6 +395,17 @@ def cmd_toy_oracle(args) -> int:
     return 0
 
 
+def cmd_ui(args) -> int:
+    """The Concept Erasure tab as a standalone app (gradio), training on the toy model or --model."""
+    from .ui import launch
+
+    if not 0 < args.port < 65536:
+        raise UserError(f"--port must be between 1 and 65535, got {args.port}")
+    model = _load_model(args.model)
+    launch(model, Path(args.patch_dir), host=args.host, port=args.port)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="erasure", description="Concept erasure for Stable Diffusion-style models.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -482,6 +493,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=_positive_int, default=2500)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_toy_oracle)
+
+    p = sub.add_parser("ui", help="the Concept Erasure training tab as a local web app")
+    p.add_argument("--model", help="model folder (default: the embedded toy model)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=7861)
+    p.add_argument("--patch-dir", default="erasures", help="where trained patches are written")
+    p.set_defaults(func=cmd_ui)
     return parser
 
 
