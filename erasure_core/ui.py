@@ -333,9 +333,10 @@ class TrainJob:
         before = model.generate(prompts, seeds, steps=int(self.request.preview_steps), guidance=guidance)
         with patched(model, [(patch, 1.0)]):
             after = model.generate(prompts, seeds, steps=int(self.request.preview_steps), guidance=guidance)
+        self.state.messages.append(f'preview: "{config.concept}", seeds {seeds[0]}..{seeds[-1]}, '
+                                   f"{int(self.request.preview_steps)} DDIM steps, guidance {guidance:g}")
         width = before.shape[-1]
-        return grid(torch.cat([before, after]), ncols=n, scale=max(1, 192 // width), row_labels=["before", "after"],
-                    title=f'"{config.concept}", seeds {seeds[0]}..{seeds[-1]}')
+        return grid(torch.cat([before, after]), ncols=n, scale=max(1, 192 // width), row_labels=["before", "after"])
 
 
 def progress_html(state: JobState) -> str:
@@ -410,7 +411,7 @@ def build_tab(get_model: Callable[[], object], patch_folder: Callable[[], Path] 
             with gr.Column():
                 progress = gr.HTML(value=progress_html(JobState(stage="idle")), elem_id="erasure_progress")
                 status = gr.Markdown(value="", elem_id="erasure_status")
-                preview = gr.Image(label="Before / after (same seeds)", type="pil", interactive=False,
+                preview = gr.Image(label="Before / after: the same prompt and seeds", type="pil", interactive=False,
                                    elem_id="erasure_preview")
         job_id = gr.Textbox(value="", visible=False)
 
