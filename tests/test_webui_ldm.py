@@ -6,8 +6,8 @@ from unets import sd1_unet, toy_unet
 from webui_fakes import (FakeLatentDiffusion, KModel, LdmUNet, UnetPatcher, block_of, checksum, hook_counts,
                          one_thread)
 
-from erasure_core.backends.ldm import (LdmDenoiser, apply_forge, attach_hooks, attn2_modules,
-                                       layer_from_extra_options, modules_fingerprint)
+from erasure_core.backends.comfy import address_from_extra_options, comfy_address
+from erasure_core.backends.ldm import LdmDenoiser, apply_forge, attach_hooks, attn2_modules, modules_fingerprint
 from erasure_core.injection import attached
 from erasure_core.layers import attn2_layers
 from erasure_core.patch import ConceptMemory, ErasurePatch, PatchError, WeightDelta, model_fingerprint
@@ -121,11 +121,13 @@ def test_memory_keeps_its_share_when_the_context_is_repeated_in_77_token_chunks(
 
 
 def test_forge_extra_options_name_every_layer():
-    names = [layer.canonical for layer in attn2_layers(sd1_unet())]
-    for name in names:
-        block, block_index = block_of(name)
-        assert layer_from_extra_options({"block": block, "block_index": block_index, "transformer_index": 3}) == name
-    assert layer_from_extra_options({}) is None and layer_from_extra_options({"block": ("last", 0)}) is None
+    """The fake's extra_options (Forge's: block, block_index = the block inside its spatial transformer) address
+    each layer the way the memory patch reads them."""
+    for unet in (sd1_unet(), toy_unet()):
+        for name in (layer.canonical for layer in attn2_layers(unet)):
+            block, block_index = block_of(name)
+            extra = {"block": block, "block_index": block_index, "transformer_index": 3}
+            assert address_from_extra_options(extra) == comfy_address(name)
 
 
 def test_forge_patcher_path_matches_the_diffusers_injection(case):

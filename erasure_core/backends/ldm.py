@@ -17,12 +17,14 @@ attention implementation A1111 swaps in makes (`k = self.to_k(context)`, `v = se
 bit-identical to no patch. Several patches compose: their memories concatenate in order, their deltas add.
 
 Forge resets its unet patcher before every sampling pass, so there patches go through the patcher instead,
-re-applied each time (`apply_forge`): an attn2 patch that appends the memory to the unprojected context and
-value, and the deltas through `add_patches`, whose applied keys are checked.
+re-applied each time (`apply_forge`). Forge's patcher has ComfyUI's calls, so the memory is the ComfyUI
+backend's `MemoryAttn2Patch` (set with `set_model_attn2_patch`); the deltas go through Forge's keyword-only
+`add_patches`, whose applied keys are checked.
 
-A long prompt is several 77-token chunks concatenated; Forge and ComfyUI also repeat a shorter conditioning to the
-length of a longer one in the same batch. The memory is appended once per 77-token chunk, so its share of the
-attention stays what it was in training (duplicating every key and value alike leaves attention unchanged).
+Forge and ComfyUI pad a shorter conditioning to the length of a longer one in the same batch by repeating it. A
+memory appended once would then lose share against the repeated text, so where the context is r identical
+copies, the memory is appended r times (erasure_core.backends.comfy.padding_repeats), in the hooks as in the
+patcher; duplicating every key and value alike leaves attention exactly as it was.
 """
 from __future__ import annotations
 
@@ -37,15 +39,12 @@ from ..injection import LayerInjection
 from ..layers import PROJECTIONS, comfy_weight_key, is_canonical_layer
 from ..patch import ErasurePatch, PatchError, WeightDelta, check_compatible, fingerprint_of
 from ..sampling import ddim_sample, seeded_noise
+from .comfy import MemoryAttn2Patch, padding_repeats
 
-__all__ = ["CHUNK", "LdmDenoiser", "LdmAttachment", "attn2_modules", "modules_fingerprint", "plan_layers", "attach_hooks",
-           "ForgeMemoryPatch", "apply_forge", "layer_from_extra_options"]
+__all__ = ["LdmDenoiser", "LdmAttachment", "attn2_modules", "modules_fingerprint", "plan_layers", "attach_hooks",
+           "apply_forge"]
 
-CHUNK = 77  # tokens per CLIP chunk; a context of k*77 tokens gets the memory k times
-
-
-def _chunks(tokens: int) -> int:
-    return tokens // CHUNK if tokens > CHUNK and tokens % CHUNK == 0 else 1
+_CLIP_TOKENS = 77  # BOS + 75 + EOS: the most a prompt fills in one chunk
 
 
 def attn2_modules(diffusion_model: torch.nn.Module) -> dict[str, torch.nn.Module]:
@@ -100,13 +99,14 @@ def plan_layers(modules: dict[str, torch.nn.Module], patches: list[tuple[Erasure
 
 
 def _memory_hook(memories: list[tuple[torch.Tensor, float]]):
-    """Forward pre-hook: (B, T, d) input -> (B, T + chunks·m, d), the memory appended after the text context."""
+    """Forward pre-hook: (B, T, d) input -> (B, T + r·m, d), the memory appended after the text context (r: how
+    many identical copies the host padded the context into; 1 almost always)."""
     def hook(module, args, kwargs):
         x = args[0] if args else kwargs.get("input")
         if x is None or x.dim() != 3:
             return None
         mem = torch.cat([(t if s == 1 else s * t).to(x.device, x.dtype) for t, s in memories])
-        mem = mem.repeat(_chunks(x.shape[1]), 1).expand(x.shape[0], -1, -1)
+        mem = mem.repeat(padding_repeats(x), 1).expand(x.shape[0], -1, -1)
         x = torch.cat([x, mem], dim=1)
         return ((x,) + tuple(args[1:]), kwargs) if args else (args, {**kwargs, "input": x})
     return hook
@@ -229,11 +229,11 @@ class LdmDenoiser:
                       *getattr(getattr(self.sd_model, "conditioner", None), "embedders", [])[:1]):
             tokenize = getattr(owner, "tokenize", None)
             if callable(tokenize):  # A1111's CLIP wrappers: ids without BOS / EOS
-                return min(len(tokenize([prompt])[0]) + 2, CHUNK)
+                return min(len(tokenize([prompt])[0]) + 2, _CLIP_TOKENS)
             tokenizer = getattr(owner, "tokenizer", None)
             if callable(tokenizer):
-                return min(len(tokenizer(prompt).input_ids), CHUNK)
-        return min(len(prompt.split()) + 2, CHUNK)  # no tokenizer found: a word count, BOS and EOS
+                return min(len(tokenizer(prompt).input_ids), _CLIP_TOKENS)
+        return min(len(prompt.split()) + 2, _CLIP_TOKENS)  # no tokenizer found: a word count, BOS and EOS
 
     def projection_weights(self) -> dict[str, torch.Tensor]:
         return {f"{name}.{proj}": _projection(m, proj).weight for name, m in self.modules.items()
@@ -280,65 +280,26 @@ class LdmDenoiser:
 
 
 # -- Forge: the unet patcher ----------------------------------------------------------------
-_BLOCK_PATH = {"input": "input_blocks", "middle": "middle_block", "output": "output_blocks"}
-
-
-def layer_from_extra_options(extra_options: dict) -> str | None:
-    """The canonical attn2 name from a patcher's `extra_options`: `block` ("input", 1) and `block_index` (the
-    transformer block inside its spatial transformer). The middle block's attention is middle_block.1."""
-    block = extra_options.get("block")
-    if not block or block[0] not in _BLOCK_PATH:
-        return None
-    where = "middle_block.1" if block[0] == "middle" else f"{_BLOCK_PATH[block[0]]}.{int(block[1])}.1"
-    return f"{where}.transformer_blocks.{int(extra_options.get('block_index', 0))}.attn2"
-
-
-class ForgeMemoryPatch:
-    """An attn2 patch for a ComfyUI-style unet patcher: `(n, context, value, extra_options)` in and out, the
-    memory appended to the unprojected context (keys) and value (values) of the selected layers."""
-
-    def __init__(self, memories: dict[str, list[tuple[torch.Tensor, torch.Tensor, float]]]) -> None:
-        self.memories = {layer: [(k.detach().clone(), v.detach().clone(), float(s)) for k, v, s in items]
-                         for layer, items in memories.items()}
-
-    def __call__(self, n, context, value, extra_options):
-        items = self.memories.get(layer_from_extra_options(extra_options) or "")
-        if not items or context is None:
-            return n, context, value
-        if value is None:
-            value = context
-        repeat = _chunks(context.shape[1])
-        mem_k = torch.cat([k for k, _, _ in items]).to(context.device, context.dtype).repeat(repeat, 1)
-        mem_v = torch.cat([s * v for _, v, s in items]).to(value.device, value.dtype).repeat(repeat, 1)
-        context = torch.cat([context, mem_k.expand(context.shape[0], -1, -1)], dim=1)
-        value = torch.cat([value, mem_v.expand(value.shape[0], -1, -1)], dim=1)
-        return n, context, value
-
-    def to(self, device):
-        self.memories = {layer: [(k.to(device), v.to(device), s) for k, v, s in items]
-                         for layer, items in self.memories.items()}
-        return self
-
-
 def apply_forge(unet_patcher, patches: list[tuple[ErasurePatch, float]], filename: str = "erasure"):
     """Return a clone of Forge's `p.sd_model.forge_objects.unet` with the patches applied; the original is left
-    alone. The memory goes in through `set_model_attn2_patch`, deltas through the keyword-only `add_patches`,
-    whose returned keys are checked: a key the patcher dropped is an error, never a silent no-op."""
-    model = unet_patcher.model
-    modules = attn2_modules(model.diffusion_model)
-    plan, _ = plan_layers(modules, patches)
+    alone. The memory goes in through `set_model_attn2_patch` (a MemoryAttn2Patch holding detached copies, as the
+    clone deep-copies it), deltas through Forge's keyword-only `add_patches`, whose returned keys are checked: a
+    key the patcher dropped is an error, never a silent no-op."""
+    modules = attn2_modules(unet_patcher.model.diffusion_model)
+    plan_layers(modules, patches)  # validates everything before anything is built
+    active = [(patch, float(strength)) for patch, strength in patches if float(strength) != 0]
     clone = unet_patcher.clone()
-    memories = {layer: inj.memories for layer, inj in plan.items() if inj.memories}
-    if memories:
-        clone.set_model_attn2_patch(ForgeMemoryPatch(memories))
-    for i, (patch, strength) in enumerate(patches):
-        if float(strength) == 0 or not patch.deltas:
+    memory = MemoryAttn2Patch.from_patches(active, detach=True)
+    if memory:
+        clone.set_model_attn2_patch(memory)
+    for i, (patch, strength) in enumerate(active):
+        if not patch.deltas:
             continue
-        wanted = {comfy_weight_key(module): ("diff", (delta.weight().detach().clone(),))
+        wanted = {comfy_weight_key(module): ("diff", (delta.weight().detach().float().cpu().clone(),))
                   for module, delta in patch.deltas.items()}
-        applied = clone.add_patches(filename=f"{filename}-{i}", patches=wanted, strength_patch=float(strength),
+        applied = clone.add_patches(filename=f"{filename}-{i}", patches=wanted, strength_patch=strength,
                                     strength_model=1.0)
         missing = sorted(set(wanted) - set(applied or ()))
         if missing:
-            raise PatchError(f"the unet patcher did not take {missing[0]} ({len(missing)} keys in all)")
+            raise PatchError(f"Forge's unet patcher did not take {missing[0]} ({len(missing)} keys in all)")
     return clone
