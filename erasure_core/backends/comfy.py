@@ -291,7 +291,7 @@ class ComfyDenoiser:
     sampling, generation). ComfyUI's apply_model takes sigma and returns x0 for every parameterisation; x_t of
     the DDIM (variance-preserving) convention maps to ComfyUI's x = x_t·sqrt(1 + σ²), and ε = (x − x0) / σ."""
 
-    def __init__(self, model_patcher, clip=None, width: int = 512, height: int = 512, downscale: int = 8,
+    def __init__(self, model_patcher, clip=None, width: int = 512, height: int = 512, downscale: int | None = None,
                  name: str = "", load_model: Callable | None = None, check_interrupt: Callable | None = None,
                  chunk: int = COMFY_CHUNK) -> None:
         self.patcher = model_patcher
@@ -305,7 +305,10 @@ class ComfyDenoiser:
                              "sampling has no sigma table")
         with torch.inference_mode(False):
             self._sigmas = sigmas.detach().to("cpu", torch.float64).clone()
-        channels = int(getattr(getattr(self.base, "latent_format", None), "latent_channels", 4))
+        latent_format = getattr(self.base, "latent_format", None)
+        channels = int(getattr(latent_format, "latent_channels", 4))
+        if downscale is None:  # pixels per latent cell; ComfyUI's latent formats say so, SD's VAEs use 8
+            downscale = int(getattr(latent_format, "spacial_downscale_ratio", 8))
         self.sample_shape = (channels, height // downscale, width // downscale)
         self.width, self.height = width, height
         config = getattr(self.base, "model_config", None)

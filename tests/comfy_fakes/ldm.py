@@ -240,8 +240,9 @@ class FakeModelSampling(nn.Module):
 
 
 class FakeLatentFormat:
-    def __init__(self, channels: int, scale_factor: float = 1.0):
+    def __init__(self, channels: int, scale_factor: float = 1.0, downscale: int = 8):
         self.latent_channels = channels
+        self.spacial_downscale_ratio = downscale
         self.scale_factor = scale_factor
 
     def process_in(self, latent):
@@ -255,11 +256,11 @@ class FakeBaseModel(nn.Module):
     """BaseModel: apply_model(x, sigma, c_crossattn=…, transformer_options=…) returns the denoised x0."""
 
     def __init__(self, diffusion_model, model_sampling, latent_channels: int, context_dim: int,
-                 scale_factor: float = 1.0):
+                 scale_factor: float = 1.0, downscale: int = 8):
         super().__init__()
         self.diffusion_model = diffusion_model
         self.model_sampling = model_sampling
-        self.latent_format = FakeLatentFormat(latent_channels, scale_factor)
+        self.latent_format = FakeLatentFormat(latent_channels, scale_factor, downscale)
         self.model_config = SimpleNamespace(unet_config={"context_dim": context_dim}, latent_format=self.latent_format)
         self.manual_cast_dtype = None
         self.adm_channels = 0
@@ -297,7 +298,7 @@ def scaled_linear_betas(n: int = 1000, start: float = 0.00085, end: float = 0.01
 
 
 def build_comfy_model(unet, betas: torch.Tensor | None = None, prediction: str = "eps", inference: bool = True,
-                      scale_factor: float = 1.0) -> FakeBaseModel:
+                      scale_factor: float = 1.0, downscale: int = 8) -> FakeBaseModel:
     """A ComfyUI-style model with a copy of `unet`'s weights, created (like ComfyUI's) under inference mode."""
     from diffusers import UNet2DConditionModel
 
@@ -309,5 +310,5 @@ def build_comfy_model(unet, betas: torch.Tensor | None = None, prediction: str =
         copy.load_state_dict(state)
         copy.eval()
         model = FakeBaseModel(ComfyUNetModel(copy), FakeModelSampling(betas, prediction),
-                              unet.config.in_channels, int(unet.config.cross_attention_dim), scale_factor)
+                              unet.config.in_channels, int(unet.config.cross_attention_dim), scale_factor, downscale)
     return model
