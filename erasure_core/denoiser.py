@@ -129,6 +129,7 @@ class CacheRecord:
     eps_uncond: torch.Tensor    # ε*(x_t, ∅)
     eps_concept: torch.Tensor   # ε*(x_t, c_e)
     eps_alternative: torch.Tensor | None = None  # ε*(x_t, c_a) when an alternative is set
+    eps_preserve: torch.Tensor | None = None     # ε*(x_t, c_r) per preserved prompt, (B,R,C,H,W)
 
 
 @torch.no_grad()

@@ -15,11 +15,12 @@ from typing import Callable
 import torch.nn.functional as F
 
 from ..denoiser import CacheRecord, Denoiser
-from ..engine import TrainConfig, TrajectoryCache, concept_cache, finish_patch, predict_with, run_training, setup
-from ..layers import PROJECTIONS
+from ..engine import (TrainConfig, TrajectoryCache, concept_cache, finish_patch, predict_with, preservation_loss,
+                      preserved_prompts, projections_of, run_training, setup)
 from ..patch import ErasurePatch
 
 DRIFT_WEIGHT = 1.0  # λ
+PROJECTIONS = "all"  # the ESD-x parameter set, METHODS.md's starting point
 
 
 def train_all_but_one(denoiser: Denoiser, config: TrainConfig, cache: TrajectoryCache | None = None,
@@ -31,7 +32,9 @@ def train_all_but_one(denoiser: Denoiser, config: TrainConfig, cache: Trajectory
     cache = cache or concept_cache(denoiser, config, concept, empty, alternative)
     if alternative is not None and cache.eps_alternative is None:
         raise ValueError("the cache has no alternative predictions; build it with the alternative")
-    parts = setup(denoiser, config, tokens=0, projections=PROJECTIONS, delta_layers=config.layers)
+    preserved = preserved_prompts(denoiser, config, cache)
+    parts = setup(denoiser, config, tokens=0, projections=projections_of(config, PROJECTIONS),
+                  delta_layers=config.layers)
     live = parts.patch()
 
     def step_loss(step: int, batch: CacheRecord):
@@ -41,7 +44,8 @@ def train_all_but_one(denoiser: Denoiser, config: TrainConfig, cache: Trajectory
         guidance_target = (batch.eps_alternative - batch.eps_uncond) if alternative is not None \
             else 0 * batch.eps_uncond
         guid = F.mse_loss(pred_c - pred_u.detach(), guidance_target)
-        return guid + drift_weight * F.mse_loss(pred_u, batch.eps_uncond)
+        return guid + drift_weight * F.mse_loss(pred_u, batch.eps_uncond) \
+            + config.preserve_weight * preservation_loss(denoiser, live, batch, preserved, step)
 
     losses = run_training(denoiser, config, parts, cache, step_loss, [{"params": parts.delta_params(), "lr": config.lr}],
                           checkpoint, progress, cancel)

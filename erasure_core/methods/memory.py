@@ -7,28 +7,30 @@ training script is not public (METHODS.md):
 - "memory" (variant a, the paper's form): alternate a memory step, in which P learns to carry the concept
   (ε_{θ,P}(c_e) → ε*(c_e)), with an erasure step on the ESD-x deltas θ (P fixed):
   w_o·‖ε_θ(c_e) − y‖² + w·‖ε_{θ,P}(c_e) − y‖², y the ESD target, w_o = 1, w = 0.1.
-- "memory-only" (variant b): all weights frozen; P is trained with the ESD target while attached, plus a
-  preservation term on c_r with P attached. A plug-in patch of a few KB.
+- "memory-only" (variant b): all weights frozen; P is trained with the ESD target while attached. A plug-in
+  patch of a few KB.
 - "memory-key" (variant c, "hiding and recovering"): the erasure step's second term becomes a recovery term
   ‖ε_{θ,P}(c_e) − ε*(c_e)‖², so the deltas erase and the memory, kept apart as a key, brings the concept back.
+
+With preserved prompts c_r, every step adds p·‖ε(x_t, c_r) − ε*(x_t, c_r)‖² (engine.preservation_loss) for the
+part it trains: P in memory steps, θ (as the user will apply it) in erasure steps. Also our choice.
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Callable
 
-import torch
 import torch.nn.functional as F
 
 from ..denoiser import CacheRecord, Denoiser
-from ..engine import TrainConfig, TrajectoryCache, concept_cache, finish_patch, predict_with, run_training, setup
-from ..layers import PROJECTIONS
+from ..engine import (TrainConfig, TrajectoryCache, concept_cache, finish_patch, predict_with, preservation_loss,
+                      preserved_prompts, projections_of, run_training, setup)
 from ..patch import ErasurePatch
 from .esd import esd_target
 
 VARIANTS = ("memory", "memory-only", "memory-key")
 ORIGINAL_WEIGHT, MEMORY_WEIGHT = 1.0, 0.1  # w_o and w of the erasure step
-PRESERVE_WEIGHT = 1.0
+PROJECTIONS = "all"  # the ESD-x parameter set, the authors' choice for objects and styles
 
 
 def train_memory(denoiser: Denoiser, config: TrainConfig, cache: TrajectoryCache | None = None,
@@ -39,40 +41,39 @@ def train_memory(denoiser: Denoiser, config: TrainConfig, cache: TrajectoryCache
         raise ValueError(f"unknown memory variant {config.method!r}; use one of {', '.join(VARIANTS)}")
     concept, empty = denoiser.encode([config.concept]), denoiser.encode([""])
     cache = cache or concept_cache(denoiser, config, concept, empty)
-    memory_only = config.method == "memory-only"
-    parts = setup(denoiser, config, tokens=config.tokens, projections=() if memory_only else PROJECTIONS)
-    preserve = [(denoiser.encode([p]), concept_cache(denoiser, config, denoiser.encode([p]), empty))
-                for p in config.preserve]
+    preserved = preserved_prompts(denoiser, config, cache)
+    memory_only, key_mode = config.method == "memory-only", config.method == "memory-key"
+    parts = setup(denoiser, config, tokens=config.tokens,
+                  projections=() if memory_only else projections_of(config, PROJECTIONS))
     train_memory_view = parts.patch(frozen=("deltas",))      # gradients reach P only
     deltas_only = parts.patch(with_memory=False)
     train_deltas_view = parts.patch(frozen=("memory",))      # gradients reach θ only
+    # what the user will apply: the deltas alone in key mode (the memory is the key), everything otherwise
+    public_view = deltas_only if key_mode else train_deltas_view
 
-    def preservation(step: int) -> float:
-        if not preserve:
-            return 0.0
-        cond, pcache = preserve[step % len(preserve)]
-        batch = pcache.draw(config.batch, torch.Generator().manual_seed(config.seed * 100_003 + step))  # resumable
-        pred = predict_with(denoiser, train_memory_view, batch.x_t, batch.t, cond.expand(config.batch))
-        return PRESERVE_WEIGHT * F.mse_loss(pred, batch.eps_concept)
+    def preservation(view, step: int, batch: CacheRecord):
+        return config.preserve_weight * preservation_loss(denoiser, view, batch, preserved, step)
 
     def step_loss(step: int, batch: CacheRecord):
         cond = concept.expand(len(batch.x_t))
         target = esd_target(batch, config.eta)
         if memory_only:
             return F.mse_loss(predict_with(denoiser, train_memory_view, batch.x_t, batch.t, cond), target) \
-                + preservation(step)
-        if step % 2 == 0:  # memory step: P takes in the concept
-            return F.mse_loss(predict_with(denoiser, train_memory_view, batch.x_t, batch.t, cond), batch.eps_concept)
+                + preservation(train_memory_view, step, batch)
+        if step % 2 == 0:  # memory step: P takes in the concept, and only the concept
+            carried = F.mse_loss(predict_with(denoiser, train_memory_view, batch.x_t, batch.t, cond),
+                                 batch.eps_concept)
+            return carried + preservation(train_memory_view, step, batch)
         erase = F.mse_loss(predict_with(denoiser, deltas_only, batch.x_t, batch.t, cond), target)
         with_p = predict_with(denoiser, train_deltas_view, batch.x_t, batch.t, cond)
-        second = F.mse_loss(with_p, batch.eps_concept if config.method == "memory-key" else target)
-        return ORIGINAL_WEIGHT * erase + MEMORY_WEIGHT * second
+        second = F.mse_loss(with_p, batch.eps_concept if key_mode else target)
+        return ORIGINAL_WEIGHT * erase + MEMORY_WEIGHT * second + preservation(public_view, step, batch)
 
     groups = [{"params": parts.memory_params(), "lr": config.memory_lr}]
     if not memory_only:
         groups.append({"params": parts.delta_params(), "lr": config.lr})
     losses = run_training(denoiser, config, parts, cache, step_loss, groups, checkpoint, progress, cancel)
-    if config.method == "memory-key":
+    if key_mode:
         return finish_patch(denoiser, parts, config, include_memory=False), losses, \
             finish_patch(denoiser, parts, config, include_deltas=False)
     return finish_patch(denoiser, parts, config), losses, None
