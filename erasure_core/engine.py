@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 from .denoiser import CacheRecord, Conditioning, Denoiser, patched, sample_trajectories
 from .layers import select_layers
@@ -43,6 +44,8 @@ class TrainConfig:
     cache_seeds: int = 8         # trajectories sampled once from the frozen model
     cache_steps: int = 25        # DDIM steps per trajectory
     cache_guidance: float = 3.0  # CFG scale of the sampler (ESD uses 3)
+    preserve_weight: float = 1.0  # weight of the preservation term, when `preserve` names prompts
+    projections: str = ""        # attn2 projections the deltas train: "all", "kv" (to_k, to_v); "" = the method's
 
 
 class TrajectoryCache:
@@ -56,6 +59,7 @@ class TrajectoryCache:
         self.x_t, self.t = cat("x_t"), cat("t")
         self.eps_uncond, self.eps_concept, self.eps_alternative = cat("eps_uncond"), cat("eps_concept"), \
             cat("eps_alternative")
+        self.eps_preserve: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.x_t)
@@ -67,10 +71,47 @@ class TrajectoryCache:
         noise = seeded_noise(seeds, denoiser.sample_shape, denoiser.device)
         return cls(list(sample_trajectories(denoiser, concept, empty, noise, steps, guidance, alternative, progress)))
 
+    @torch.no_grad()
+    def add_preserved(self, denoiser: Denoiser, preserved: Conditioning, batch: int = 64) -> None:
+        """Record the frozen model's ε*(x_t, c_r) for every preserved prompt at every cached x_t: the anchors of
+        the preservation term, computed once like the rest of the cache."""
+        per_prompt = []
+        for r in range(len(preserved)):
+            cond = Conditioning(preserved.context[r:r + 1], {k: v[r:r + 1] for k, v in preserved.extra.items()})
+            per_prompt.append(torch.cat([denoiser.predict_noise(self.x_t[i:i + batch], self.t[i:i + batch],
+                                                                cond.expand(len(self.x_t[i:i + batch])))
+                                         for i in range(0, len(self), batch)]))
+        self.eps_preserve = torch.stack(per_prompt, dim=1)
+
     def draw(self, n: int, generator: torch.Generator) -> CacheRecord:
         idx = torch.randint(0, len(self), (n,), generator=generator)
+        pick = lambda t: None if t is None else t[idx]  # noqa: E731
         return CacheRecord(self.x_t[idx], self.t[idx], self.eps_uncond[idx], self.eps_concept[idx],
-                           None if self.eps_alternative is None else self.eps_alternative[idx])
+                           pick(self.eps_alternative), pick(self.eps_preserve))
+
+
+class ResamplingSource:
+    """ESD's original data path, kept as the reference the cache is measured against: every draw runs the frozen
+    sampler afresh from new noise to a random step k of `steps` and returns that step's record (k + 1 sampler
+    steps per training step). Same `draw` interface as TrajectoryCache; no preservation anchors."""
+
+    eps_preserve = None
+
+    def __init__(self, denoiser: Denoiser, concept: Conditioning, empty: Conditioning, steps: int, guidance: float,
+                 alternative: Conditioning | None = None) -> None:
+        self.denoiser, self.concept, self.empty, self.alternative = denoiser, concept, empty, alternative
+        self.steps, self.guidance = steps, guidance
+
+    def draw(self, n: int, generator: torch.Generator) -> CacheRecord:
+        k = int(torch.randint(0, self.steps, (1,), generator=generator))
+        noise = torch.randn((n, *self.denoiser.sample_shape), generator=generator).to(self.denoiser.device)
+        records = sample_trajectories(self.denoiser, self.concept, self.empty, noise, self.steps, self.guidance,
+                                      self.alternative)
+        for i, record in enumerate(records):
+            if i == k:
+                records.close()
+                return record
+        raise AssertionError("unreachable: k < steps")
 
 
 class TrainableParts:
@@ -205,4 +246,38 @@ def setup(denoiser: Denoiser, config: TrainConfig, tokens: int, projections: tup
 def concept_cache(denoiser: Denoiser, config: TrainConfig, concept: Conditioning, empty: Conditioning,
                   alternative: Conditioning | None = None) -> TrajectoryCache:
     seeds = list(range(config.seed, config.seed + config.cache_seeds))
-    return TrajectoryCache.build(denoiser, concept, empty, seeds, config.cache_steps, config.cache_guidance, alternative)
+    return TrajectoryCache.build(denoiser, concept, empty, seeds, config.cache_steps, config.cache_guidance,
+                                 alternative)
+
+
+PROJECTION_SETS = {"all": ("to_q", "to_k", "to_v", "to_out.0"), "kv": ("to_k", "to_v")}
+
+
+def projections_of(config: TrainConfig, default: str) -> tuple[str, ...]:
+    name = config.projections or default
+    if name not in PROJECTION_SETS:
+        raise ValueError(f"unknown projection set {name!r}; use one of {', '.join(PROJECTION_SETS)}")
+    return PROJECTION_SETS[name]
+
+
+def preserved_prompts(denoiser: Denoiser, config: TrainConfig, cache: TrajectoryCache) -> Conditioning | None:
+    """The preserved prompts' conditioning, making sure the cache holds their anchors; None without any."""
+    if not config.preserve:
+        return None
+    preserved = denoiser.encode(list(config.preserve))
+    if cache.eps_preserve is None or cache.eps_preserve.shape[1] != len(preserved):
+        cache.add_preserved(denoiser, preserved)
+    return preserved
+
+
+def preservation_loss(denoiser: Denoiser, view: ErasurePatch, batch: CacheRecord, preserved: Conditioning | None,
+                      step: int) -> torch.Tensor | float:
+    """‖ε_θ(x_t, c_r) − ε*(x_t, c_r)‖² on the cached x_t, one preserved prompt per sample, rotating with the
+    step so that every prompt is seen (our choice: anchors at the erased prompt's x_t cost no extra sampling)."""
+    if preserved is None or batch.eps_preserve is None:
+        return 0.0
+    n, count = len(batch.x_t), len(preserved)
+    which = (torch.arange(n) + step) % count
+    cond = Conditioning(preserved.context[which], {k: v[which] for k, v in preserved.extra.items()})
+    pred = predict_with(denoiser, view, batch.x_t, batch.t, cond)
+    return F.mse_loss(pred, batch.eps_preserve[torch.arange(n), which])
