@@ -375,6 +375,40 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    """Several methods on several targets, side by side with the same seeds: JSON and a Markdown table."""
+    from .benchmark import markdown, run_benchmark
+    from .engine import TrainConfig
+    from .methods import METHODS
+    from .toy.classifier import load_oracle
+    from .toy.world import concept
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise UserError(f"--methods: unknown {unknown[0] if unknown else 'none given'}; use {', '.join(METHODS)}")
+    alternatives = {}
+    for pair in filter(None, (a.strip() for a in (args.alternatives or "").split(","))):
+        target, _, alternative = pair.partition(":")
+        alternatives[target.strip()] = alternative.strip()
+    try:
+        for name in targets + list(alternatives) + list(alternatives.values()):
+            concept(name)
+    except KeyError as exc:
+        raise UserError(exc.args[0]) from None
+    if not targets:
+        raise UserError("--targets: give at least one concept")
+    model, oracle = _load_model(None), load_oracle()
+    config = TrainConfig(concept="", steps=args.steps, seed=args.seed)
+    results = run_benchmark(model, oracle, methods, targets, config, Path(args.out_dir), alternatives,
+                            preserve=not args.no_preserve, seeds_per_cell=args.seeds_per_cell,
+                            sample_steps=args.sample_steps, progress=lambda what: print(f"bench: {what}", flush=True))
+    print(markdown(results))
+    print(f"wrote {Path(args.out_dir) / 'bench.json'} and {Path(args.out_dir) / 'bench.md'}")
+    return 0
+
+
 def cmd_toy_train(args) -> int:
     from .toy.train import ship, train
 
@@ -478,6 +512,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample-steps", type=_positive_int, default=20, help="DDIM steps when generating")
     p.add_argument("--out-dir", default="demo")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("bench", help="benchmark methods side by side on the toy model (JSON + Markdown table)")
+    p.add_argument("--methods", default="memory,all-but-one,esd-x,uce", help="comma-separated methods")
+    p.add_argument("--targets", default="circle,heart,stripes,dots", help="comma-separated concepts to erase")
+    p.add_argument("--alternatives", default="", help="target:alternative pairs for all-but-one and uce, "
+                                                      "e.g. circle:square,stripes:dots")
+    p.add_argument("--steps", type=_positive_int, default=200, help="training steps of every trained method")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-preserve", action="store_true",
+                   help="do not preserve the other concepts of the target's axis")
+    p.add_argument("--seeds-per-cell", type=_positive_int, default=1)
+    p.add_argument("--sample-steps", type=_positive_int, default=20)
+    p.add_argument("--out-dir", default="bench/results", help="patches, bench.json and bench.md go here; "
+                                                             "a rerun with the same settings resumes")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("toy-train", help="train the toy model (resumes from the run folder's checkpoint)")
     p.add_argument("--run-dir", default="runs/toy")
