@@ -344,3 +344,37 @@ def test_gradients_reach_the_patch_and_never_the_model(toy_pair):
     assert [p.requires_grad for p in comfy.base.parameters()] == flags
     assert all(p.grad is None for p in comfy.base.parameters())
     comfy.release()
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_x0_from_apply_model_becomes_the_same_epsilon_as_diffusers(sd1, prediction):
+    """ComfyUI's apply_model returns x0 for every parameterisation; predict_noise must give diffusers' ε."""
+    from comfy_fakes.ldm import scaled_linear_betas
+    from erasure_core.backends.diffusers_backend import DiffusersDenoiser
+
+    unet, names = sd1
+    config = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+              "prediction_type": "epsilon" if prediction == "eps" else "v_prediction", "clip_sample": False}
+    reference = DiffusersDenoiser(copy.deepcopy(unet), None, None, config)
+    comfy = ComfyDenoiser(FakeModelPatcher(build_comfy_model(unet, betas=scaled_linear_betas(), prediction=prediction)))
+    assert comfy.sample_shape == (4, 64, 64)  # 512 px over the latent format's 8
+    x, ctx = sd1_inputs(unet)
+    t = torch.tensor([50, 900])
+    from erasure_core.denoiser import Conditioning
+
+    with torch.no_grad():
+        got, want = comfy.predict_noise(x, t, Conditioning(ctx)), reference.predict_noise(x, t, Conditioning(ctx))
+    assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+
+
+def test_fingerprint_is_the_checkpoint_s_while_weight_patches_are_baked_in(sd1):
+    unet, names = sd1
+    patcher = FakeModelPatcher(build_comfy_model(unet))
+    with_delta, _ = apply_patches(patcher, [(make_patch(unet, names, seed=1, deltas={f"{names[0]}.to_k": "full"}), 1.0)])
+    management = ModelManagement()
+    management.load_models_gpu([with_delta])  # the shared to_k weight now holds W + ΔW
+    assert checksum(patcher.model) != checksum(build_comfy_model(unet))
+    second = make_patch(unet, names[:1], seed=2, fingerprint=model_fingerprint(unet))
+    assert apply_patches(patcher, [(second, 1.0)])[1] == []  # no false "other checkpoint" warning
+    assert ComfyDenoiser(patcher).fingerprint() == model_fingerprint(unet)
+    management.unload_all_models()

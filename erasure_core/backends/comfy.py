@@ -186,7 +186,8 @@ def attn2_modules(diffusion_model) -> dict[str, torch.nn.Module]:
 class _ModelInfo:
     """What validation needs from a ComfyUI model: its attn2 layers, projection weights and context width."""
 
-    def __init__(self, base_model) -> None:
+    def __init__(self, base_model, backup: dict | None = None) -> None:
+        self.backup = backup if backup is not None else {}  # ModelPatcher.backup: original weights while patched
         diffusion_model = getattr(base_model, "diffusion_model", None)
         if diffusion_model is None:
             raise PatchError("this MODEL has no diffusion_model; erasure patches need an SD1.x / SD2.x / SDXL UNet")
@@ -202,8 +203,17 @@ class _ModelInfo:
         return {f"{layer}.{proj}": module.get_submodule(proj).weight
                 for layer, module in self.modules.items() for proj in PROJECTIONS}
 
+    def _original(self, layer: str, proj: str, weight: torch.Tensor) -> torch.Tensor:
+        """The checkpoint's weight even while ComfyUI has weight patches (a LoRA, our deltas) baked into the
+        shared module: those keep the original in ModelPatcher.backup (a tensor, or a tuple with .weight)."""
+        saved = self.backup.get(f"diffusion_model.{layer}.{proj}.weight")
+        saved = getattr(saved, "weight", saved)
+        return saved if isinstance(saved, torch.Tensor) else weight
+
     def fingerprint(self) -> str:
-        return fingerprint_of((f"{layer}.{proj}.weight", module.get_submodule(proj).weight)
+        """The base checkpoint's fingerprint (attn2 to_k / to_v in LDM order), as erasure_core.patch defines it."""
+        return fingerprint_of((f"{layer}.{proj}.weight",
+                               self._original(layer, proj, module.get_submodule(proj).weight))
                               for layer, module in self.modules.items() for proj in ("to_k", "to_v"))
 
     def check(self, patches: list[tuple[ErasurePatch, float]]) -> list[str]:
@@ -234,7 +244,7 @@ def apply_patches(model_patcher, patches: list[tuple[ErasurePatch, float]],
     Everything is validated before anything is built, and all changes go to a clone: the input patcher, its
     model_options and the shared weights stay exactly as they were, whatever happens. Strength 0 leaves a patch
     out entirely. A MODEL that already carries erasure memory gets one merged MemoryAttn2Patch."""
-    info = _ModelInfo(model_patcher.model)
+    info = _ModelInfo(model_patcher.model, getattr(model_patcher, "backup", None))
     warnings = info.check(patches)
     active = [(patch, float(strength)) for patch, strength in patches if float(strength) != 0.0]
     clone = model_patcher.clone()
@@ -297,7 +307,8 @@ class ComfyDenoiser:
         self.patcher = model_patcher
         self.base = model_patcher.model
         self.clip = clip
-        self._info = _ModelInfo(self.base)
+        self._info = _ModelInfo(self.base, getattr(model_patcher, "backup", None))
+        self._loaded = False
         sampling = self.base.model_sampling
         sigmas = getattr(sampling, "sigmas", None)
         if sigmas is None or sigmas.dim() != 1 or len(sigmas) < 2 or not hasattr(sampling, "calculate_denoised"):
@@ -354,6 +365,7 @@ class ComfyDenoiser:
         if self.clip is None:
             raise ValueError("encoding prompts needs the CLIP that goes with this MODEL")
         contexts, adm = [], []
+        self._loaded = False
         with torch.inference_mode(False), torch.no_grad():
             for prompt in prompts:
                 out = self.clip.encode_from_tokens(self.clip.tokenize(prompt), return_pooled=True)
@@ -436,8 +448,10 @@ class ComfyDenoiser:
 
     # -- internals -------------------------------------------------------------------------
     def _ensure_loaded(self) -> None:
-        if self._load is not None:
+        """Load once, and again after the text encoder ran (loading CLIP may have moved the UNet off the GPU)."""
+        if self._load is not None and not self._loaded:
             self._load(self.patcher)
+            self._loaded = True
 
     def _parameters(self, training: bool) -> dict[str, torch.Tensor]:
         """Parameters to run with: none (the module's own) for inference without deltas; ordinary copies of all
