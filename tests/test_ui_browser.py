@@ -101,7 +101,7 @@ def test_train_a_patch_in_the_browser(app, chromium, tmp_path):
             expect(image).to_be_visible(timeout=30_000)
             page.wait_for_function("() => { const i = document.querySelector('#erasure_preview img');"
                                    " return i && i.complete && i.naturalWidth > 0; }")
-            expect(page.locator("#erasure_status")).to_contain_text("circle-memory.safetensors")
+            expect(page.locator("#erasure_status").first).to_contain_text("circle-memory.safetensors")
             shot = tmp_path / "erasure_tab.png"
             page.screenshot(path=str(shot), full_page=True)
         finally:

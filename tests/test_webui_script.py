@@ -227,11 +227,20 @@ def test_the_tab_trains_on_the_loaded_model_through_shared_state(webui):
     script_callbacks.script_unloaded_callback()
 
 
-@pytest.mark.parametrize("missing, expected", [(set(), []), ({"diffusers"}, ["diffusers"])])
-def test_install_py_pip_installs_only_what_is_missing(missing, expected):
+@pytest.mark.parametrize("missing, hub, expected", [
+    (set(), "1.2.0", []),
+    ({"diffusers"}, "1.2.0", ['install "diffusers>=0.30"']),
+    ({"diffusers", "transformers"}, "0.20.3", ['install "diffusers>=0.30" "huggingface_hub<1.0"',
+                                               'install "transformers"']),
+])
+def test_install_py_pip_installs_only_what_is_missing(monkeypatch, missing, hub, expected):
+    import importlib.metadata
+
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda d: hub if d == "huggingface_hub" else real(d))
     with installed():
         import launch
 
         launch.missing = set(missing)
         runpy.run_path(str(ROOT / "install.py"))
-        assert [cmd.split('"')[1].split(">")[0].split("=")[0] for cmd, _ in launch.pip_calls] == expected
+        assert [cmd for cmd, _ in launch.pip_calls] == expected
