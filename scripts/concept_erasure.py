@@ -213,7 +213,7 @@ def loaded_model():
                          "and put the patch in the patch folder; the accordion applies it in Forge")
     from modules import devices
 
-    return ldm.LdmDenoiser(sd_model, autocast=devices.autocast)
+    return ldm.LdmDenoiser(sd_model, autocast=devices.autocast, device=devices.device)
 
 
 def on_ui_tabs():

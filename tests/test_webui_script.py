@@ -220,6 +220,9 @@ def test_the_tab_trains_on_the_loaded_model_through_shared_state(webui):
     job.join(60)
     assert job.state.stage == "cancelled" and not (folder / "never.safetensors").exists()
     assert checksum(sd_model) == before and hook_counts(sd_model) == (0, 0)
+    # what the tab uses in A1111: the loaded model, inputs on the WebUI's device
+    model = module.loaded_model()
+    assert model.sd_model is sd_model and model.device == torch.device("cpu") and len(model.layer_names()) == 4
     # in Forge the tab says what to do instead
     shared.sd_model = FakeForgeModel(sd_model)
     with pytest.raises(ValueError, match="Forge"):

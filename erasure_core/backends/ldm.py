@@ -166,12 +166,15 @@ class LdmDenoiser:
 
     `resolution` is the training / preview image size (default by architecture: 512 for SD1.x, 768 for a
     v-prediction SD2.x, 1024 for SDXL); `latent_scale` the VAE's downsampling (8 for every SD model).
-    `autocast` is a context factory the host runs model calls under (A1111: `modules.devices.autocast`).
-    The model's weights are never written."""
+    `autocast` is a context factory the host runs model calls under (A1111: `modules.devices.autocast`), and
+    `device` where inputs go (A1111: `modules.devices.device`; with --medvram / --lowvram the UNet's parameters
+    sit on the CPU between calls). The model's weights are never written."""
 
     def __init__(self, sd_model, resolution: int | None = None, latent_scale: int = 8,
-                 autocast: Callable[[], contextlib.AbstractContextManager] | None = None, name: str | None = None):
+                 autocast: Callable[[], contextlib.AbstractContextManager] | None = None, name: str | None = None,
+                 device: torch.device | str | None = None):
         self.sd_model = sd_model
+        self._device = torch.device(device) if device is not None else None
         self.unet = sd_model.model.diffusion_model
         self.modules = attn2_modules(self.unet)
         self.is_sdxl = hasattr(sd_model, "conditioner")
@@ -192,7 +195,7 @@ class LdmDenoiser:
 
     @property
     def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
+        return self._device or next(self.unet.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:
