@@ -274,6 +274,7 @@ class TrainJob:
             path = patch_path(folder, name)
             if path.exists():
                 raise ValueError(f"{path.name} already exists in {folder}; choose another output name")
+            s.stage = "waiting for the model (a generation may be running)"
             with self.host.lock(), torch.inference_mode(False), torch.enable_grad():
                 model = self.get_model()
                 if model is None:
@@ -307,8 +308,11 @@ class TrainJob:
         except torch.cuda.OutOfMemoryError:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            s.stage, s.error = "failed", ("out of GPU memory: lower the memory tokens, train fewer layers or lower "
-                                          "the trajectory seeds; nothing was written")
+            if s.path is not None:
+                s.stage, s.error = "failed", f"out of GPU memory while drawing the preview; the patch is at {s.path}"
+            else:
+                s.stage, s.error = "failed", ("out of GPU memory: lower the memory tokens, train fewer layers or "
+                                              "lower the trajectory seeds; nothing was written")
         except (ValueError, KeyError) as exc:
             s.stage, s.error = "failed", str(exc.args[0] if exc.args else exc)
         except Exception as exc:  # a bug: say so in the tab, keep the traceback in the console

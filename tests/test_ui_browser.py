@@ -2,7 +2,8 @@
 Playwright given its executable path; no browser is downloaded, and the page may reach only the app itself.
 
 Trains a patch with a few steps, waits for the progress to reach the end and the before/after image to appear,
-checks the patch file, and saves a screenshot (ERASURE_SCREENSHOT=path.png keeps a copy, as docs/images does)."""
+checks the patch file, and saves a screenshot (ERASURE_SCREENSHOT=path.png keeps a copy, as docs/images does);
+then cancels a long run from the page and checks that nothing was written."""
 import os
 import shutil
 import socket
@@ -104,11 +105,20 @@ def test_train_a_patch_in_the_browser(app, chromium, tmp_path):
             expect(page.locator("#erasure_status").first).to_contain_text("circle-memory.safetensors")
             shot = tmp_path / "erasure_tab.png"
             page.screenshot(path=str(shot), full_page=True)
+            # a long run, cancelled once it is training: it stops and writes nothing
+            page.locator("#erasure_steps input").fill("5000")
+            page.locator("#erasure_output textarea, #erasure_output input").first.fill("cancelled")
+            page.locator("#erasure_train").click()
+            expect(text).to_contain_text("training: step", timeout=60_000)
+            page.locator("#erasure_cancel").click()
+            expect(page.locator("#erasure_status").first).to_contain_text("cancelled", timeout=60_000)
+            expect(text).to_contain_text("cancelled")
         finally:
             browser.close()
     assert shot.stat().st_size > 10_000
     if os.environ.get("ERASURE_SCREENSHOT"):
         shutil.copy(shot, os.environ["ERASURE_SCREENSHOT"])
+    assert not (patches / "cancelled.safetensors").exists()
     patch = load_patch(patches / "circle-memory.safetensors")
     assert patch.concepts == ["circle"] and patch.method == "memory" and patch.tokens == 2
     assert "Traceback" not in server_log.read_text()
