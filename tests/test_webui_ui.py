@@ -94,3 +94,12 @@ def test_the_tab_builds_with_the_installed_gradio(toy, tmp_path):
     ids = {getattr(block, "elem_id", None) for block in tab.blocks.values()}
     assert {"erasure_concept", "erasure_method", "erasure_train", "erasure_cancel", "erasure_progress",
             "erasure_preview"} <= ids
+
+
+def test_erasure_ui_binds_loopback_by_default_and_checks_the_port(capsys):
+    from erasure_core.cli import build_parser, main
+
+    args = build_parser().parse_args(["ui"])
+    assert (args.host, args.port, args.model, args.patch_dir) == ("127.0.0.1", 7861, None, "erasures")
+    assert main(["ui", "--port", "70000"]) == 2
+    assert "--port must be between 1 and 65535" in capsys.readouterr().err
