@@ -309,7 +309,8 @@ class ComfyDenoiser:
         self.clip = clip
         self._info = _ModelInfo(self.base, getattr(model_patcher, "backup", None))
         self._loaded = False
-        sampling = self.base.model_sampling
+        get = getattr(model_patcher, "get_model_object", None)  # honours object patches (ModelSamplingDiscrete node)
+        sampling = get("model_sampling") if callable(get) else self.base.model_sampling
         sigmas = getattr(sampling, "sigmas", None)
         if sigmas is None or sigmas.dim() != 1 or len(sigmas) < 2 or not hasattr(sampling, "calculate_denoised"):
             raise ValueError("training and previews need a discrete-time model (SD1.x, SD2.x, SDXL); this MODEL's "
