@@ -378,3 +378,17 @@ def test_fingerprint_is_the_checkpoint_s_while_weight_patches_are_baked_in(sd1):
     assert apply_patches(patcher, [(second, 1.0)])[1] == []  # no false "other checkpoint" warning
     assert ComfyDenoiser(patcher).fingerprint() == model_fingerprint(unet)
     management.unload_all_models()
+
+
+def test_the_noise_schedule_follows_object_patches(sd1):
+    """A ModelSamplingDiscrete node replaces model_sampling through an object patch; the denoiser follows it."""
+    from comfy_fakes.ldm import FakeModelSampling, scaled_linear_betas
+
+    unet, _ = sd1
+    patcher = FakeModelPatcher(build_comfy_model(unet))
+    linear = torch.linspace(1e-4, 2e-2, 1000, dtype=torch.float64)
+    patcher.object_patches["model_sampling"] = FakeModelSampling(linear)
+    want = torch.cumprod(1 - linear, 0).float()
+    assert torch.allclose(ComfyDenoiser(patcher).scheduler().alphas_cumprod, want, atol=1e-6)
+    plain = torch.cumprod(1 - scaled_linear_betas(), 0).float()
+    assert torch.allclose(ComfyDenoiser(FakeModelPatcher(patcher.model)).scheduler().alphas_cumprod, plain, atol=1e-6)
