@@ -21,6 +21,7 @@ from .methods import train_patch
 from .patch import save_patch
 from .toy.world import OBJECT_NAMES, STYLE_NAMES, concept, training_prompt
 
+TAKES_ALTERNATIVE = ("memory", "memory-only", "memory-key", "all-but-one", "uce")
 METRICS = ("ua", "ua_syn", "ira", "cra", "alt", "fd", "drift", "layout_ssim")
 
 
@@ -85,8 +86,8 @@ def run_benchmark(denoiser, oracle, methods: list[str], targets: list[str], base
             if progress:
                 progress(f"{target}: {method}")
             config = replace(base_config, concept=training_prompt(target), method=method,
-                             alternative=training_prompt(alternative) if alternative and method in
-                             ("all-but-one", "uce") else "",
+                             alternative=training_prompt(alternative) if alternative and
+                             method in TAKES_ALTERNATIVE else "",
                              preserve=[training_prompt(k) for k in kept])
             with PeakMemory(denoiser.device) as memory:
                 result = train_patch(denoiser, config)

@@ -255,6 +255,21 @@ def _concept_prompt(model, text: str) -> str:
     return text
 
 
+def _preserve_list(model, target: str, text: str) -> list[str]:
+    """--preserve: "auto" keeps the rest of the target's axis on the toy model (nothing elsewhere), "none"
+    keeps nothing, otherwise a comma-separated list."""
+    if text.strip() == "auto":
+        if getattr(model, "name", "") != "toy":
+            return []
+        from .benchmark import default_preserve
+
+        try:
+            return default_preserve(target)
+        except KeyError as exc:
+            raise UserError(exc.args[0]) from None
+    return [] if text.strip() == "none" else [p.strip() for p in text.split(",") if p.strip()]
+
+
 def cmd_train(args) -> int:
     import torch
 
@@ -266,7 +281,7 @@ def cmd_train(args) -> int:
     if out.suffix != ".safetensors":
         raise UserError(f"--out must end in .safetensors, got {args.out!r}")
     model = _load_model(args.model)
-    preserve = [p.strip() for p in (args.preserve or "").split(",") if p.strip()]
+    preserve = _preserve_list(model, args.concept, args.preserve)
     layers = args.layers if args.layers in ("mid", "midout", "all") else [n.strip() for n in args.layers.split(",")]
     try:
         from .layers import select_layers
@@ -492,8 +507,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train an erasure patch")
     p.add_argument("--concept", required=True, help="concept to erase (toy model: an object or style name)")
     p.add_argument("--method", choices=_methods(), default="memory")
-    p.add_argument("--alternative", default="", help="concept that replaces the erased one (all-but-one, uce)")
-    p.add_argument("--preserve", default="", help="comma-separated concepts to keep")
+    p.add_argument("--alternative", default="",
+                   help="concept that replaces the erased one (memory variants, all-but-one, uce)")
+    p.add_argument("--preserve", default="auto",
+                   help='comma-separated concepts to keep; "auto" (default): on the toy model the other concepts '
+                        'of the erased one\'s axis, elsewhere none; "none"')
     p.add_argument("--steps", type=_positive_int, default=200)
     p.add_argument("--lr", type=_finite_float, default=1e-3, help="learning rate of weight deltas")
     p.add_argument("--memory-lr", type=_finite_float, default=1e-2, help="learning rate of memory tokens")
@@ -515,9 +533,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="benchmark methods side by side on the toy model (JSON + Markdown table)")
     p.add_argument("--methods", default="memory,all-but-one,esd-x,uce", help="comma-separated methods")
-    p.add_argument("--targets", default="circle,heart,stripes,dots", help="comma-separated concepts to erase")
-    p.add_argument("--alternatives", default="", help="target:alternative pairs for all-but-one and uce, "
-                                                      "e.g. circle:square,stripes:dots")
+    p.add_argument("--targets", default="circle,star,stripes,dots", help="comma-separated concepts to erase")
+    p.add_argument("--alternatives", default="circle:square,star:cross,stripes:checker,dots:grid",
+                   help='target:alternative pairs that all-but-one and uce map the target to ("" for none)')
     p.add_argument("--steps", type=_positive_int, default=200, help="training steps of every trained method")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-preserve", action="store_true",

@@ -25,7 +25,7 @@ def test_benchmark_writes_rows_with_base_values_and_resumes(toy_model, oracle, t
     (tmp_path / "stripes-uce.safetensors").unlink()
     again = run_benchmark(toy_model, oracle, ["uce"], ["stripes"], config, tmp_path, seeds_per_cell=1, sample_steps=2)
     assert again["rows"] == results["rows"] and not (tmp_path / "stripes-uce.safetensors").exists()
-    assert markdown(again) == table
+    assert markdown(again) + "\n" == table
 
 
 def test_preserved_concepts_are_the_rest_of_the_axis():

@@ -20,7 +20,7 @@ from ..engine import (TrainConfig, TrajectoryCache, concept_cache, finish_patch,
 from ..patch import ErasurePatch
 
 DRIFT_WEIGHT = 1.0  # λ
-PROJECTIONS = "all"  # the ESD-x parameter set, METHODS.md's starting point
+PROJECTIONS = "kv"  # to_k/to_v only, our choice: they act on the text tokens, so other prompts move least
 
 
 def train_all_but_one(denoiser: Denoiser, config: TrainConfig, cache: TrajectoryCache | None = None,

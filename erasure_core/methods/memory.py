@@ -12,6 +12,8 @@ training script is not public (METHODS.md):
 - "memory-key" (variant c, "hiding and recovering"): the erasure step's second term becomes a recovery term
   ‖ε_{θ,P}(c_e) − ε*(c_e)‖², so the deltas erase and the memory, kept apart as a key, brings the concept back.
 
+With an alternative c_a, y = ε*(x_t, c_a) replaces the ESD target (an anchor, as in ESD's erase_from and
+concept ablation): the erased prompt is steered to the alternative instead of away from everything.
 With preserved prompts c_r, every step adds p·‖ε(x_t, c_r) − ε*(x_t, c_r)‖² (engine.preservation_loss) for the
 part it trains: P in memory steps, θ (as the user will apply it) in erasure steps. Also our choice.
 """
@@ -40,7 +42,10 @@ def train_memory(denoiser: Denoiser, config: TrainConfig, cache: TrajectoryCache
     if config.method not in VARIANTS:
         raise ValueError(f"unknown memory variant {config.method!r}; use one of {', '.join(VARIANTS)}")
     concept, empty = denoiser.encode([config.concept]), denoiser.encode([""])
-    cache = cache or concept_cache(denoiser, config, concept, empty)
+    alternative = denoiser.encode([config.alternative]) if config.alternative else None
+    cache = cache or concept_cache(denoiser, config, concept, empty, alternative)
+    if alternative is not None and cache.eps_alternative is None:
+        raise ValueError("the cache has no alternative predictions; build it with the alternative")
     preserved = preserved_prompts(denoiser, config, cache)
     memory_only, key_mode = config.method == "memory-only", config.method == "memory-key"
     parts = setup(denoiser, config, tokens=config.tokens,
@@ -56,7 +61,7 @@ def train_memory(denoiser: Denoiser, config: TrainConfig, cache: TrajectoryCache
 
     def step_loss(step: int, batch: CacheRecord):
         cond = concept.expand(len(batch.x_t))
-        target = esd_target(batch, config.eta)
+        target = batch.eps_alternative if alternative is not None else esd_target(batch, config.eta)
         if memory_only:
             return F.mse_loss(predict_with(denoiser, train_memory_view, batch.x_t, batch.t, cond), target) \
                 + preservation(train_memory_view, step, batch)
