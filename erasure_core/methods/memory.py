@@ -32,7 +32,7 @@ from .esd import esd_target
 
 VARIANTS = ("memory", "memory-only", "memory-key")
 ORIGINAL_WEIGHT, MEMORY_WEIGHT = 1.0, 0.1  # w_o and w of the erasure step
-PROJECTIONS = "all"  # the ESD-x parameter set, the authors' choice for objects and styles
+PROJECTIONS = "kv"  # to_k/to_v only, our choice: they act on the text tokens, so other prompts move least
 
 
 def train_memory(denoiser: Denoiser, config: TrainConfig, cache: TrajectoryCache | None = None,
