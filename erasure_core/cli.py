@@ -533,7 +533,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="benchmark methods side by side on the toy model (JSON + Markdown table)")
     p.add_argument("--methods", default="memory,all-but-one,esd-x,uce", help="comma-separated methods")
-    p.add_argument("--targets", default="circle,star,stripes,dots", help="comma-separated concepts to erase")
+    p.add_argument("--targets", default="circle,stripes,star,dots", help="comma-separated concepts to erase")
     p.add_argument("--alternatives", default="circle:square,star:cross,stripes:checker,dots:grid",
                    help='target:alternative pairs that all-but-one and uce map the target to ("" for none)')
     p.add_argument("--steps", type=_positive_int, default=200, help="training steps of every trained method")
