@@ -17,11 +17,10 @@ import torch
 
 from .engine import TrainConfig
 from .evaluation import ErasureTarget, evaluate_erasure
-from .methods import train_patch
+from .methods import TAKES_ALTERNATIVE, train_patch
 from .patch import save_patch
 from .toy.world import OBJECT_NAMES, STYLE_NAMES, concept, training_prompt
 
-TAKES_ALTERNATIVE = ("memory", "memory-only", "memory-key", "all-but-one", "uce")
 METRICS = ("ua", "ua_syn", "ira", "cra", "alt", "fd", "drift", "layout_ssim")
 
 
@@ -66,6 +65,18 @@ def default_preserve(target: str) -> list[str]:
     """The benchmark's preserved concepts: the other concepts of the target's axis (as UCE's evaluation does)."""
     names = OBJECT_NAMES if concept(target).axis == "object" else STYLE_NAMES
     return [n for n in names if n != concept(target).name]
+
+
+DEFAULT_ALTERNATIVES = {"circle": "square", "star": "cross", "stripes": "checker", "dots": "grid"}
+
+
+def default_alternative(target: str) -> str:
+    """What the demo and the benchmark turn a target into: a neighbour on the same axis."""
+    name = concept(target).name
+    if name in DEFAULT_ALTERNATIVES:
+        return DEFAULT_ALTERNATIVES[name]
+    names = OBJECT_NAMES if concept(target).axis == "object" else STYLE_NAMES
+    return names[(names.index(name) + 1) % len(names)]
 
 
 def run_benchmark(denoiser, oracle, methods: list[str], targets: list[str], base_config: TrainConfig,

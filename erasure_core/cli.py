@@ -274,7 +274,7 @@ def cmd_train(args) -> int:
     import torch
 
     from .engine import TrainConfig
-    from .methods import train_patch
+    from .methods import TAKES_ALTERNATIVE, train_patch
     from .patch import save_patch
 
     out = Path(args.out)
@@ -290,7 +290,8 @@ def cmd_train(args) -> int:
     except ValueError as exc:
         raise UserError(str(exc)) from None
     config = TrainConfig(concept=_concept_prompt(model, args.concept), method=args.method,
-                         alternative=_concept_prompt(model, args.alternative) if args.alternative else "",
+                         alternative=_concept_prompt(model, args.alternative)
+                         if args.alternative and args.method in TAKES_ALTERNATIVE else "",
                          preserve=[_concept_prompt(model, p) for p in preserve], steps=args.steps, lr=args.lr,
                          memory_lr=args.memory_lr, tokens=args.tokens, layers=layers, seed=args.seed)
     try:
@@ -300,7 +301,7 @@ def cmd_train(args) -> int:
                         "nothing was written") from None
     patch, key = result.patch, result.key
     patch.concepts, patch.preserve = [args.concept], preserve
-    patch.alternative = args.alternative or ""
+    patch.alternative = args.alternative if args.method in TAKES_ALTERNATIVE else ""
     save_patch(patch, out)
     print(f"wrote {out} ({out.stat().st_size / 1024:.1f} KB) in {patch.training['seconds']:.1f} s")
     if key is not None:
@@ -346,11 +347,18 @@ def cmd_demo(args) -> int:
     from .evaluation import ErasureTarget, evaluate_erasure
     from .imaging import save_grid
     from .injection import attached
+    from .methods import TAKES_ALTERNATIVE
     from .patch import load_patch
     from .toy.classifier import load_oracle
     from .toy.world import prompt
 
     out_dir = Path(args.out_dir)
+    if args.alternative == "auto":
+        from .benchmark import default_alternative
+
+        args.alternative = default_alternative(args.concept) if _known(args.concept) else ""
+    if args.alternative == "none" or args.method not in TAKES_ALTERNATIVE:
+        args.alternative = ""
     try:
         target = ErasureTarget.from_names(args.concept, args.alternative)
     except (KeyError, ValueError) as exc:
@@ -390,6 +398,16 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _known(name: str) -> bool:
+    from .toy.world import concept
+
+    try:
+        concept(name)
+        return True
+    except KeyError:
+        return False
+
+
 def cmd_bench(args) -> int:
     """Several methods on several targets, side by side with the same seeds: JSON and a Markdown table."""
     from .benchmark import markdown, run_benchmark
@@ -404,6 +422,10 @@ def cmd_bench(args) -> int:
     if unknown or not methods:
         raise UserError(f"--methods: unknown {unknown[0] if unknown else 'none given'}; use {', '.join(METHODS)}")
     alternatives = {}
+    if args.alternatives.strip() == "auto":
+        from .benchmark import default_alternative
+
+        args.alternatives = ",".join(f"{t}:{default_alternative(t)}" for t in targets if _known(t))
     for pair in filter(None, (a.strip() for a in (args.alternatives or "").split(","))):
         target, _, alternative = pair.partition(":")
         alternatives[target.strip()] = alternative.strip()
@@ -525,7 +547,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="erase a concept from the toy model: before/after grid and metrics")
     p.add_argument("--concept", default="circle")
     p.add_argument("--method", choices=_methods(), default="memory")
-    p.add_argument("--alternative", default="")
+    p.add_argument("--alternative", default="auto",
+                   help='what the concept becomes; "auto" (default): a neighbour on its axis (circle: square), "none"')
     p.add_argument("--steps", type=_positive_int, default=200, help="training steps")
     p.add_argument("--sample-steps", type=_positive_int, default=20, help="DDIM steps when generating")
     p.add_argument("--out-dir", default="demo")
@@ -534,8 +557,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmark methods side by side on the toy model (JSON + Markdown table)")
     p.add_argument("--methods", default="memory,all-but-one,esd-x,uce", help="comma-separated methods")
     p.add_argument("--targets", default="circle,stripes,star,dots", help="comma-separated concepts to erase")
-    p.add_argument("--alternatives", default="circle:square,star:cross,stripes:checker,dots:grid",
-                   help='target:alternative pairs that all-but-one and uce map the target to ("" for none)')
+    p.add_argument("--alternatives", default="auto",
+                   help='target:alternative pairs the methods that take one map the target to; "auto" (default): '
+                        'circle:square, star:cross, stripes:checker, dots:grid, else the next concept of the axis; '
+                        '"" for none')
     p.add_argument("--steps", type=_positive_int, default=200, help="training steps of every trained method")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-preserve", action="store_true",

@@ -13,6 +13,7 @@ from ..engine import TrainConfig
 from ..patch import ErasurePatch
 
 METHODS = ("memory", "memory-only", "memory-key", "all-but-one", "esd-x", "esd-x-strict", "uce")
+TAKES_ALTERNATIVE = ("memory", "memory-only", "memory-key", "all-but-one", "uce")  # ESD has no anchor
 
 
 @dataclass
