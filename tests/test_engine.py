@@ -55,3 +55,22 @@ def test_resumed_run_equals_uninterrupted_run(toy_model, tmp_path):
     assert resumed_losses == full_losses
     for name, delta in full.deltas.items():
         assert torch.equal(resumed.deltas[name].full, delta.full)
+
+
+def test_preservation_keeps_the_preserved_prompt_closer_to_the_original(toy_model):
+    """The same ESD run with and without "a square" preserved: the square's prediction moves less with it."""
+    from erasure_core.denoiser import patched
+
+    config = small_config(method="esd-x-strict", steps=24, lr=5e-3)
+    cache = build_cache(toy_model, config)
+    free, _ = train_esd(toy_model, config, cache=cache)
+    kept, _ = train_esd(toy_model, small_config(method="esd-x-strict", steps=24, lr=5e-3, preserve=["a square"],
+                                                preserve_weight=5.0), cache=cache)
+    assert cache.eps_preserve is not None and cache.eps_preserve.shape[1] == 1
+    square = toy_model.encode(["a square"]).expand(len(cache))
+
+    def square_shift(patch):
+        with torch.no_grad(), patched(toy_model, [(patch, 1.0)]):
+            return (toy_model.predict_noise(cache.x_t, cache.t, square) - cache.eps_preserve[:, 0]).square().mean()
+
+    assert square_shift(kept) < 0.5 * square_shift(free)
