@@ -32,8 +32,12 @@ def _ensure_erasure_core() -> None:
         sys.path.remove(here)
 
 
-_ensure_erasure_core()
-
-from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402
+if __package__:
+    _ensure_erasure_core()
+    from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+else:
+    # Imported as a plain module, not as ComfyUI's package: pytest does this to a checkout's root when the
+    # folder's name is no valid package name (a clone into "concept-erasure"). There is nothing to register.
+    NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = {}, {}
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
