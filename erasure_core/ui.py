@@ -386,7 +386,7 @@ def build_tab(get_model: Callable[[], object], patch_folder: Callable[[], Path] 
                 concept = gr.Textbox(label="Concept to erase", value=d.concept, placeholder="e.g. circle",
                                      elem_id="erasure_concept")
                 method = gr.Dropdown(label="Method", choices=list(methods), value=d.method, elem_id="erasure_method")
-                alternative = gr.Textbox(label="Alternative (all-but-one, uce)", value=d.alternative,
+                alternative = gr.Textbox(label="Alternative (memory variants, all-but-one, uce)", value=d.alternative,
                                          elem_id="erasure_alternative")
                 preserve = gr.Textbox(label="Preserve (comma-separated)", value=d.preserve, elem_id="erasure_preserve")
                 with gr.Row():
