@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from .layers import PROJECTIONS, attn2_layers
 from .patch import ErasurePatch, PatchError, WeightDelta, check_compatible, model_fingerprint
 
-__all__ = ["PROJECTIONS", "LayerInjection", "MemoryAttnProcessor", "AttachedPatches", "plan_injection", "attach",
+__all__ = ["PROJECTIONS", "LayerInjection", "MemoryAttnProcessor", "AttachedPatches", "plan_layers", "plan_injection",
+           "attach",
            "attached"]
 
 
@@ -100,44 +101,55 @@ class MemoryAttnProcessor:
         return out / attn.rescale_output_factor
 
 
-def _ready(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Move frozen tensors to the model once; trainable ones stay as they are so gradients reach them."""
-    return tensor if tensor.requires_grad else tensor.detach().to(device)
+def _ready(tensor: torch.Tensor, ready: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Prepare frozen tensors once; trainable ones stay as they are so gradients reach them."""
+    return tensor if tensor.requires_grad else ready(tensor.detach())
 
 
-def plan_injection(unet, patches: list[tuple[ErasurePatch, float]]) -> tuple[dict[str, LayerInjection], list[str]]:
-    """Validate every patch against the UNet and work out each layer's injection, changing nothing.
+def plan_layers(patches: list[tuple[ErasurePatch, float]], layer_names: list[str], context_dim: int,
+                shapes: dict[str, tuple[int, int]], fingerprint: Callable[[], str] | None = None,
+                ready: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
+                ) -> tuple[dict[str, LayerInjection], list[str]]:
+    """Validate every patch against a model's attn2 layers and work out each layer's injection, changing nothing.
 
-    Returns {diffusers module path: LayerInjection} and the compatibility warnings."""
-    layers = attn2_layers(unet)
-    names = [layer.canonical for layer in layers]
-    to_diffusers = {layer.canonical: layer.diffusers for layer in layers}
-    fingerprint = model_fingerprint(unet) if any(p.base_fingerprint for p, _ in patches) else None
-    modules = dict(unet.named_modules())
-    shapes = {f"{layer.canonical}.{proj}": tuple(modules[f"{layer.diffusers}.{proj}"].weight.shape)
-              for layer in layers for proj in PROJECTIONS}
-    device = next(unet.parameters()).device
+    Host-agnostic: every backend describes its model by canonical layer names, context dimension and projection
+    shapes. `ready` prepares frozen tensors (e.g. moves them to the model's device); trainable ones are kept as
+    they are so that gradients reach them. Returns ({canonical layer: LayerInjection}, warnings)."""
+    model_fp = fingerprint() if fingerprint is not None and any(p.base_fingerprint for p, _ in patches) else None
     plan: dict[str, LayerInjection] = {}
     warnings: list[str] = []
     for patch, strength in patches:
         strength = float(strength)
         if not torch.isfinite(torch.tensor(strength)):
             raise PatchError(f"strength must be a finite number, got {strength}")
-        warnings += check_compatible(patch, int(unet.config.cross_attention_dim), names, fingerprint, shapes)
+        warnings += check_compatible(patch, context_dim, layer_names, model_fp, shapes)
         if strength == 0:
             continue
         for layer in patch.layers:
             mem = patch.memory_for(layer)
             if mem is not None:
-                plan.setdefault(to_diffusers[layer], LayerInjection()).memories.append(
-                    (_ready(mem.k, device), _ready(mem.v, device), strength))
+                plan.setdefault(layer, LayerInjection()).memories.append(
+                    (_ready(mem.k, ready), _ready(mem.v, ready), strength))
         for module, delta in patch.deltas.items():
             layer, projection = module.split(".attn2.")
             trainable = any(t is not None and t.requires_grad for t in (delta.full, delta.down, delta.up))
-            ready = delta if trainable else WeightDelta(full=delta.weight().detach().to(device))
-            entry = plan.setdefault(to_diffusers[layer + ".attn2"], LayerInjection())
-            entry.deltas.setdefault(projection, []).append((ready, strength))
+            prepared = delta if trainable else WeightDelta(full=ready(delta.weight().detach()))
+            plan.setdefault(layer + ".attn2", LayerInjection()).deltas.setdefault(projection, []).append(
+                (prepared, strength))
     return plan, warnings
+
+
+def plan_injection(unet, patches: list[tuple[ErasurePatch, float]]) -> tuple[dict[str, LayerInjection], list[str]]:
+    """plan_layers for a diffusers UNet: returns {diffusers module path: LayerInjection} and the warnings."""
+    layers = attn2_layers(unet)
+    modules = dict(unet.named_modules())
+    shapes = {f"{layer.canonical}.{proj}": tuple(modules[f"{layer.diffusers}.{proj}"].weight.shape)
+              for layer in layers for proj in PROJECTIONS}
+    device = next(unet.parameters()).device
+    plan, warnings = plan_layers(patches, [layer.canonical for layer in layers], int(unet.config.cross_attention_dim),
+                                 shapes, lambda: model_fingerprint(unet), lambda t: t.to(device))
+    to_diffusers = {layer.canonical: layer.diffusers for layer in layers}
+    return {to_diffusers[name]: injection for name, injection in plan.items()}, warnings
 
 
 class AttachedPatches:

@@ -73,7 +73,7 @@ def padding_repeats(context: torch.Tensor, chunk: int = COMFY_CHUNK) -> int:
     `chunk`. The memory is appended min(r) times: exact for every row when all rows were padded alike (no
     padding included), and for the least-padded rows otherwise. Rows padded more than that see the memory
     with (min r)/r of its share; one length for all rows makes exactness for each impossible there."""
-    batch, length = context.shape[0], context.shape[1]
+    length = context.shape[1]
     if length < 2 * chunk or length % chunk:
         return 1
     chunks = length // chunk

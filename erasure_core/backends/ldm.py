@@ -36,8 +36,9 @@ import torch.nn.functional as F
 
 from ..denoiser import Conditioning, to_epsilon
 from ..injection import LayerInjection
+from ..injection import plan_layers as plan_injection_layers
 from ..layers import PROJECTIONS, comfy_weight_key, is_canonical_layer
-from ..patch import ErasurePatch, PatchError, WeightDelta, check_compatible, fingerprint_of
+from ..patch import ErasurePatch, PatchError, WeightDelta, fingerprint_of
 from ..sampling import ddim_sample, seeded_noise
 from .comfy import MemoryAttn2Patch, padding_repeats
 
@@ -71,31 +72,12 @@ def _projection(attn2: torch.nn.Module, projection: str) -> torch.nn.Module:
 
 def plan_layers(modules: dict[str, torch.nn.Module], patches: list[tuple[ErasurePatch, float]],
                 fingerprint: Callable[[], str] | None = None) -> tuple[dict[str, LayerInjection], list[str]]:
-    """Validate every patch against the model's attn2 layers and work out each layer's injection, changing nothing.
-    Returns ({canonical layer: LayerInjection}, warnings); a bad patch raises PatchError."""
+    """injection.plan_layers for the WebUI's attn2 modules: ({canonical layer: LayerInjection}, warnings)."""
     names = list(modules)
     context_dim = _projection(modules[names[0]], "to_k").in_features
     shapes = {f"{name}.{proj}": tuple(_projection(m, proj).weight.shape) for name, m in modules.items()
               for proj in PROJECTIONS}
-    model_fp = fingerprint() if fingerprint and any(p.base_fingerprint for p, _ in patches) else None
-    plan: dict[str, LayerInjection] = {}
-    warnings: list[str] = []
-    for patch, strength in patches:
-        strength = float(strength)
-        if not torch.isfinite(torch.tensor(strength)):
-            raise PatchError(f"strength must be a finite number, got {strength}")
-        warnings += check_compatible(patch, context_dim, names, model_fp, shapes)
-        if strength == 0:
-            continue
-        for layer in patch.layers:
-            mem = patch.memory_for(layer)
-            if mem is not None:
-                plan.setdefault(layer, LayerInjection()).memories.append((mem.k, mem.v, strength))
-        for module, delta in patch.deltas.items():
-            layer, projection = module.split(".attn2.")
-            plan.setdefault(layer + ".attn2", LayerInjection()).deltas.setdefault(projection, []).append(
-                (delta, strength))
-    return plan, warnings
+    return plan_injection_layers(patches, names, context_dim, shapes, fingerprint)
 
 
 def _memory_hook(memories: list[tuple[torch.Tensor, float]]):
