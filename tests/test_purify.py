@@ -23,6 +23,6 @@ def test_purifying_with_an_erasure_patch_removes_the_concept(toy_model, oracle):
     purified = toy_model.decode(purify(toy_model, [(patch, 1.0)], latents, PROMPT, steps=20))
     inverted = toy_model.decode(purify(toy_model, [], latents, PROMPT, steps=20))
     still_circles = int((oracle.predict(purified)["object"] == 0).sum())
-    assert still_circles <= 2  # UCE is the weakest eraser; at least half the circles go
-    # the patch, not the inversion error, changed the pictures
-    assert (purified - images).abs().mean() > 1.5 * (inverted - images).abs().mean()
+    kept_by_inversion = int((oracle.predict(inverted)["object"] == 0).sum())
+    # the patch, not the inversion, removes the circles: UCE is the weakest eraser, so at least half go
+    assert kept_by_inversion >= 3 and still_circles <= 2
