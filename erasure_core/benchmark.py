@@ -86,7 +86,8 @@ def run_benchmark(denoiser, oracle, methods: list[str], targets: list[str], base
     """Train and judge every (target, method) pair with the same seeds; write patches, JSON and Markdown."""
     out_dir.mkdir(parents=True, exist_ok=True)
     alternatives = alternatives or {}
-    rows = _finished_rows(out_dir / "bench.json", _results([], base_config, seeds_per_cell, sample_steps, preserve))
+    settings = _settings(base_config, seeds_per_cell, sample_steps, preserve, denoiser.device)
+    rows = _finished_rows(out_dir / "bench.json", settings)
     for target in targets:
         alternative = alternatives.get(target, "")
         kept = default_preserve(target) if preserve else []
@@ -113,28 +114,26 @@ def run_benchmark(denoiser, oracle, methods: list[str], targets: list[str], base
                          **{k: report[k] for k in METRICS}, "base": {k: report["base"][k] for k in METRICS},
                          "train_seconds": round(result.seconds, 2), "peak_memory_bytes": memory.peak_bytes,
                          "patch_bytes": path.stat().st_size})
-            (out_dir / "bench.json").write_text(json.dumps(_results(rows, base_config, seeds_per_cell,
-                                                                    sample_steps, preserve), indent=2) + "\n")
-    results = _results(rows, base_config, seeds_per_cell, sample_steps, preserve)
+            (out_dir / "bench.json").write_text(json.dumps({"settings": settings, "rows": rows}, indent=2) + "\n")
+    results = {"settings": settings, "rows": rows}
     (out_dir / "bench.md").write_text(markdown(results) + "\n")
     return results
 
 
-def _finished_rows(path: Path, fresh: dict) -> list[dict]:
+def _finished_rows(path: Path, settings: dict) -> list[dict]:
     """Rows of an earlier run with the same settings, so that an interrupted benchmark resumes."""
     if not path.exists():
         return []
     earlier = json.loads(path.read_text())
     same = lambda a, b: {k: v for k, v in a.items() if k != "date"} == {k: v for k, v in b.items() if k != "date"}  # noqa: E731
-    return earlier["rows"] if same(earlier["settings"], fresh["settings"]) else []
+    return earlier["rows"] if same(earlier["settings"], settings) else []
 
 
-def _results(rows: list[dict], config: TrainConfig, seeds_per_cell: int, sample_steps: int, preserve: bool) -> dict:
-    return {"settings": {"train": {k: v for k, v in vars(config).items() if k not in ("concept", "method")},
-                         "seeds_per_cell": seeds_per_cell, "sample_steps": sample_steps,
-                         "preserve_other_concepts_of_the_axis": preserve, "device": str(torch.device("cpu")),
-                         "torch_threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d")},
-            "rows": rows}
+def _settings(config: TrainConfig, seeds_per_cell: int, sample_steps: int, preserve: bool, device) -> dict:
+    return {"train": {k: v for k, v in vars(config).items() if k not in ("concept", "method")},
+            "seeds_per_cell": seeds_per_cell, "sample_steps": sample_steps,
+            "preserve_other_concepts_of_the_axis": preserve, "device": str(torch.device(device).type),
+            "torch_threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d")}
 
 
 def markdown(results: dict) -> str:
