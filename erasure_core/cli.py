@@ -128,7 +128,7 @@ def _check_patches(model, patches) -> None:
     from .patch import PatchError
 
     try:
-        _, warnings = plan_injection(model.unet, patches)
+        warnings = plan_injection(model.unet, patches).warnings
     except PatchError as exc:
         raise UserError(str(exc)) from None
     for warning in warnings:
@@ -535,7 +535,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help='comma-separated concepts to keep; "auto" (default): on the toy model the other concepts '
                         'of the erased one\'s axis, elsewhere none; "none"')
     p.add_argument("--steps", type=_positive_int, default=200)
-    p.add_argument("--lr", type=_finite_float, default=1e-3, help="learning rate of weight deltas")
+    p.add_argument("--lr", type=_finite_float, default=None,
+                   help="learning rate of weight deltas (default: 1e-3; esd-u 1e-4)")
     p.add_argument("--memory-lr", type=_finite_float, default=1e-2, help="learning rate of memory tokens")
     p.add_argument("--tokens", type=_positive_int, default=8, help="memory tokens m")
     p.add_argument("--layers", default="all", help="mid, midout, all, or comma-separated layer names")

@@ -80,6 +80,11 @@ class Denoiser(Protocol):
         Read-only: methods derive shapes and closed-form edits from them, never write to them."""
         ...
 
+    def weight_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Shapes of every linear and conv weight of the UNet, keyed by canonical (LDM) module path: what deltas
+        outside cross-attention (ESD-u) are trained and checked against."""
+        ...
+
     def attach(self, patches: list) -> "Attachment":
         """Attach [(ErasurePatch, strength), ...] for the following predict_noise calls; validates first, so a
         bad patch leaves nothing attached. Patches may hold trainable tensors: gradients flow into them."""

@@ -3,7 +3,7 @@
 The frozen model's DDIM trajectories for the erased prompt are sampled once and
 cached (x_t, t, ε*(x_t, ∅), ε*(x_t, c_e), ε*(x_t, c_a)); each training step then
 costs one forward and one backward pass of the trainable model. The trainable
-parts are concept-memory tokens and/or attn2 projection deltas, attached through
+parts are concept-memory tokens and/or weight deltas, attached through
 the same injection the product uses, so a trained patch behaves exactly as it did
 in training. The user's weights are never touched.
 """
@@ -34,7 +34,7 @@ class TrainConfig:
     alternative: str = ""
     preserve: list[str] = field(default_factory=list)
     steps: int = 200
-    lr: float = 1e-3
+    lr: float | None = None      # weight deltas' learning rate; None: the method's (DELTA_LR)
     memory_lr: float = 1e-2
     tokens: int = 8
     layers: str | list[str] = "all"
@@ -46,6 +46,14 @@ class TrainConfig:
     cache_guidance: float = 3.0  # CFG scale of the sampler (ESD uses 3)
     preserve_weight: float = 1.0  # weight of the preservation term, when `preserve` names prompts
     projections: str = ""        # attn2 projections the deltas train: "all", "kv" (to_k, to_v); "" = the method's
+
+    def __post_init__(self) -> None:
+        if self.lr is None:
+            self.lr = DELTA_LR.get(self.method, DELTA_LR["default"])
+
+
+# ESD-u moves every layer outside cross-attention: at the attention deltas' rate it breaks the model within steps
+DELTA_LR = {"default": 1e-3, "esd-u": 1e-4}
 
 
 class TrajectoryCache:
@@ -115,11 +123,10 @@ class ResamplingSource:
 
 
 class TrainableParts:
-    """Memory tokens and projection deltas being trained, viewable as an ErasurePatch at any time."""
+    """Memory tokens and weight deltas being trained, viewable as an ErasurePatch at any time."""
 
-    def __init__(self, layers: list[str], delta_layers: list[str], context_dim: int, tokens: int,
-                 projections: tuple[str, ...], weight_shapes: dict[str, tuple[int, int]], generator: torch.Generator,
-                 device) -> None:
+    def __init__(self, layers: list[str], delta_modules: list[str], context_dim: int, tokens: int,
+                 weight_shapes: dict[str, tuple[int, ...]], generator: torch.Generator, device) -> None:
         self.layers = layers  # where the memory goes
         self.memory = None
         if tokens:
@@ -127,9 +134,8 @@ class TrainableParts:
             k = 0.1 * torch.randn(tokens, context_dim, generator=generator)
             self.memory = ConceptMemory(torch.nn.Parameter(k.to(device)),
                                         torch.nn.Parameter(torch.zeros(tokens, context_dim, device=device)))
-        self.deltas = {f"{layer}.{proj}": torch.nn.Parameter(torch.zeros(weight_shapes[f"{layer}.{proj}"],
-                                                                         device=device))
-                       for layer in delta_layers for proj in projections}
+        self.deltas = {module: torch.nn.Parameter(torch.zeros(weight_shapes[module], device=device))
+                       for module in delta_modules}
 
     def memory_params(self) -> list[torch.nn.Parameter]:
         return [self.memory.k, self.memory.v] if self.memory else []
@@ -233,13 +239,18 @@ def run_training(denoiser: Denoiser, config: TrainConfig, parts: TrainableParts,
     return losses
 
 
-def setup(denoiser: Denoiser, config: TrainConfig, tokens: int, projections: tuple[str, ...],
-          delta_layers: str | list[str] = "all") -> TrainableParts:
-    """Trainable parts: `tokens` memory tokens in config.layers, `projections` deltas in `delta_layers`."""
+def setup(denoiser: Denoiser, config: TrainConfig, tokens: int, projections: tuple[str, ...] = (),
+          delta_layers: str | list[str] = "all", delta_modules: list[str] | None = None) -> TrainableParts:
+    """Trainable parts: `tokens` memory tokens in config.layers, and deltas of the attn2 `projections` in
+    `delta_layers`, or of the named `delta_modules` (canonical module paths, any linear or conv layer)."""
     names = denoiser.layer_names()
-    return TrainableParts(select_layers(names, config.layers), select_layers(names, delta_layers) if projections else [],
-                          denoiser.context_dim, tokens, projections,
-                          {k: tuple(w.shape) for k, w in denoiser.projection_weights().items()},
+    if delta_modules is None:
+        layers = select_layers(names, delta_layers) if projections else []
+        delta_modules = [f"{layer}.{proj}" for layer in layers for proj in projections]
+        shapes = {k: tuple(w.shape) for k, w in denoiser.projection_weights().items()}
+    else:
+        shapes = denoiser.weight_shapes()
+    return TrainableParts(select_layers(names, config.layers), delta_modules, denoiser.context_dim, tokens, shapes,
                           torch.Generator().manual_seed(config.seed + 1), denoiser.device)
 
 

@@ -1,8 +1,9 @@
 """Concept-memory injection for diffusers UNets, through attention processors.
 
 In each selected attn2 layer: K = W_k·[c ; P_k], V = W_v·[c ; s·P_v], Q = W_q·x, and
-every projection W becomes W + s·ΔW when the patch carries a delta. Weights are
-never modified: deltas are added functionally at call time.
+every projection W becomes W + s·ΔW when the patch carries a delta. Deltas of other
+modules (ESD-u's, outside cross-attention) are added by a forward hook on the module:
+y + s·ΔW·x. Weights are never modified: deltas are added functionally at call time.
 
 Strength s: 0 removes the patch entirely (bit-identical to no patch); 1 is the
 trained behaviour; in between the memory keys stay and their values fade (V
@@ -20,12 +21,11 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from .layers import PROJECTIONS, attn2_layers
+from .layers import PROJECTIONS, attn2_layers, is_attn2_projection, unet_modules
 from .patch import ErasurePatch, PatchError, WeightDelta, check_compatible, model_fingerprint
 
-__all__ = ["PROJECTIONS", "LayerInjection", "MemoryAttnProcessor", "AttachedPatches", "plan_layers", "plan_injection",
-           "attach",
-           "attached"]
+__all__ = ["PROJECTIONS", "LayerInjection", "InjectionPlan", "MemoryAttnProcessor", "AttachedPatches", "plan_layers",
+           "plan_injection", "delta_output", "delta_hook", "attach", "attached"]
 
 
 @dataclass
@@ -106,62 +106,94 @@ def _ready(tensor: torch.Tensor, ready: Callable[[torch.Tensor], torch.Tensor]) 
     return tensor if tensor.requires_grad else ready(tensor.detach())
 
 
-def plan_layers(patches: list[tuple[ErasurePatch, float]], layer_names: list[str], context_dim: int,
-                shapes: dict[str, tuple[int, int]], fingerprint: Callable[[], str] | None = None,
-                ready: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
-                ) -> tuple[dict[str, LayerInjection], list[str]]:
-    """Validate every patch against a model's attn2 layers and work out each layer's injection, changing nothing.
+@dataclass
+class InjectionPlan:
+    """What attaching patches does: per attn2 layer, its memory and projection deltas (applied by the attention
+    hook); per other module (ESD-u's deltas), the deltas a forward hook adds to its output; and the warnings."""
 
-    Host-agnostic: every backend describes its model by canonical layer names, context dimension and projection
-    shapes. `ready` prepares frozen tensors (e.g. moves them to the model's device); trainable ones are kept as
-    they are so that gradients reach them. Returns ({canonical layer: LayerInjection}, warnings)."""
+    layers: dict[str, LayerInjection]
+    modules: dict[str, list[tuple[WeightDelta, float]]]
+    warnings: list[str]
+
+
+def plan_layers(patches: list[tuple[ErasurePatch, float]], layer_names: list[str], context_dim: int,
+                shapes: dict[str, tuple[int, ...]], fingerprint: Callable[[], str] | None = None,
+                ready: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> InjectionPlan:
+    """Validate every patch against a model and work out each layer's and module's injection, changing nothing.
+
+    Host-agnostic: every backend describes its model by canonical layer names, context dimension and the shapes
+    of its weights (canonical module paths). `ready` prepares frozen tensors (e.g. moves them to the model's
+    device); trainable ones are kept as they are so that gradients reach them."""
     model_fp = fingerprint() if fingerprint is not None and any(p.base_fingerprint for p, _ in patches) else None
-    plan: dict[str, LayerInjection] = {}
-    warnings: list[str] = []
+    plan = InjectionPlan({}, {}, [])
     for patch, strength in patches:
         strength = float(strength)
         if not torch.isfinite(torch.tensor(strength)):
             raise PatchError(f"strength must be a finite number, got {strength}")
-        warnings += check_compatible(patch, context_dim, layer_names, model_fp, shapes)
+        plan.warnings.extend(check_compatible(patch, context_dim, layer_names, model_fp, shapes))
         if strength == 0:
             continue
         for layer in patch.layers:
             mem = patch.memory_for(layer)
             if mem is not None:
-                plan.setdefault(layer, LayerInjection()).memories.append(
+                plan.layers.setdefault(layer, LayerInjection()).memories.append(
                     (_ready(mem.k, ready), _ready(mem.v, ready), strength))
         for module, delta in patch.deltas.items():
-            layer, projection = module.split(".attn2.")
             trainable = any(t is not None and t.requires_grad for t in (delta.full, delta.down, delta.up))
             prepared = delta if trainable else WeightDelta(full=ready(delta.weight().detach()))
-            plan.setdefault(layer + ".attn2", LayerInjection()).deltas.setdefault(projection, []).append(
-                (prepared, strength))
-    return plan, warnings
+            if is_attn2_projection(module):
+                layer, projection = module.split(".attn2.")
+                plan.layers.setdefault(layer + ".attn2", LayerInjection()).deltas.setdefault(projection, []).append(
+                    (prepared, strength))
+            else:
+                plan.modules.setdefault(module, []).append((prepared, strength))
+    return plan
 
 
-def plan_injection(unet, patches: list[tuple[ErasurePatch, float]]) -> tuple[dict[str, LayerInjection], list[str]]:
-    """plan_layers for a diffusers UNet: returns {diffusers module path: LayerInjection} and the warnings."""
+def delta_output(module: torch.nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """ΔW applied to x the way `module` (a linear or conv layer) applies its own weight, without the bias."""
+    weight = weight.to(x.device, x.dtype)
+    if weight.dim() == 4:
+        return F.conv2d(x, weight, None, module.stride, module.padding, module.dilation, module.groups)
+    return F.linear(x, weight)
+
+
+def delta_hook(deltas: list[tuple[WeightDelta, float]]):
+    """Forward hook (register with with_kwargs=True): output + Σ s·ΔW·x, so the weight itself is never written."""
+    def hook(module, args, kwargs, output):
+        x = args[0] if args else kwargs.get("input")
+        for delta, strength in deltas:
+            output = output + delta_output(module, x, strength * delta.weight())
+        return output
+    return hook
+
+
+def plan_injection(unet, patches: list[tuple[ErasurePatch, float]]) -> InjectionPlan:
+    """plan_layers for a diffusers UNet, keyed by diffusers module paths."""
     layers = attn2_layers(unet)
+    paths = unet_modules(unet)
     modules = dict(unet.named_modules())
-    shapes = {f"{layer.canonical}.{proj}": tuple(modules[f"{layer.diffusers}.{proj}"].weight.shape)
-              for layer in layers for proj in PROJECTIONS}
+    shapes = {name: tuple(modules[path].weight.shape) for name, path in paths.items()}
     device = next(unet.parameters()).device
-    plan, warnings = plan_layers(patches, [layer.canonical for layer in layers], int(unet.config.cross_attention_dim),
-                                 shapes, lambda: model_fingerprint(unet), lambda t: t.to(device))
+    plan = plan_layers(patches, [layer.canonical for layer in layers], int(unet.config.cross_attention_dim),
+                       shapes, lambda: model_fingerprint(unet), lambda t: t.to(device))
     to_diffusers = {layer.canonical: layer.diffusers for layer in layers}
-    return {to_diffusers[name]: injection for name, injection in plan.items()}, warnings
+    return InjectionPlan({to_diffusers[name]: injection for name, injection in plan.layers.items()},
+                         {paths[name]: deltas for name, deltas in plan.modules.items()}, plan.warnings)
 
 
 class AttachedPatches:
     """Handle of patches attached to a UNet; `detach()` restores the previous processors exactly."""
 
-    def __init__(self, unet, plan: dict[str, LayerInjection], warnings: list[str]) -> None:
-        self.warnings = warnings
+    def __init__(self, unet, plan: InjectionPlan) -> None:
+        self.warnings = plan.warnings
         modules = dict(unet.named_modules())
-        self._modules = {name: modules[name] for name in plan}
+        self._modules = {name: modules[name] for name in plan.layers}
         self._previous = {name: module.processor for name, module in self._modules.items()}
         self._ours: dict[str, MemoryAttnProcessor] = {}
-        for name, injection in plan.items():
+        self._hooks = [modules[name].register_forward_hook(delta_hook(deltas), with_kwargs=True)
+                       for name, deltas in plan.modules.items()]
+        for name, injection in plan.layers.items():
             previous = self._previous[name]
             if isinstance(previous, MemoryAttnProcessor):  # patches already attached: compose with them
                 injection = previous.injection.combined(injection)
@@ -175,14 +207,15 @@ class AttachedPatches:
             raise RuntimeError(f"patches attached later still hold {covered[0]}; detach them first")
         for name, processor in self._previous.items():
             self._modules[name].set_processor(processor)
+        while self._hooks:
+            self._hooks.pop().remove()
         self._ours.clear()
         self._previous.clear()
 
 
 def attach(unet, patches: list[tuple[ErasurePatch, float]]) -> AttachedPatches:
     """Attach patches with strengths. Validation runs first, so a bad patch leaves nothing attached."""
-    plan, warnings = plan_injection(unet, patches)
-    return AttachedPatches(unet, plan, warnings)
+    return AttachedPatches(unet, plan_injection(unet, patches))
 
 
 @contextmanager

@@ -160,21 +160,6 @@ def kohya_prefix(canonical: str) -> str:
     return "lora_unet_" + canonical.replace(".", "_")
 
 
-_KOHYA = re.compile(r"^lora_unet_(input_blocks_\d+|middle_block|output_blocks_\d+)_(\d+)_transformer_blocks_(\d+)"
-                    r"_attn2(?:_(to_q|to_k|to_v|to_out_0))?$")
-
-
-def from_kohya_prefix(prefix: str) -> str:
-    """Inverse of kohya_prefix for attn2 layers and their projections (the only modules patches touch)."""
-    m = _KOHYA.match(prefix)
-    if not m:
-        raise ValueError(f"not a kohya key of a cross-attention layer: {prefix!r}")
-    block, sub, transformer, projection = m.groups()
-    block = re.sub(r"_(\d+)$", r".\1", block)
-    path = f"{block}.{sub}.transformer_blocks.{transformer}.attn2"
-    return path + ("." + projection.replace("to_out_0", "to_out.0") if projection else "")
-
-
 def comfy_weight_key(canonical_module: str) -> str:
     """The key ComfyUI's ModelPatcher.add_patches accepts (every other form is dropped silently)."""
     return f"diffusion_model.{canonical_module}.weight"
@@ -187,3 +172,96 @@ def from_comfy_weight_key(key: str) -> str:
     module = key[len("diffusion_model."):-len(".weight")]
     _split_layer(module)
     return module
+
+
+# -- every weight module of the UNet (ESD-u trains outside cross-attention) ------------------------------------
+_TRANSFORMER_LEAF = (r"(?:norm|proj_in|proj_out|transformer_blocks\.\d+\.(?:attn[12]\.(?:to_q|to_k|to_v|to_out\.0)"
+                     r"|ff\.net\.0\.proj|ff\.net\.2|norm[123]))")
+_RESNET_LEAF = r"(?:in_layers\.[02]|emb_layers\.1|out_layers\.[03]|skip_connection)"
+_UNET_MODULE = re.compile(
+    r"^(?:input_blocks\.0\.0|time_embed\.[02]|label_emb\.0\.[02]|out\.[02]"
+    rf"|(?:input_blocks\.\d+|middle_block|output_blocks\.\d+)\.\d+\.(?:{_TRANSFORMER_LEAF}|{_RESNET_LEAF}|op|conv))$")
+# kohya keys write every "." as "_"; these names keep their own underscores
+_UNDERSCORED = ("input_blocks", "output_blocks", "middle_block", "transformer_blocks", "time_embed", "label_emb",
+                "in_layers", "emb_layers", "out_layers", "skip_connection", "proj_in", "proj_out", "to_out", "to_q",
+                "to_k", "to_v")
+_RESNET_TO_DIFFUSERS = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
+                        "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
+_TOP_LEVEL = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
+              "time_embedding.linear_2": "time_embed.2", "add_embedding.linear_1": "label_emb.0.0",
+              "add_embedding.linear_2": "label_emb.0.2", "conv_norm_out": "out.0", "conv_out": "out.2"}
+
+
+def is_canonical_module(name: str) -> bool:
+    """Whether `name` is the LDM path of a UNet module that carries a weight (a linear, conv or norm layer)."""
+    return bool(_UNET_MODULE.match(name))
+
+
+def is_attn2_projection(module: str) -> bool:
+    layer, _, projection = module.partition(".attn2.")
+    return is_canonical_layer(layer + ".attn2") and projection in PROJECTIONS
+
+
+def weight_modules(diffusion_model) -> dict:
+    """{LDM path: module} of every linear and conv layer of an LDM-layout UNet (ComfyUI, A1111, Forge)."""
+    return {name: module for name, module in diffusion_model.named_modules()
+            if is_canonical_module(name) and getattr(getattr(module, "weight", None), "dim", lambda: 0)() in (2, 4)}
+
+
+def from_kohya_module(prefix: str) -> str:
+    """Inverse of kohya_prefix for every UNet module: `lora_unet_input_blocks_1_0_in_layers_2`
+    -> `input_blocks.1.0.in_layers.2`."""
+    if not prefix.startswith("lora_unet_"):
+        raise ValueError(f"not a kohya UNet key: {prefix!r}")
+    body = prefix[len("lora_unet_"):]
+    for word in _UNDERSCORED:
+        body = body.replace(word, word.replace("_", "\0"))
+    path = body.replace("_", ".").replace("\0", "_")
+    if not is_canonical_module(path):
+        raise ValueError(f"not a kohya key of a UNet module: {prefix!r}")
+    return path
+
+
+def _diffusers_to_ldm(name: str, lpb: list[int], up_has_attention: list[bool]) -> str | None:
+    """One diffusers module path -> its LDM path, by the index arithmetic of attn2_layers_from_config."""
+    if name in _TOP_LEVEL:
+        return _TOP_LEVEL[name]
+    resnet_leaf = {v: k for k, v in _RESNET_TO_DIFFUSERS.items()}
+    parts = name.split(".")
+    if parts[0] == "mid_block" and len(parts) > 3:
+        kind, j, rest = parts[1], int(parts[2]), ".".join(parts[3:])
+        if kind == "attentions":
+            return f"middle_block.1.{rest}"
+        return f"middle_block.{2 * j}.{resnet_leaf[rest]}" if kind == "resnets" and rest in resnet_leaf else None
+    if parts[0] not in ("down_blocks", "up_blocks") or len(parts) < 5:
+        return None
+    i, kind, j, rest = int(parts[1]), parts[2], int(parts[3]), ".".join(parts[4:])
+    if parts[0] == "down_blocks":
+        block, start, count = "input_blocks", 1 + sum(n + 1 for n in lpb[:i]), lpb[i]
+    else:
+        block, start, count = "output_blocks", sum(n + 1 for n in lpb[::-1][:i]), lpb[::-1][i] + 1
+    if kind == "resnets" and rest in resnet_leaf:
+        return f"{block}.{start + j}.0.{resnet_leaf[rest]}"
+    if kind == "attentions":
+        return f"{block}.{start + j}.1.{rest}"
+    if kind == "downsamplers" and rest == "conv":
+        return f"input_blocks.{start + count}.0.op"
+    if kind == "upsamplers" and rest == "conv":  # after the block's last layer: ResBlock[, SpatialTransformer], Upsample
+        return f"output_blocks.{start + count - 1}.{2 if up_has_attention[i] else 1}.conv"
+    return None
+
+
+def unet_modules(unet) -> dict[str, str]:
+    """{LDM path: diffusers path} of every linear and conv layer of a diffusers UNet, in the UNet's module order."""
+    lpb = _per_block(unet.config.layers_per_block, len(unet.config.down_block_types))
+    up_has_attention = ["CrossAttn" in kind for kind in unet.config.up_block_types]
+    out: dict[str, str] = {}
+    for name, module in unet.named_modules():
+        weight = getattr(module, "weight", None)
+        if weight is None or weight.dim() not in (2, 4):  # linear and conv layers; norms stay out
+            continue
+        ldm = _diffusers_to_ldm(name, lpb, up_has_attention)
+        if ldm is None or not is_canonical_module(ldm):
+            raise ValueError(f"unsupported UNet layout: no LDM path for {name}")
+        out[ldm] = name
+    return out

@@ -3,9 +3,10 @@
 One safetensors file holds
 - concept memory: `erasure.memory.k` / `erasure.memory.v` (m x d, shared by all its layers), or
   `erasure.memory.<layer>.k` / `.v` per layer;
-- optional weight deltas of cross-attention projections under kohya keys, full
-  (`lora_unet_<ldm path>.diff`) or low rank (`.lora_down.weight`, `.lora_up.weight`, `.alpha`),
-  so the delta part loads in the stock LoRA loaders of ComfyUI, A1111 and Forge;
+- optional weight deltas under kohya keys, full (`lora_unet_<ldm path>.diff`) or low rank
+  (`.lora_down.weight`, `.lora_up.weight`, `.alpha`), so the delta part loads in the stock LoRA loaders of
+  ComfyUI, A1111 and Forge. Most methods change cross-attention projections only; ESD-u changes the linear and
+  conv layers outside cross-attention;
 - metadata (str -> str): `modelspec.*` and `erasure.*`.
 
 Patches come from strangers, so loading never unpickles, bounds the header before
@@ -26,7 +27,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .layers import PROJECTIONS, attn2_layers, from_kohya_prefix, is_canonical_layer, kohya_prefix, layer_of
+from .layers import (attn2_layers, from_kohya_module, is_attn2_projection, is_canonical_layer, is_canonical_module,
+                     kohya_prefix, layer_of)
 
 FORMAT_VERSION = "1"
 MAX_HEADER_BYTES = 16 * 1024 * 1024  # a patch header is a few KB; anything near this is hostile or broken
@@ -56,7 +58,8 @@ class ConceptMemory:
 
 @dataclass
 class WeightDelta:
-    """A change to one projection weight: full, or low rank up @ down * alpha / rank."""
+    """A change to one weight (linear (out, in) or conv (out, in, kh, kw)): full, or low rank
+    up @ down * alpha / rank, with conv factors (rank, in, kh, kw) and (out, rank, 1, 1) as kohya stores them."""
 
     full: torch.Tensor | None = None
     down: torch.Tensor | None = None  # (rank, in)
@@ -64,21 +67,21 @@ class WeightDelta:
     alpha: float | None = None
 
     @property
-    def shape(self) -> tuple[int, int]:
-        return tuple(self.full.shape) if self.full is not None else (self.up.shape[0], self.down.shape[1])
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.full.shape) if self.full is not None else (self.up.shape[0], *self.down.shape[1:])
 
     def weight(self) -> torch.Tensor:
         if self.full is not None:
             return self.full
         rank = self.down.shape[0]
         scale = (self.alpha if self.alpha is not None else rank) / rank
-        return (self.up.float() @ self.down.float()) * scale
+        return ((self.up.float().flatten(1) @ self.down.float().flatten(1)) * scale).view(self.shape)
 
 
 @dataclass
 class ErasurePatch:
     """A loaded or freshly trained patch. `layers` are canonical attn2 names (erasure_core.layers);
-    `deltas` are keyed by canonical projection paths such as `<layer>.to_k`."""
+    `deltas` are keyed by canonical module paths (LDM), such as `<layer>.to_k`."""
 
     layers: list[str]
     memory: ConceptMemory | dict[str, ConceptMemory] | None = None
@@ -107,7 +110,7 @@ class ErasurePatch:
         if mem is not None:
             return mem.k.shape[1]
         for name, delta in self.deltas.items():
-            if name.endswith((".to_k", ".to_v")):
+            if name.endswith((".attn2.to_k", ".attn2.to_v")):
                 return delta.shape[1]
         return None
 
@@ -284,11 +287,9 @@ def _from_parts(tensors: dict[str, torch.Tensor], meta: dict[str, str], name: st
             per_layer.setdefault(m.group(1), {})[m.group(2)] = value
         elif m := _DELTA.match(key):
             try:
-                module = from_kohya_prefix(m.group(1))
+                module = from_kohya_module(m.group(1))
             except ValueError:
-                module = ""
-            if not module.endswith(tuple("." + p for p in PROJECTIONS)):  # deltas belong to a projection
-                raise PatchError(f"{name}: unknown key {key!r}")
+                raise PatchError(f"{name}: unknown key {key!r}") from None
             delta_parts.setdefault(module, {})[m.group(2)] = value
         else:
             raise PatchError(f"{name}: unknown key {key!r}")
@@ -345,19 +346,18 @@ def _validate(patch: ErasurePatch, name: str = "patch") -> None:
     if len({m.k.shape for m in mems}) > 1:
         raise PatchError(f"{name}: per-layer memories differ in shape")
     for module, d in patch.deltas.items():
+        if not (isinstance(module, str) and is_canonical_module(module)):
+            raise PatchError(f"{name}: {module!r} is not a UNet weight (LDM path such as "
+                             "input_blocks.1.1.transformer_blocks.0.attn2.to_k)")
         if d.full is not None:
-            if d.full.dim() != 2:
-                raise PatchError(f"{name}: delta {module} must be a matrix")
-        elif d.down is None or d.up is None or d.down.dim() != 2 or d.up.dim() != 2 \
-                or d.up.shape[1] != d.down.shape[0]:
+            if d.full.dim() not in (2, 4):
+                raise PatchError(f"{name}: delta {module} must be a linear or conv weight")
+        elif d.down is None or d.up is None or d.down.dim() != d.up.dim() or d.down.dim() not in (2, 4) \
+                or d.up.shape[1] != d.down.shape[0] or d.up.shape[2:] not in ((), (1, 1)):
             raise PatchError(f"{name}: low-rank delta {module} has inconsistent lora_up / lora_down shapes")
     dim = patch.context_dim
     for module, d in patch.deltas.items():
-        layer, _, projection = module.partition(".attn2.")
-        if not is_canonical_layer(layer + ".attn2") or projection not in PROJECTIONS:
-            raise PatchError(f"{name}: {module!r} is not a cross-attention projection "
-                             "(<layer>.to_q, to_k, to_v or to_out.0)")
-        if projection in ("to_k", "to_v") and d.shape[1] != dim:
+        if module.endswith((".attn2.to_k", ".attn2.to_v")) and d.shape[1] != dim:
             raise PatchError(f"{name}: delta {module} takes {d.shape[1]}-d context, the rest of the patch {dim}-d")
     tensors = [t for m in mems for t in (m.k, m.v)]
     tensors += [x for d in patch.deltas.values() for x in (d.full, d.down, d.up) if x is not None]
@@ -371,20 +371,25 @@ def _validate(patch: ErasurePatch, name: str = "patch") -> None:
 
 
 def check_compatible(patch: ErasurePatch, context_dim: int, layer_names: list[str],
-                     fingerprint: str | None = None, weight_shapes: dict[str, tuple[int, int]] | None = None
+                     fingerprint: str | None = None, weight_shapes: dict[str, tuple[int, ...]] | None = None
                      ) -> list[str]:
-    """Refuse a patch the model cannot take (PatchError); return warnings for what is merely unusual."""
+    """Refuse a patch the model cannot take (PatchError); return warnings for what is merely unusual.
+    `weight_shapes` names every weight the model has (canonical module paths); without it, only cross-attention
+    deltas can be checked and any other delta is refused."""
     dim = patch.context_dim
     if dim is not None and dim != context_dim:
         need = ARCHITECTURES.get(dim, f"a {dim}-d model")
         raise PatchError(f"patch needs a {dim}-d text context ({need}); this model has {context_dim}")
     missing = [layer for layer in patch.layers if layer not in layer_names]
-    missing += [module for module in patch.deltas if layer_of(module) not in layer_names]
+    if weight_shapes is None:
+        missing += [m for m in patch.deltas if not is_attn2_projection(m) or layer_of(m) not in layer_names]
+    else:
+        missing += [m for m in patch.deltas if m not in weight_shapes]
     if missing:
         raise PatchError(f"patch names layers this model lacks ({missing[0]}, {len(missing)} in all); "
                          "it was made for another architecture")
     for module, delta in patch.deltas.items():
-        if weight_shapes is not None and module in weight_shapes and tuple(weight_shapes[module]) != delta.shape:
+        if weight_shapes is not None and tuple(weight_shapes[module]) != delta.shape:
             raise PatchError(f"delta {module} is {delta.shape}, the model's weight is {tuple(weight_shapes[module])}")
     warnings = []
     if fingerprint and patch.base_fingerprint and fingerprint != patch.base_fingerprint:

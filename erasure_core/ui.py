@@ -137,7 +137,7 @@ class TrainRequest:
     alternative: str = ""
     preserve: str = ""
     steps: int = 200
-    lr: float = 1e-3
+    lr: float = 0.0  # 0: the method's default (erasure_core.engine.DELTA_LR)
     layers: str = "all"
     seed: int = 0
     output: str = ""
@@ -191,8 +191,9 @@ def _config(model, request: TrainRequest):
                               ("preview images", request.preview_images, 0), ("preview steps", request.preview_steps, 1)):
         if value is None or int(value) != value or value < low:
             raise ValueError(f"{label} must be a whole number of at least {low}, got {value}")
-    if not (request.lr and request.lr > 0 and request.lr < 1):
-        raise ValueError(f"learning rate must be between 0 and 1, got {request.lr}")
+    if request.lr is None or not 0 <= request.lr < 1:
+        raise ValueError(f"learning rate must be between 0 and 1 (0: the method's default), got {request.lr}")
+    lr = float(request.lr) or None
     text = (request.layers or "all").strip()
     layers = text if text in SELECTION_MODES else [n.strip() for n in text.split(",") if n.strip()]
     select_layers(model.layer_names(), layers)  # raises ValueError naming the model's layers
@@ -200,7 +201,7 @@ def _config(model, request: TrainRequest):
     return TrainConfig(concept=_toy_prompt(model, request.concept.strip()), method=request.method,
                        alternative=_toy_prompt(model, request.alternative.strip()) if request.alternative.strip()
                        else "", preserve=[_toy_prompt(model, p) for p in preserve], steps=int(request.steps),
-                       lr=float(request.lr), memory_lr=10 * float(request.lr), tokens=int(request.tokens),
+                       lr=lr, **({"memory_lr": 10 * lr} if lr else {}), tokens=int(request.tokens),
                        layers=layers, seed=int(request.seed), cache_seeds=int(request.cache_seeds),
                        cache_steps=int(request.cache_steps))
 
@@ -390,7 +391,8 @@ def build_tab(get_model: Callable[[], object], patch_folder: Callable[[], Path] 
                 preserve = gr.Textbox(label="Preserve (comma-separated)", value=d.preserve, elem_id="erasure_preserve")
                 with gr.Row():
                     steps = gr.Number(label="Steps", value=d.steps, precision=0, elem_id="erasure_steps")
-                    lr = gr.Number(label="Learning rate", value=d.lr, elem_id="erasure_lr")
+                    lr = gr.Number(label="Learning rate (0: the method's default)", value=d.lr, minimum=0,
+                                   elem_id="erasure_lr")
                     seed = gr.Number(label="Seed", value=d.seed, precision=0, elem_id="erasure_seed")
                 layers = gr.Textbox(label="Layers: all, midout, mid, or comma-separated attn2 names", value=d.layers,
                                     elem_id="erasure_layers")

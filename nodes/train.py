@@ -33,7 +33,7 @@ def make_config(concept: str, method: str, alternative: str, preserve: str, step
     if not concept.strip():
         raise ValueError("say which concept to erase (the 'concept' text, as you would prompt it)")
     values = dict(concept=concept.strip(), method=method, alternative=alternative.strip(), preserve=_lines(preserve),
-                  steps=int(steps), lr=float(learning_rate), layers=layers, seed=int(seed))
+                  steps=int(steps), lr=float(learning_rate) or None, layers=layers, seed=int(seed))
     optional = dict(memory_lr=memory_learning_rate, tokens=memory_tokens, batch=batch_size, cache_seeds=cache_seeds,
                     cache_steps=cache_steps)
     values.update({k: v for k, v in optional.items() if v is not None})
@@ -73,7 +73,8 @@ class ConceptErasureTrainPatch:
                                            "tooltip": "memory: concept memory + attention deltas (Bui et al.); "
                                                       "memory-only: a few-KB plug-in; memory-key: erase, with a "
                                                       "key that restores; all-but-one: replace by the "
-                                                      "alternative, keep layout; esd-x / esd-x-strict / uce: "
+                                                      "alternative, keep layout; esd-x / esd-x-strict / esd-u "
+                                                      "(every layer outside cross-attention: large) / uce: "
                                                       "baselines."}),
                 "alternative": ("STRING", {"default": "", "tooltip": "What to draw instead (all-but-one, uce). "
                                                                      "Empty: nothing in particular."}),
@@ -81,8 +82,9 @@ class ConceptErasureTrainPatch:
                                         "tooltip": "Concepts to keep intact, one per line."}),
                 "steps": ("INT", {"default": _DEFAULTS.get("steps", 200), "min": 1, "max": 100000,
                                   "tooltip": "Training steps (uce is closed-form and ignores it)."}),
-                "learning_rate": ("FLOAT", {"default": _DEFAULTS.get("lr", 1e-3), "min": 1e-7, "max": 1.0,
-                                            "step": 1e-6, "tooltip": "Learning rate of the attention deltas."}),
+                "learning_rate": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 1e-6,
+                                            "tooltip": "Learning rate of the weight deltas. 0: the method's "
+                                                       "default (1e-3; esd-u 1e-4)."}),
                 "layers": (list(SELECTION_MODES), {"default": layers_default if isinstance(layers_default, str)
                                                    else "all",
                                                    "tooltip": "Cross-attention layers to train: mid (middle block), "

@@ -18,6 +18,7 @@ from modules import script_callbacks, scripts, shared  # noqa: E402
 
 from erasure_core import ui as erasure_ui  # noqa: E402
 from erasure_core.backends import ldm  # noqa: E402
+from erasure_core.layers import weight_modules  # noqa: E402
 from erasure_core.patch import PatchError, load_patch  # noqa: E402
 
 SLOTS = 4
@@ -125,11 +126,14 @@ class ConceptErasure(scripts.Script):
             loaded = [(_load(name), strength) for name, strength in chosen]
             patches = [(patch, strength) for (patch, _), strength in loaded]
             if is_forge(p.sd_model):  # validated now, applied in process_before_every_sampling
-                ldm.plan_layers(ldm.attn2_modules(p.sd_model.forge_objects.unet.model.diffusion_model), patches)
+                unet = p.sd_model.forge_objects.unet.model.diffusion_model
+                ldm.plan_layers(ldm.attn2_modules(unet), patches, weights=weight_modules(unet))
                 self.selected = patches
             else:
-                modules = ldm.attn2_modules(p.sd_model.model.diffusion_model)
-                handle = ldm.attach_hooks(modules, patches, lambda: _fingerprint(p.sd_model, modules))
+                unet = p.sd_model.model.diffusion_model
+                modules = ldm.attn2_modules(unet)
+                handle = ldm.attach_hooks(modules, patches, lambda: _fingerprint(p.sd_model, modules),
+                                          weight_modules(unet))
                 _attached.append(handle)
                 for warning in handle.warnings:
                     if (warning, str(id(p.sd_model))) not in _warned:

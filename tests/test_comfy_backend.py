@@ -165,6 +165,29 @@ def test_applied_model_matches_the_diffusers_backend(sd1):
     assert len(memory_patches) == 1  # chained memories merge into one patch
 
 
+def test_deltas_outside_cross_attention_match_the_diffusers_backend(sd1):
+    """ESD-u's deltas (conv_in, attn1, the FFN, proj_in) go through add_patches under their LDM keys."""
+    from erasure_core.layers import unet_modules
+
+    unet, names = sd1
+    paths = unet_modules(unet)
+    picked = ["input_blocks.0.0", f"{names[0][:-len('attn2')]}attn1.to_k", f"{names[6][:-len('attn2')]}ff.net.2",
+              "middle_block.1.proj_in"]
+    g = torch.Generator().manual_seed(8)
+    patch = ErasurePatch(layers=[], method="esd-u", deltas={
+        n: WeightDelta(full=0.05 * torch.randn(*unet.get_submodule(paths[n]).weight.shape, generator=g))
+        for n in picked})
+    patcher = FakeModelPatcher(build_comfy_model(unet))
+    applied, _ = apply_patches(patcher, [(patch, 0.7)])
+    assert sorted(applied.patches) == sorted(f"diffusion_model.{n}.weight" for n in picked)
+    _, ctx = sd1_inputs(unet)
+    got, want = run_both(unet, names, [(patch, 0.7)], applied, ctx, torch.zeros_like(ctx))
+    plain, _ = run_both(unet, names, [], patcher, ctx, torch.zeros_like(ctx))
+    for g_, w_ in zip(got, want):
+        assert torch.allclose(g_, w_, atol=1e-5), (g_ - w_).abs().max()
+    assert (plain[0] - got[0]).abs().max() > 1e-3
+
+
 def test_strength_zero_is_identity_and_the_input_model_is_untouched(sd1):
     unet, names = sd1
     patch = make_patch(unet, names, seed=1, deltas={f"{names[2]}.to_k": "full"})

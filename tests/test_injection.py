@@ -207,6 +207,55 @@ def test_gradients_reach_trainable_memory_and_deltas(case):
     assert k.grad.abs().sum() > 0 and v.grad.abs().sum() > 0 and up.grad.abs().sum() > 0
 
 
+def outside_deltas(case, seed):
+    """ESD-u-style deltas: a full conv, a low-rank conv (kohya's factors), a linear of the time path, attn1."""
+    from erasure_core.layers import unet_modules
+
+    paths = unet_modules(case.unet)
+    convs = [name for name in paths if name.endswith(("in_layers.2", "out_layers.3"))]
+    picks = {convs[0]: "full", convs[-1]: "lora", next(n for n in paths if n.endswith("emb_layers.1")): "full",
+             next(n for n in paths if n.endswith("attn1.to_v")): "lora"}
+    g = torch.Generator().manual_seed(seed)
+    deltas = {}
+    for name, kind in picks.items():
+        shape = case.unet.get_submodule(paths[name]).weight.shape
+        if kind == "full":
+            deltas[name] = WeightDelta(full=0.05 * torch.randn(*shape, generator=g))
+        else:
+            down_shape = (2, *shape[1:])
+            up_shape = (shape[0], 2, *([1, 1] if len(shape) == 4 else []))
+            deltas[name] = WeightDelta(down=0.2 * torch.randn(*down_shape, generator=g),
+                                       up=0.2 * torch.randn(*up_shape, generator=g), alpha=1.0)
+    return paths, deltas
+
+
+def test_deltas_outside_cross_attention_equal_edited_weights(case):
+    """A forward hook adds s·ΔW·x: the same output as a copy of the UNet whose weights were edited, with the
+    user's weights never written, and strength 0 and detach bit-identical."""
+    import copy
+
+    paths, deltas = outside_deltas(case, seed=9)
+    patch = ErasurePatch(layers=[], method="esd-u", deltas=deltas)
+    before, sums = case.run(), checksum(case.unet)
+    edited = copy.deepcopy(case.unet)
+    with torch.no_grad():
+        for name, delta in deltas.items():
+            edited.get_submodule(paths[name]).weight += 0.5 * delta.weight()
+    want = edited(*case.inputs).sample
+    with attached(case.unet, [(patch, 0.5)]):
+        got = case.run()
+        assert checksum(case.unet) == sums
+    assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+    assert (got - before).abs().max() > 1e-3
+    with attached(case.unet, [(patch, 0.0)]):
+        assert torch.equal(case.run(), before)
+    assert torch.equal(case.run(), before)
+    wrong = ErasurePatch(layers=[], deltas={next(iter(deltas)): WeightDelta(full=torch.zeros(3, 3))})
+    with pytest.raises(PatchError, match="the model's weight"):
+        attach(case.unet, [(patch, 1.0), (wrong, 1.0)])
+    assert torch.equal(case.run(), before)  # the refused pair left no hook behind
+
+
 # One attention module by hand.
 
 def single_attention(dtype=torch.float32):

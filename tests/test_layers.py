@@ -6,7 +6,7 @@ import torch
 from unets import SD1_INPUT, SD1_OUTPUT, sd1_unet, sd2_unet, sdxl_unet, toy_unet
 
 from erasure_core.layers import (PROJECTIONS, attn2_layers, attn2_layers_from_config, comfy_weight_key,
-                                 from_comfy_weight_key, from_kohya_prefix, is_canonical_layer, kohya_prefix, layer_of,
+                                 from_comfy_weight_key, from_kohya_module, is_canonical_layer, kohya_prefix, layer_of,
                                  select_layers, to_canonical, to_diffusers)
 
 
@@ -134,10 +134,9 @@ def test_selection_modes():
 @pytest.mark.parametrize("names", [sd1_names(), sdxl_names(), TOY_NAMES], ids=["sd1", "sdxl", "toy"])
 def test_kohya_and_comfy_keys_round_trip(names):
     for name in names:
-        assert from_kohya_prefix(kohya_prefix(name)) == name
         for proj in PROJECTIONS:
             module = f"{name}.{proj}"
-            assert from_kohya_prefix(kohya_prefix(module)) == module
+            assert from_kohya_module(kohya_prefix(module)) == module
             assert from_comfy_weight_key(comfy_weight_key(module)) == module
 
 
@@ -146,16 +145,61 @@ def test_key_spellings():
     assert kohya_prefix(module) == "lora_unet_input_blocks_1_1_transformer_blocks_0_attn2_to_k"
     assert kohya_prefix("output_blocks.11.1.transformer_blocks.0.attn2.to_out.0") == \
         "lora_unet_output_blocks_11_1_transformer_blocks_0_attn2_to_out_0"
-    assert from_kohya_prefix("lora_unet_middle_block_1_transformer_blocks_9_attn2_to_v") == \
+    assert from_kohya_module("lora_unet_middle_block_1_transformer_blocks_9_attn2_to_v") == \
         "middle_block.1.transformer_blocks.9.attn2.to_v"
     assert comfy_weight_key(module) == "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
-    for bad in ("lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_k",
+    for bad in ("lora_unet_input_blocks_1_1_transformer_blocks_0_attn3_to_k",
                 "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k",
                 "lora_te_text_model_encoder_layers_0_self_attn_k_proj"):
         with pytest.raises(ValueError):
-            from_kohya_prefix(bad)
+            from_kohya_module(bad)
     for bad in ("model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight",
                 "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k"):
         with pytest.raises(ValueError):
             from_comfy_weight_key(bad)
     assert not is_canonical_layer("down_blocks.0.attentions.0.transformer_blocks.0.attn2")
+
+
+def sd15_ldm_weights() -> set[str]:
+    """The linear and conv layers of the SD1.5 checkpoint (model.diffusion_model.*), written out from its keys."""
+    resnet = ("in_layers.2", "emb_layers.1", "out_layers.3")
+    transformer = ["proj_in", "proj_out"] + [f"transformer_blocks.0.{a}.{p}" for a in ("attn1", "attn2")
+                                             for p in PROJECTIONS] + ["transformer_blocks.0.ff.net.0.proj",
+                                                                      "transformer_blocks.0.ff.net.2"]
+    names = {"input_blocks.0.0", "time_embed.0", "time_embed.2", "out.2"}
+    names |= {f"input_blocks.{i}.0.{leaf}" for i in (1, 2, 4, 5, 7, 8, 10, 11) for leaf in resnet}
+    names |= {"input_blocks.4.0.skip_connection", "input_blocks.7.0.skip_connection"}
+    names |= {f"input_blocks.{i}.1.{leaf}" for i in SD1_INPUT for leaf in transformer}
+    names |= {f"input_blocks.{i}.0.op" for i in (3, 6, 9)}
+    names |= {f"middle_block.{i}.{leaf}" for i in (0, 2) for leaf in resnet}
+    names |= {f"middle_block.1.{leaf}" for leaf in transformer}
+    names |= {f"output_blocks.{i}.0.{leaf}" for i in range(12) for leaf in resnet + ("skip_connection",)}
+    names |= {f"output_blocks.{i}.1.{leaf}" for i in SD1_OUTPUT for leaf in transformer}
+    names |= {"output_blocks.2.1.conv", "output_blocks.5.2.conv", "output_blocks.8.2.conv"}
+    return names
+
+
+def test_every_weight_of_an_sd15_layout_gets_its_checkpoint_path():
+    from erasure_core.layers import is_canonical_module, unet_modules
+
+    unet = sd1_unet(block_out_channels=(8, 16, 32, 32))  # channel changes, so skip connections exist as in SD1.5
+    paths = unet_modules(unet)
+    assert set(paths) == sd15_ldm_weights()
+    assert paths["output_blocks.5.2.conv"] == "up_blocks.1.upsamplers.0.conv"
+    assert paths["input_blocks.4.0.skip_connection"] == "down_blocks.1.resnets.0.conv_shortcut"
+    assert paths["middle_block.2.out_layers.3"] == "mid_block.resnets.1.conv2"
+    for ldm, diffusers in paths.items():
+        assert is_canonical_module(ldm) and from_kohya_module(kohya_prefix(ldm)) == ldm
+        assert unet.get_submodule(diffusers).weight.dim() in (2, 4)
+
+
+@pytest.mark.parametrize("arch", ["sd2", "sdxl", "toy"])
+def test_unet_modules_agree_with_the_attn2_layers(built, arch):
+    from erasure_core.layers import unet_modules
+
+    paths = unet_modules(built[arch])
+    for layer in attn2_layers(built[arch]):
+        for proj in PROJECTIONS:
+            assert paths[f"{layer.canonical}.{proj}"] == f"{layer.diffusers}.{proj}"
+    if arch == "sdxl":
+        assert paths["label_emb.0.0"] == "add_embedding.linear_1"

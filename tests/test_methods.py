@@ -84,3 +84,16 @@ def test_uce_is_closed_form_and_changes_the_target(toy_model, original):
     delta = patch.deltas[layer].full
     assert (erased @ (w + delta).T - anchor @ w.T).norm() < 0.5 * (erased @ w.T - anchor @ w.T).norm()
     assert (kept @ delta.T).norm() < 0.2 * (kept @ w.T).norm()
+
+
+def test_esd_u_trains_only_outside_cross_attention(toy_model, circle_cache, original):
+    from erasure_core.methods.esd import train_esd
+
+    before = {k: v.clone() for k, v in toy_model.unet.state_dict().items()}
+    patch, losses = train_esd(toy_model, config(method="esd-u", lr=1e-4), cache=circle_cache)
+    assert falls(losses)
+    assert all(torch.equal(v, before[k]) for k, v in toy_model.unet.state_dict().items())
+    assert patch.deltas and not any(".attn2." in name or name.startswith(("time_embed.", "out."))
+                                    for name in patch.deltas)
+    assert any(d.full.dim() == 4 for d in patch.deltas.values())  # ResBlock convs, not only linear layers
+    assert (images_with(toy_model, [(patch, 1.0)]) - original).abs().mean() > 0.02

@@ -73,6 +73,31 @@ def test_delta_only_patch_round_trip(tmp_path):
     assert back.metadata()["erasure.context_dim"] == ""
 
 
+def test_deltas_outside_cross_attention_round_trip(tmp_path):
+    """ESD-u's patches: conv and linear deltas anywhere in the UNet, full or low rank (kohya's conv factors)."""
+    from safetensors import safe_open
+
+    g = torch.Generator().manual_seed(3)
+    conv = WeightDelta(down=torch.randn(2, 4, 3, 3, generator=g), up=torch.randn(8, 2, 1, 1, generator=g), alpha=1.0)
+    patch = ErasurePatch(layers=[], method="esd-u", deltas={
+        "input_blocks.1.0.in_layers.2": conv,
+        "output_blocks.2.1.conv": WeightDelta(full=torch.randn(8, 8, 3, 3, generator=g)),
+        "middle_block.1.transformer_blocks.0.attn1.to_k": WeightDelta(full=torch.randn(8, 8, generator=g))})
+    path = save_patch(patch, tmp_path / "u.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        assert "lora_unet_output_blocks_2_1_conv.diff" in f.keys()
+        assert "lora_unet_middle_block_1_transformer_blocks_0_attn1_to_k.diff" in f.keys()
+    back = load_patch(path)
+    assert set(back.deltas) == set(patch.deltas) and back.context_dim is None  # attn1's to_k is not the context's
+    expected = (conv.up.flatten(1) @ conv.down.flatten(1)).view(8, 4, 3, 3) * 0.5
+    assert torch.allclose(back.deltas["input_blocks.1.0.in_layers.2"].weight(), expected)
+    assert back.deltas["input_blocks.1.0.in_layers.2"].shape == (8, 4, 3, 3)
+    with pytest.raises(PatchError, match="lacks"):  # a model without these weights refuses the patch
+        check_compatible(back, 768, LAYERS, weight_shapes={"out.2": (4, 8, 3, 3)})
+    with pytest.raises(PatchError, match="the model's weight is"):
+        check_compatible(back, 768, LAYERS, weight_shapes={k: (1, 1) for k in back.deltas})
+
+
 def test_per_layer_memory_round_trip(tmp_path):
     g = torch.Generator().manual_seed(1)
     mem = {n: ConceptMemory(torch.randn(3, 8, generator=g), torch.randn(3, 8, generator=g)) for n in LAYERS}
@@ -110,6 +135,9 @@ META = {"erasure.format_version": "1", "erasure.layers": json.dumps([LAYER])}
     ("mismatched_kv", "tokens x dim"),
     ("lora_ranks", "inconsistent lora_up / lora_down"),
     ("layer_level_delta", "unknown key"),
+    ("norm_level_delta", "unknown key"),
+    ("three_d_delta", "must be a linear or conv weight"),
+    ("conv_lora_up_not_1x1", "inconsistent lora_up / lora_down"),
     ("diffusers_layer_names", "not a cross-attention layer name"),
     ("bad_seed", "erasure.seed should be an integer"),
     ("bad_layers_json", "erasure.layers is not valid JSON"),
@@ -155,6 +183,14 @@ def test_bad_files_are_refused_with_one_line(tmp_path, case, message):
     elif case == "layer_level_delta":
         save_file({"lora_unet_middle_block_1_transformer_blocks_0_attn2.diff": torch.zeros(4, 4)}, str(path),
                   metadata=META)
+    elif case == "norm_level_delta":  # time_embed.1 is the SiLU: no weight, no key
+        save_file({"lora_unet_time_embed_1.diff": torch.zeros(4, 4)}, str(path), metadata=META)
+    elif case == "three_d_delta":
+        save_file({"lora_unet_input_blocks_1_0_in_layers_2.diff": torch.zeros(4, 4, 3)}, str(path), metadata=META)
+    elif case == "conv_lora_up_not_1x1":
+        prefix = "lora_unet_input_blocks_1_0_in_layers_2"
+        save_file({f"{prefix}.lora_down.weight": torch.zeros(2, 4, 3, 3),
+                   f"{prefix}.lora_up.weight": torch.zeros(8, 2, 3, 3)}, str(path), metadata=META)
     elif case == "diffusers_layer_names":
         save_file({"erasure.memory.k": torch.zeros(2, 4), "erasure.memory.v": torch.zeros(2, 4)}, str(path),
                   metadata={**META, "erasure.layers": '["mid_block.attentions.0.transformer_blocks.0.attn2"]'})

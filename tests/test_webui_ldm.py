@@ -147,6 +147,42 @@ def test_forge_patcher_path_matches_the_diffusers_injection(case):
     assert checksum(case.unet) == before and hook_counts(case.ldm) == (0, 0)
 
 
+def esd_u_patch(case, seed=4):
+    """Deltas outside cross-attention (ESD-u): a conv of a ResBlock, the upsampler's conv, attn1 and the FFN."""
+    from erasure_core.layers import unet_modules
+
+    paths = unet_modules(case.unet)
+    names = [next(n for n in paths if n.endswith("in_layers.2")), next(n for n in paths if n.endswith(".conv")),
+             next(n for n in paths if n.endswith("attn1.to_k")), next(n for n in paths if n.endswith("ff.net.2"))]
+    g = torch.Generator().manual_seed(seed)
+    return ErasurePatch(layers=[], method="esd-u", deltas={
+        n: WeightDelta(full=0.05 * torch.randn(*case.unet.get_submodule(paths[n]).weight.shape, generator=g))
+        for n in names})
+
+
+def test_deltas_outside_cross_attention_match_diffusers_in_a1111_and_forge(case):
+    from erasure_core.layers import weight_modules
+
+    patches = [(esd_u_patch(case), 0.8), two_patches(case)[0]]
+    with attached(case.unet, patches):
+        expected = case.run()
+    plain, before = case.run(), checksum(case.unet)
+    weights = weight_modules(case.ldm)
+    handle = attach_hooks(case.modules, patches, weights=weights)
+    got = case.run()
+    handle.detach()
+    assert (got - expected).abs().max() < 1e-5 and (got - plain).abs().max() > 1e-3
+    assert torch.equal(case.run(), plain) and checksum(case.unet) == before
+    with pytest.raises(PatchError, match="lacks"):  # without the other layers, such deltas cannot be placed
+        attach_hooks(case.modules, patches)
+    assert torch.equal(case.run(), plain)
+    patcher = UnetPatcher(KModel(case.ldm))
+    with torch.no_grad():
+        forge = apply_forge(patcher, patches).clone().apply_model(*case.inputs)
+    assert (forge - expected).abs().max() < 1e-5
+    assert checksum(case.unet) == before
+
+
 def test_forge_dropped_delta_keys_are_an_error(case):
     class Dropping(UnetPatcher):
         def add_patches(self, *, filename, patches, **kwargs):

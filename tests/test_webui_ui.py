@@ -55,7 +55,7 @@ def toy():
 @pytest.mark.parametrize("change, message", [
     (dict(concept=""), "name the concept"), (dict(concept="dragon"), "neither"),
     (dict(method="nope"), "unknown method"), (dict(method="all-but-one"), "needs an alternative"),
-    (dict(steps=0), "steps must be"), (dict(steps=2.5), "steps must be"), (dict(lr=0), "learning rate"),
+    (dict(steps=0), "steps must be"), (dict(steps=2.5), "steps must be"), (dict(lr=-1e-3), "learning rate"),
     (dict(layers="input_blocks.99.1.transformer_blocks.0.attn2"), "has no cross-attention layer"),
 ])
 def test_bad_requests_are_one_line_and_write_nothing(toy, tmp_path, change, message):

@@ -32,7 +32,7 @@ from typing import Callable
 import torch
 
 from ..denoiser import Conditioning
-from ..layers import PROJECTIONS, comfy_weight_key, is_canonical_layer
+from ..layers import PROJECTIONS, comfy_weight_key, is_canonical_layer, weight_modules
 from ..patch import ErasurePatch, PatchError, WeightDelta, check_compatible, fingerprint_of
 
 __all__ = ["COMFY_CHUNK", "MemoryAttn2Patch", "ComfyDenoiser", "apply_patches", "comfy_address", "attn2_modules",
@@ -196,6 +196,7 @@ class _ModelInfo:
             raise PatchError("this MODEL has no UNet cross-attention (attn2) layers; erasure patches work on "
                              "SD1.x, SD2.x and SDXL UNets")
         self.layers = list(self.modules)
+        self.weights = weight_modules(diffusion_model)
         first = next(iter(self.modules.values()))
         self.context_dim = int(first.to_k.weight.shape[1])
 
@@ -218,7 +219,7 @@ class _ModelInfo:
 
     def check(self, patches: list[tuple[ErasurePatch, float]]) -> list[str]:
         """Refuse what the model cannot take (PatchError); warnings for what is merely unusual."""
-        shapes = {name: tuple(w.shape) for name, w in self.projection_weights().items()}
+        shapes = {name: tuple(m.weight.shape) for name, m in self.weights.items()}
         fingerprint = self.fingerprint() if any(p.base_fingerprint for p, _ in patches) else None
         warnings: list[str] = []
         for patch, strength in patches:
@@ -346,6 +347,9 @@ class ComfyDenoiser:
     def projection_weights(self) -> dict[str, torch.Tensor]:
         self._ensure_loaded()
         return self._info.projection_weights()
+
+    def weight_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {name: tuple(m.weight.shape) for name, m in self._info.weights.items()}
 
     def fingerprint(self) -> str:
         self._ensure_loaded()

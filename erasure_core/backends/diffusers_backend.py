@@ -94,6 +94,12 @@ class DiffusersDenoiser:
         return {f"{layer.canonical}.{proj}": modules[f"{layer.diffusers}.{proj}"].weight
                 for layer in attn2_layers(self.unet) for proj in PROJECTIONS}
 
+    def weight_shapes(self) -> dict[str, tuple[int, ...]]:
+        from ..layers import unet_modules
+
+        modules = dict(self.unet.named_modules())
+        return {name: tuple(modules[path].weight.shape) for name, path in unet_modules(self.unet).items()}
+
     def attach(self, patches: list):
         from ..injection import attach
 

@@ -10,8 +10,9 @@ attention implementation A1111 swaps in makes (`k = self.to_k(context)`, `v = se
 
 - a forward pre-hook on `to_k` appends P_k to its input, one on `to_v` appends s·P_v, so keys and values end the
   same length whatever attention kernel runs next;
-- a forward hook on a projection adds s·ΔW·x to its output (no bias), so weights are never written, which A1111's
-  own LoRA code (it keeps in-place backups of weights) relies on.
+- a forward hook on a projection, or on any other linear or conv layer a delta names (ESD-u), adds s·ΔW·x to its
+  output (no bias), so weights are never written, which A1111's own LoRA code (it keeps in-place backups of
+  weights) relies on.
 
 `LdmAttachment.detach()` removes every hook handle it made. Strength 0 skips a patch entirely, so it is
 bit-identical to no patch. Several patches compose: their memories concatenate in order, their deltas add.
@@ -32,13 +33,12 @@ import contextlib
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from ..denoiser import Conditioning, to_epsilon
-from ..injection import LayerInjection
+from ..injection import InjectionPlan, delta_hook
 from ..injection import plan_layers as plan_injection_layers
-from ..layers import PROJECTIONS, comfy_weight_key, is_canonical_layer
-from ..patch import ErasurePatch, PatchError, WeightDelta, fingerprint_of
+from ..layers import PROJECTIONS, comfy_weight_key, is_canonical_layer, weight_modules
+from ..patch import ErasurePatch, PatchError, fingerprint_of
 from ..sampling import ddim_sample, seeded_noise
 from .comfy import MemoryAttn2Patch, padding_repeats
 
@@ -71,12 +71,15 @@ def _projection(attn2: torch.nn.Module, projection: str) -> torch.nn.Module:
 
 
 def plan_layers(modules: dict[str, torch.nn.Module], patches: list[tuple[ErasurePatch, float]],
-                fingerprint: Callable[[], str] | None = None) -> tuple[dict[str, LayerInjection], list[str]]:
-    """injection.plan_layers for the WebUI's attn2 modules: ({canonical layer: LayerInjection}, warnings)."""
+                fingerprint: Callable[[], str] | None = None,
+                weights: dict[str, torch.nn.Module] | None = None) -> InjectionPlan:
+    """injection.plan_layers for the WebUI's attn2 `modules`; `weights` (layers.weight_modules) adds every other
+    linear and conv layer, which deltas outside cross-attention (ESD-u) need."""
     names = list(modules)
     context_dim = _projection(modules[names[0]], "to_k").in_features
     shapes = {f"{name}.{proj}": tuple(_projection(m, proj).weight.shape) for name, m in modules.items()
               for proj in PROJECTIONS}
+    shapes.update({name: tuple(m.weight.shape) for name, m in (weights or {}).items()})
     return plan_injection_layers(patches, names, context_dim, shapes, fingerprint)
 
 
@@ -91,17 +94,6 @@ def _memory_hook(memories: list[tuple[torch.Tensor, float]]):
         mem = mem.repeat(padding_repeats(x), 1).expand(x.shape[0], -1, -1)
         x = torch.cat([x, mem], dim=1)
         return ((x,) + tuple(args[1:]), kwargs) if args else (args, {**kwargs, "input": x})
-    return hook
-
-
-def _delta_hook(deltas: list[tuple[WeightDelta, float]]):
-    """Forward hook: output + Σ s·ΔW·x, computed functionally from the (possibly extended) input."""
-    def hook(module, args, kwargs, output):
-        x = args[0] if args else kwargs.get("input")
-        for delta, strength in deltas:
-            weight = delta.weight()
-            output = output + F.linear(x, (strength * weight).to(x.device, x.dtype))
-        return output
     return hook
 
 
@@ -122,12 +114,16 @@ class LdmAttachment:
 
 
 def attach_hooks(modules: dict[str, torch.nn.Module], patches: list[tuple[ErasurePatch, float]],
-                 fingerprint: Callable[[], str] | None = None) -> LdmAttachment:
-    """Register the hooks of `patches` on the attn2 `modules`. Validation runs first: a bad patch attaches nothing."""
-    plan, warnings = plan_layers(modules, patches, fingerprint)
+                 fingerprint: Callable[[], str] | None = None,
+                 weights: dict[str, torch.nn.Module] | None = None) -> LdmAttachment:
+    """Register the hooks of `patches` on the attn2 `modules` (and on `weights` for deltas outside
+    cross-attention). Validation runs first: a bad patch attaches nothing."""
+    plan = plan_layers(modules, patches, fingerprint, weights)
     handles = []
     try:
-        for layer, injection in plan.items():
+        for module, deltas in plan.modules.items():
+            handles.append(weights[module].register_forward_hook(delta_hook(deltas), with_kwargs=True))
+        for layer, injection in plan.layers.items():
             attn2 = modules[layer]
             if injection.memories:
                 handles.append(attn2.to_k.register_forward_pre_hook(
@@ -136,11 +132,11 @@ def attach_hooks(modules: dict[str, torch.nn.Module], patches: list[tuple[Erasur
                     _memory_hook([(v, s) for _, v, s in injection.memories]), with_kwargs=True))
             for projection, deltas in injection.deltas.items():
                 handles.append(_projection(attn2, projection).register_forward_hook(
-                    _delta_hook(deltas), with_kwargs=True))
+                    delta_hook(deltas), with_kwargs=True))
     except BaseException:
         LdmAttachment(handles, []).detach()
         raise
-    return LdmAttachment(handles, warnings)
+    return LdmAttachment(handles, plan.warnings)
 
 
 class LdmDenoiser:
@@ -159,6 +155,7 @@ class LdmDenoiser:
         self._device = torch.device(device) if device is not None else None
         self.unet = sd_model.model.diffusion_model
         self.modules = attn2_modules(self.unet)
+        self.weights = weight_modules(self.unet)
         self.is_sdxl = hasattr(sd_model, "conditioner")
         self.parameterization = getattr(sd_model, "parameterization", "eps")
         self.alphas_cumprod = torch.as_tensor(sd_model.alphas_cumprod).detach().float().cpu()
@@ -224,8 +221,11 @@ class LdmDenoiser:
         return {f"{name}.{proj}": _projection(m, proj).weight for name, m in self.modules.items()
                 for proj in PROJECTIONS}
 
+    def weight_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {name: tuple(m.weight.shape) for name, m in self.weights.items()}
+
     def attach(self, patches: list) -> LdmAttachment:
-        return attach_hooks(self.modules, patches, self.fingerprint)
+        return attach_hooks(self.modules, patches, self.fingerprint, self.weights)
 
     def fingerprint(self) -> str:
         return modules_fingerprint(self.modules)
@@ -270,8 +270,8 @@ def apply_forge(unet_patcher, patches: list[tuple[ErasurePatch, float]], filenam
     alone. The memory goes in through `set_model_attn2_patch` (a MemoryAttn2Patch holding detached copies, as the
     clone deep-copies it), deltas through Forge's keyword-only `add_patches`, whose returned keys are checked: a
     key the patcher dropped is an error, never a silent no-op."""
-    modules = attn2_modules(unet_patcher.model.diffusion_model)
-    plan_layers(modules, patches)  # validates everything before anything is built
+    diffusion_model = unet_patcher.model.diffusion_model
+    plan_layers(attn2_modules(diffusion_model), patches, weights=weight_modules(diffusion_model))  # validates first
     active = [(patch, float(strength)) for patch, strength in patches if float(strength) != 0]
     clone = unet_patcher.clone()
     memory = MemoryAttn2Patch.from_patches(active, detach=True)

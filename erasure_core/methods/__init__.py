@@ -12,7 +12,7 @@ from ..denoiser import Denoiser
 from ..engine import TrainConfig
 from ..patch import ErasurePatch
 
-METHODS = ("memory", "memory-only", "memory-key", "all-but-one", "esd-x", "esd-x-strict", "uce")
+METHODS = ("memory", "memory-only", "memory-key", "all-but-one", "esd-x", "esd-x-strict", "esd-u", "uce")
 TAKES_ALTERNATIVE = ("memory", "memory-only", "memory-key", "all-but-one", "uce")  # ESD has no anchor
 
 

@@ -1,7 +1,13 @@
 """ESD (Gandikota et al. 2023), the baseline: push ε(x_t, c_e) towards the negatively guided target
 y = ε*(x_t, ∅) − η·(ε*(x_t, c_e) − ε*(x_t, ∅)). Verified against the authors' code; training from the
 frozen-trajectory cache instead of re-sampling every step is our design (METHODS.md), and so is the optional
-preservation term on `config.preserve`."""
+preservation term on `config.preserve`.
+
+Parameter sets: ESD-x trains every attn2 projection, ESD-x-strict attn2 to_k and to_v. ESD-u trains every
+parameter except attn2, the time embedding and the output layers; ours trains the weights of those linear and
+conv layers (biases and norms stay frozen, so the patch holds plain weight deltas that every host and the stock
+LoRA loaders apply). An ESD-u patch is as large as the weights it changes (813 M parameters, 3.3 GB in float32,
+for SD1.5)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,8 +20,14 @@ from ..engine import (PROJECTION_SETS, TrainConfig, TrajectoryCache, concept_cac
                       preserved_prompts, run_training, setup)
 from ..patch import ErasurePatch
 
-# which attn2 projections each variant trains (ESD-u, outside attn2, needs full-UNet deltas: not yet supported)
-PARAMETER_SETS = {"esd-x": "all", "esd-x-strict": "kv"}
+# what each variant trains: a set of attn2 projections, or "outside" for every linear and conv layer outside attn2
+PARAMETER_SETS = {"esd-x": "all", "esd-x-strict": "kv", "esd-u": "outside"}
+_NOT_IN_ESD_U = ("time_embed.", "label_emb.", "out.")  # the time (and SDXL size) embedding and the output layers
+
+
+def esd_u_modules(weight_shapes: dict[str, tuple[int, ...]]) -> list[str]:
+    """The layers ESD-u trains: every linear and conv layer except attn2, the embeddings and the output."""
+    return [name for name in weight_shapes if ".attn2." not in name and not name.startswith(_NOT_IN_ESD_U)]
 
 
 def esd_target(batch: CacheRecord, eta: float):
@@ -30,8 +42,11 @@ def train_esd(denoiser: Denoiser, config: TrainConfig, cache: TrajectoryCache | 
     concept, empty = denoiser.encode([config.concept]), denoiser.encode([""])
     cache = cache or concept_cache(denoiser, config, concept, empty)
     preserved = preserved_prompts(denoiser, config, cache)
-    parts = setup(denoiser, config, tokens=0, projections=PROJECTION_SETS[PARAMETER_SETS[config.method]],
-                  delta_layers=config.layers)
+    if PARAMETER_SETS[config.method] == "outside":
+        parts = setup(denoiser, config, tokens=0, delta_modules=esd_u_modules(denoiser.weight_shapes()))
+    else:
+        parts = setup(denoiser, config, tokens=0, projections=PROJECTION_SETS[PARAMETER_SETS[config.method]],
+                      delta_layers=config.layers)
     live = parts.patch()
 
     def step_loss(step: int, batch: CacheRecord):

@@ -120,7 +120,7 @@ class LdmUNet(nn.Module):
     module tree, so named_modules() shows LDM paths only, as in A1111."""
 
     def __init__(self, unet) -> None:
-        from erasure_core.layers import attn2_layers
+        from erasure_core.layers import attn2_layers, unet_modules
 
         super().__init__()
         self._diffusers = [unet]
@@ -129,14 +129,20 @@ class LdmUNet(nn.Module):
             attn = unet.get_submodule(layer.diffusers)
             ldm_attn = CrossAttention(attn.to_q, attn.to_k, attn.to_v, nn.Sequential(attn.to_out[0], attn.to_out[1]),
                                       attn.heads)
-            parent = self
-            *path, leaf = layer.canonical.split(".")
-            for part in path:
-                if part not in parent._modules:
-                    parent.add_module(part, nn.Module())
-                parent = parent._modules[part]
-            parent.add_module(leaf, ldm_attn)
+            self._place(layer.canonical, ldm_attn)
             attn.set_processor(_Bridge(ldm_attn, layer.canonical))
+        for ldm_path, diffusers_path in unet_modules(unet).items():  # every other linear and conv layer, shared
+            if ".attn2." not in ldm_path:
+                self._place(ldm_path, unet.get_submodule(diffusers_path))
+
+    def _place(self, ldm_path: str, module: nn.Module) -> None:
+        parent = self
+        *path, leaf = ldm_path.split(".")
+        for part in path:
+            if part not in parent._modules:
+                parent.add_module(part, nn.Module())
+            parent = parent._modules[part]
+        parent.add_module(leaf, module)
 
     @property
     def diffusers_unet(self):
