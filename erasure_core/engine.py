@@ -47,9 +47,10 @@ class TrainConfig:
     preserve_weight: float = 1.0  # weight of the preservation term, when `preserve` names prompts
     projections: str = ""        # attn2 projections the deltas train: "all", "kv" (to_k, to_v); "" = the method's
 
-    def __post_init__(self) -> None:
-        if self.lr is None:
-            self.lr = DELTA_LR.get(self.method, DELTA_LR["default"])
+    @property
+    def delta_lr(self) -> float:
+        """The weight deltas' learning rate: `lr`, or the method's default when it is None."""
+        return self.lr if self.lr is not None else DELTA_LR.get(self.method, DELTA_LR["default"])
 
 
 # ESD-u moves every layer outside cross-attention: at the attention deltas' rate it breaks the model within steps
@@ -186,6 +187,7 @@ def finish_patch(denoiser: Denoiser, parts: TrainableParts, config: TrainConfig,
     deltas = {k: WeightDelta(full=d.full.detach().clone().cpu()) for k, d in live.deltas.items()
               if d.full.abs().max() > 0}
     training = {k: v for k, v in asdict(config).items() if k not in ("concept", "alternative", "preserve", "seed")}
+    training["lr"] = config.delta_lr
     return ErasurePatch(layers=parts.layers if memory is not None else [], memory=memory, deltas=deltas,
                         method=config.method, concepts=[config.concept], alternative=config.alternative,
                         preserve=list(config.preserve), base_model=getattr(denoiser, "name", ""),

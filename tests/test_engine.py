@@ -74,3 +74,13 @@ def test_preservation_keeps_the_preserved_prompt_closer_to_the_original(toy_mode
             return (toy_model.predict_noise(cache.x_t, cache.t, square) - cache.eps_preserve[:, 0]).square().mean()
 
     assert square_shift(kept) < 0.5 * square_shift(free)
+
+
+def test_the_learning_rate_defaults_per_method_and_an_explicit_one_wins():
+    from dataclasses import replace
+
+    assert TrainConfig(concept="a circle", method="esd-x").delta_lr == 1e-3
+    esd_u = TrainConfig(concept="a circle", method="esd-u")
+    assert esd_u.delta_lr == 1e-4 and esd_u.lr is None
+    assert replace(TrainConfig(concept="a circle"), method="esd-u").delta_lr == 1e-4  # how the benchmark builds it
+    assert TrainConfig(concept="a circle", method="esd-u", lr=5e-4).delta_lr == 5e-4

@@ -47,6 +47,6 @@ def train_all_but_one(denoiser: Denoiser, config: TrainConfig, cache: Trajectory
         return guid + drift_weight * F.mse_loss(pred_u, batch.eps_uncond) \
             + config.preserve_weight * preservation_loss(denoiser, live, batch, preserved, step)
 
-    losses = run_training(denoiser, config, parts, cache, step_loss, [{"params": parts.delta_params(), "lr": config.lr}],
+    losses = run_training(denoiser, config, parts, cache, step_loss, [{"params": parts.delta_params(), "lr": config.delta_lr}],
                           checkpoint, progress, cancel)
     return finish_patch(denoiser, parts, config), losses

@@ -54,6 +54,6 @@ def train_esd(denoiser: Denoiser, config: TrainConfig, cache: TrajectoryCache | 
         return F.mse_loss(pred, esd_target(batch, config.eta)) \
             + config.preserve_weight * preservation_loss(denoiser, live, batch, preserved, step)
 
-    losses = run_training(denoiser, config, parts, cache, step_loss, [{"params": parts.delta_params(), "lr": config.lr}],
+    losses = run_training(denoiser, config, parts, cache, step_loss, [{"params": parts.delta_params(), "lr": config.delta_lr}],
                           checkpoint, progress, cancel)
     return finish_patch(denoiser, parts, config), losses

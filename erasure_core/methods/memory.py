@@ -76,7 +76,7 @@ def train_memory(denoiser: Denoiser, config: TrainConfig, cache: TrajectoryCache
 
     groups = [{"params": parts.memory_params(), "lr": config.memory_lr}]
     if not memory_only:
-        groups.append({"params": parts.delta_params(), "lr": config.lr})
+        groups.append({"params": parts.delta_params(), "lr": config.delta_lr})
     losses = run_training(denoiser, config, parts, cache, step_loss, groups, checkpoint, progress, cancel)
     if key_mode:
         return finish_patch(denoiser, parts, config, include_memory=False), losses, \
