@@ -1,7 +1,7 @@
 """The measurements that chose the defaults: train one configuration on the toy model, judge it, append a line.
 
 Each argument is a JSON object of TrainConfig fields plus "target" (and optionally "alternative",
-"preserve": "auto" for the rest of the target's axis). The base model's images are generated once per target
+"preserve": "auto" for every other concept of the toy world). The base model's images are generated once per target
 and kept in --base-dir, so runs differ only in the method. Results go to bench/results/tuning.jsonl.
 
     python bench/tune.py '{"target": "circle", "method": "memory", "projections": "kv", "preserve": "auto"}'

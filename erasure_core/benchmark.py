@@ -62,9 +62,10 @@ class PeakMemory:
 
 
 def default_preserve(target: str) -> list[str]:
-    """The benchmark's preserved concepts: the other concepts of the target's axis (as UCE's evaluation does)."""
-    names = OBJECT_NAMES if concept(target).axis == "object" else STYLE_NAMES
-    return [n for n in names if n != concept(target).name]
+    """The toy model's preserved concepts: every other concept of the world, the target's axis first. Keeping
+    only the target's own axis lost the other axis (erasing a style cost objects: bench/results/tuning.md)."""
+    own, other = (OBJECT_NAMES, STYLE_NAMES) if concept(target).axis == "object" else (STYLE_NAMES, OBJECT_NAMES)
+    return [n for n in own if n != concept(target).name] + list(other)
 
 
 DEFAULT_ALTERNATIVES = {"circle": "square", "star": "cross", "stripes": "checker", "dots": "grid"}
@@ -132,7 +133,7 @@ def _finished_rows(path: Path, settings: dict) -> list[dict]:
 def _settings(config: TrainConfig, seeds_per_cell: int, sample_steps: int, preserve: bool, device) -> dict:
     return {"train": {k: v for k, v in vars(config).items() if k not in ("concept", "method")},
             "seeds_per_cell": seeds_per_cell, "sample_steps": sample_steps,
-            "preserve_other_concepts_of_the_axis": preserve, "device": str(torch.device(device).type),
+            "preserve_every_other_concept": preserve, "device": str(torch.device(device).type),
             "torch_threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d")}
 
 

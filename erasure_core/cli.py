@@ -197,8 +197,11 @@ def cmd_inspect(args) -> int:
     width = max(len(k) for k in meta)
     for key, value in meta.items():
         print(f"  {key:<{width}}  {value}")
-    print(f"  {'tensors':<{width}}  " + ", ".join(f"{k} {tuple(v.shape)} {str(v.dtype).replace('torch.', '')}"
-                                               for k, v in patch.tensors().items()))
+    tensors = patch.tensors()
+    shown = [f"{k} {tuple(v.shape)} {str(v.dtype).replace('torch.', '')}" for k, v in list(tensors.items())[:8]]
+    more = f", and {len(tensors) - 8} more ({sum(v.numel() for v in tensors.values()):,} values in all)" \
+        if len(tensors) > 8 else ""
+    print(f"  {'tensors':<{width}}  " + ", ".join(shown) + more)
     return 0
 
 
@@ -256,7 +259,7 @@ def _concept_prompt(model, text: str) -> str:
 
 
 def _preserve_list(model, target: str, text: str) -> list[str]:
-    """--preserve: "auto" keeps the rest of the target's axis on the toy model (nothing elsewhere), "none"
+    """--preserve: "auto" keeps every other concept of the toy world on the toy model (nothing elsewhere), "none"
     keeps nothing, otherwise a comma-separated list."""
     if text.strip() == "auto":
         if getattr(model, "name", "") != "toy":
@@ -532,8 +535,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alternative", default="",
                    help="concept that replaces the erased one (memory variants, all-but-one, uce)")
     p.add_argument("--preserve", default="auto",
-                   help='comma-separated concepts to keep; "auto" (default): on the toy model the other concepts '
-                        'of the erased one\'s axis, elsewhere none; "none"')
+                   help='comma-separated concepts to keep; "auto" (default): on the toy model every other concept '
+                        'of the toy world, elsewhere none; "none"')
     p.add_argument("--steps", type=_positive_int, default=200)
     p.add_argument("--lr", type=_finite_float, default=None,
                    help="learning rate of weight deltas (default: 1e-3; esd-u 1e-4)")
@@ -565,7 +568,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=_positive_int, default=200, help="training steps of every trained method")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-preserve", action="store_true",
-                   help="do not preserve the other concepts of the target's axis")
+                   help="do not preserve the toy world's other concepts")
     p.add_argument("--seeds-per-cell", type=_positive_int, default=1)
     p.add_argument("--sample-steps", type=_positive_int, default=20)
     p.add_argument("--out-dir", default="bench/results", help="patches, bench.json and bench.md go here; "

@@ -28,9 +28,11 @@ def test_benchmark_writes_rows_with_base_values_and_resumes(toy_model, oracle, t
     assert markdown(again) + "\n" == table
 
 
-def test_preserved_concepts_are_the_rest_of_the_axis():
-    assert default_preserve("circle") == ["square", "triangle", "diamond", "star", "cross", "heart", "ring"]
-    assert "stripes" not in default_preserve("stripes") and len(default_preserve("stripes")) == 7
+def test_preserved_concepts_are_every_other_concept_own_axis_first():
+    assert default_preserve("circle")[:7] == ["square", "triangle", "diamond", "star", "cross", "heart", "ring"]
+    assert default_preserve("circle")[7:] == ["plain", "stripes", "dots", "checker", "grid", "zigzag", "bars",
+                                             "hatching"]
+    assert "stripes" not in default_preserve("stripes") and len(default_preserve("stripes")) == 15
 
 
 def test_bench_refuses_unknown_methods_and_concepts(tmp_path, capsys):
