@@ -17,7 +17,7 @@ import torch
 
 from .engine import TrainConfig
 from .evaluation import ErasureTarget, evaluate_erasure
-from .methods import TAKES_ALTERNATIVE, train_patch
+from .methods import METHODS, TAKES_ALTERNATIVE, train_patch
 from .patch import save_patch
 from .toy.world import OBJECT_NAMES, STYLE_NAMES, concept, training_prompt
 
@@ -138,11 +138,14 @@ def _settings(config: TrainConfig, seeds_per_cell: int, sample_steps: int, prese
 
 
 def markdown(results: dict) -> str:
-    """One row per (target, method); the base model's value follows each metric in parentheses."""
+    """One row per (target, method), grouped by target, methods in METHODS order; the base model's value follows
+    each metric in parentheses."""
+    targets = list(dict.fromkeys(r["target"] for r in results["rows"]))
+    rows = sorted(results["rows"], key=lambda r: (targets.index(r["target"]), METHODS.index(r["method"])))
     head = "| target | method | UA | UA-syn | IRA | CRA | ALT | FD ↓ | drift ↓ | layout SSIM | train s | peak MB | patch KB |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     fmt = lambda v, d=2: "–" if v is None else f"{v:.{d}f}"  # noqa: E731
-    for r in results["rows"]:
+    for r in rows:
         b = r["base"]
         lines.append(f"| {r['target']}{' → ' + r['alternative'] if r['alternative'] else ''} | {r['method']} | "
                      f"{fmt(r['ua'])} ({fmt(b['ua'])}) | {fmt(r['ua_syn'])} ({fmt(b['ua_syn'])}) | "
