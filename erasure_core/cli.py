@@ -292,9 +292,9 @@ def cmd_train(args) -> int:
         select_layers(model.layer_names(), layers)
     except ValueError as exc:
         raise UserError(str(exc)) from None
+    alternative = args.alternative if args.method in TAKES_ALTERNATIVE else ""  # ESD has no anchor
     config = TrainConfig(concept=_concept_prompt(model, args.concept), method=args.method,
-                         alternative=_concept_prompt(model, args.alternative)
-                         if args.alternative and args.method in TAKES_ALTERNATIVE else "",
+                         alternative=_concept_prompt(model, alternative) if alternative else "",
                          preserve=[_concept_prompt(model, p) for p in preserve], steps=args.steps, lr=args.lr,
                          memory_lr=args.memory_lr, tokens=args.tokens, layers=layers, seed=args.seed)
     try:
@@ -304,7 +304,7 @@ def cmd_train(args) -> int:
                         "nothing was written") from None
     patch, key = result.patch, result.key
     patch.concepts, patch.preserve = [args.concept], preserve
-    patch.alternative = args.alternative if args.method in TAKES_ALTERNATIVE else ""
+    patch.alternative = alternative
     save_patch(patch, out)
     print(f"wrote {out} ({out.stat().st_size / 1024:.1f} KB) in {patch.training['seconds']:.1f} s")
     if key is not None:

@@ -170,7 +170,8 @@ def from_comfy_weight_key(key: str) -> str:
     if not (key.startswith("diffusion_model.") and key.endswith(".weight")):
         raise ValueError(f"not a ComfyUI diffusion_model weight key: {key!r}")
     module = key[len("diffusion_model."):-len(".weight")]
-    _split_layer(module)
+    if not is_canonical_module(module):
+        raise ValueError(f"not a UNet weight key: {key!r}")
     return module
 
 
