@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from erasure_core.engine import ResamplingSource, TrainConfig, concept_cache
-from erasure_core.evaluation import ErasureTarget, evaluate_erasure
+from erasure_core.toy.evaluation import ErasureTarget, evaluate_erasure
 from erasure_core.methods.esd import train_esd
 from erasure_core.toy.classifier import load_oracle
 from erasure_core.toy.model import load_toy_model

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from erasure_core.benchmark import default_preserve
+from erasure_core.toy.benchmark import default_preserve
 from erasure_core.engine import TrainConfig
-from erasure_core.evaluation import ErasureTarget, evaluate_erasure
+from erasure_core.toy.evaluation import ErasureTarget, evaluate_erasure
 from erasure_core.methods import train_patch
 from erasure_core.toy.classifier import load_oracle
 from erasure_core.toy.model import load_toy_model

@@ -208,7 +208,7 @@ def cmd_inspect(args) -> int:
 def cmd_evaluate(args) -> int:
     if args.patch:
         return _evaluate_patches(args)
-    from .evaluation import evaluate_base, markdown_table
+    from .toy.evaluation import evaluate_base, markdown_table
     from .toy.classifier import load_oracle
 
     grid_png = _png_path(args.grid, "--grid") if args.grid else None
@@ -264,7 +264,7 @@ def _preserve_list(model, target: str, text: str) -> list[str]:
     if text.strip() == "auto":
         if getattr(model, "name", "") != "toy":
             return []
-        from .benchmark import default_preserve
+        from .toy.benchmark import default_preserve
 
         try:
             return default_preserve(target)
@@ -315,7 +315,7 @@ def cmd_train(args) -> int:
 
 
 def _evaluate_patches(args) -> int:
-    from .evaluation import ErasureTarget, evaluate_erasure
+    from .toy.evaluation import ErasureTarget, evaluate_erasure
     from .toy.classifier import load_oracle
 
     patches = _load_patches(args.patch, args.strength)
@@ -347,7 +347,7 @@ def cmd_demo(args) -> int:
     """The main job: erase a concept from the toy model, draw before/after, measure."""
     import torch
 
-    from .evaluation import ErasureTarget, evaluate_erasure
+    from .toy.evaluation import ErasureTarget, evaluate_erasure
     from .imaging import save_grid
     from .injection import attached
     from .methods import TAKES_ALTERNATIVE
@@ -357,7 +357,7 @@ def cmd_demo(args) -> int:
 
     out_dir = Path(args.out_dir)
     if args.alternative == "auto":
-        from .benchmark import default_alternative
+        from .toy.benchmark import default_alternative
 
         args.alternative = default_alternative(args.concept) if _known(args.concept) else ""
     if args.alternative == "none" or args.method not in TAKES_ALTERNATIVE:
@@ -413,7 +413,7 @@ def _known(name: str) -> bool:
 
 def cmd_bench(args) -> int:
     """Several methods on several targets, side by side with the same seeds: JSON and a Markdown table."""
-    from .benchmark import markdown, run_benchmark
+    from .toy.benchmark import markdown, run_benchmark
     from .engine import TrainConfig
     from .methods import METHODS
     from .toy.classifier import load_oracle
@@ -426,7 +426,7 @@ def cmd_bench(args) -> int:
         raise UserError(f"--methods: unknown {unknown[0] if unknown else 'none given'}; use {', '.join(METHODS)}")
     alternatives = {}
     if args.alternatives.strip() == "auto":
-        from .benchmark import default_alternative
+        from .toy.benchmark import default_alternative
 
         args.alternatives = ",".join(f"{t}:{default_alternative(t)}" for t in targets if _known(t))
     for pair in filter(None, (a.strip() for a in (args.alternatives or "").split(","))):

@@ -3,7 +3,7 @@ import json
 
 import torch
 
-from erasure_core.benchmark import default_preserve, markdown, run_benchmark
+from erasure_core.toy.benchmark import default_preserve, markdown, run_benchmark
 from erasure_core.cli import main
 from erasure_core.engine import ResamplingSource, TrainConfig
 

@@ -6,8 +6,8 @@ from typing import Callable
 
 import torch
 
-from .toy.classifier import HELDOUT_SEED0, Oracle, accuracy, render_labelled
-from .toy.world import OBJECT_NAMES, STYLE_NAMES, prompt
+from .classifier import HELDOUT_SEED0, Oracle, accuracy, render_labelled
+from .world import OBJECT_NAMES, STYLE_NAMES, prompt
 
 EVAL_SEED0 = 1000  # fixed seeds: every run and every method sees the same noise
 
@@ -117,7 +117,7 @@ class ErasureTarget:
 
     @classmethod
     def from_names(cls, target: str, alternative: str = "") -> "ErasureTarget":
-        from .toy.world import concept
+        from .world import concept
 
         t = concept(target)
         names = OBJECT_NAMES if t.axis == "object" else STYLE_NAMES
@@ -164,7 +164,7 @@ def erasure_metrics(oracle: Oracle, target: ErasureTarget, items: list[GridItem]
 @torch.no_grad()
 def unconditional_drift(denoiser, patches: list, n: int = 64, seed: int = 0) -> float:
     """Mean ‖ε_θ(x_t, ∅) − ε*(x_t, ∅)‖² over noised ground-truth renders at random timesteps."""
-    from .denoiser import patched
+    from ..denoiser import patched
 
     x0, _ = render_labelled(HELDOUT_SEED0 + 50_000 + seed, n)
     g = torch.Generator().manual_seed(seed)
@@ -187,7 +187,7 @@ def evaluate_erasure(denoiser, patches: list, oracle: Oracle, target: ErasureTar
 
     `base` may carry images already generated for the base model (keys "images", "syn_images"), so that a
     benchmark of several methods generates them once."""
-    from .denoiser import patched
+    from ..denoiser import patched
 
     items, syn_items = erasure_items(target, seeds_per_cell)
     prompts = [i.prompt for i in items] + [i.prompt for i in syn_items]

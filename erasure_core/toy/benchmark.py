@@ -15,11 +15,11 @@ from typing import Callable
 
 import torch
 
-from .engine import TrainConfig
+from ..engine import TrainConfig
 from .evaluation import ErasureTarget, evaluate_erasure
-from .methods import METHODS, TAKES_ALTERNATIVE, train_patch
-from .patch import save_patch
-from .toy.world import OBJECT_NAMES, STYLE_NAMES, concept, training_prompt
+from ..methods import METHODS, TAKES_ALTERNATIVE, train_patch
+from ..patch import save_patch
+from .world import OBJECT_NAMES, STYLE_NAMES, concept, training_prompt
 
 METRICS = ("ua", "ua_syn", "ira", "cra", "alt", "fd", "drift", "layout_ssim")
 
