@@ -1,31 +1,47 @@
-"""Concept-memory injection for diffusers UNets, through attention processors.
+"""Concept-memory injection by hooks on the model's own modules: one mechanism for the hosts whose UNet modules
+we call into, diffusers (here) and A1111 (erasure_core.backends.ldm.attach_hooks). ComfyUI and Forge take their
+patcher's path instead (erasure_core.backends.comfy.apply_patches).
 
-In each selected attn2 layer: K = W_k·[c ; P_k], V = W_v·[c ; s·P_v], Q = W_q·x, and
-every projection W becomes W + s·ΔW when the patch carries a delta. Deltas of other
-modules (ESD-u's, outside cross-attention) are added by a forward hook on the module:
-y + s·ΔW·x. Weights are never modified: deltas are added functionally at call time.
+In each selected attn2 layer, K = W_k·[c ; P_k] and V = W_v·[c ; s·P_v]:
+- a forward pre-hook on `to_k` appends P_k to its input and one on `to_v` appends s·P_v, so keys and values end
+  the same length whatever attention processor or kernel runs next (IP-Adapter's and any other one the user set
+  stay in place and see the memory too);
+- a forward hook adds s·ΔW·x (no bias) to the output of a projection, or of any other linear or conv layer a
+  delta names (ESD-u's, outside cross-attention): y + s·ΔW·x = (W + s·ΔW)·x + b, with the weight never written.
+The hooks go on the outermost module under each name: when an adapter wraps a projection (a LoRA loaded with
+peft), the wrapper is called with the memory appended, so the LoRA acts on the memory tokens as well, and a
+quantised base layer runs its own forward.
 
-Strength s: 0 removes the patch entirely (bit-identical to no patch); 1 is the
-trained behaviour; in between the memory keys stay and their values fade (V
-scales linearly, which is what ComfyUI's and A1111's context hooks can express
-too), and deltas scale linearly. Several patches compose: memories concatenate
-along the token axis, deltas add. Attaching on top of attached patches composes
-the same way, and detaching restores exactly what was there before.
+A diffusers attention processor sizes the attention mask from the text context before `to_k` runs; while an
+`attention_mask` (diffusers' `encoder_attention_mask`) is passed, a pre-hook on the attn2 layer has
+`prepare_attention_mask` add the memory positions, always visible.
+
+Strength s: 0 removes the patch entirely (bit-identical to no patch); 1 is the trained behaviour; in between the
+memory keys stay and their values fade (V scales linearly, which is what ComfyUI's and A1111's context hooks can
+express too), and deltas scale linearly. Several patches compose: memories concatenate along the token axis in
+order, deltas add. Attaching on top of attached patches composes the same way (one set of memory hooks per layer
+holds every attachment's memory, so the result equals attaching them together), and detaching, in any order,
+removes exactly what that attach added.
+
+Where a host pads the context into r identical copies (ComfyUI, Forge: erasure_core.padding),
+the memory is appended r times, keeping its share of attention; an ordinary context has r = 1.
 """
 from __future__ import annotations
 
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
 
-from .layers import PROJECTIONS, attn2_layers, is_attn2_projection, unet_modules
+from .layers import PROJECTIONS, attn2_layers, base_layer, is_attn2_projection, unet_modules
+from .padding import padding_repeats
 from .patch import ErasurePatch, PatchError, WeightDelta, check_compatible, model_fingerprint
 
-__all__ = ["PROJECTIONS", "LayerInjection", "InjectionPlan", "MemoryAttnProcessor", "AttachedPatches", "plan_layers",
-           "plan_injection", "delta_output", "delta_hook", "attach", "attached"]
+__all__ = ["PROJECTIONS", "LayerInjection", "InjectionPlan", "AttachedPatches", "plan_layers", "plan_injection",
+           "delta_output", "delta_hook", "attach_plan", "attach", "attached"]
 
 
 @dataclass
@@ -35,71 +51,6 @@ class LayerInjection:
     memories: list[tuple[torch.Tensor, torch.Tensor, float]] = field(default_factory=list)
     deltas: dict[str, list[tuple[WeightDelta, float]]] = field(default_factory=dict)
 
-    def combined(self, later: LayerInjection) -> LayerInjection:
-        """This layer's injection followed by a later one: memories concatenate, deltas add."""
-        deltas = {proj: list(items) for proj, items in self.deltas.items()}
-        for proj, items in later.deltas.items():
-            deltas.setdefault(proj, []).extend(items)
-        return LayerInjection(self.memories + later.memories, deltas)
-
-
-def _extend_mask(mask: torch.Tensor, extra: int, batch: int, heads: int) -> torch.Tensor:
-    """Append `extra` always-visible key positions and shape the mask for scaled_dot_product_attention."""
-    visible = torch.ones((), dtype=torch.bool, device=mask.device) if mask.dtype == torch.bool \
-        else torch.zeros((), dtype=mask.dtype, device=mask.device)
-    if extra:
-        mask = torch.cat([mask, visible.expand(*mask.shape[:-1], extra)], dim=-1)
-    if mask.dim() == 2:  # (B, keys)
-        return mask[:, None, None, :]
-    if mask.dim() == 3:  # (B, queries or 1, keys), or diffusers' head-repeated (B*heads, ..., keys)
-        return mask.unsqueeze(1) if mask.shape[0] == batch else mask.view(batch, heads, *mask.shape[1:])
-    return mask
-
-
-class MemoryAttnProcessor:
-    """Cross-attention over [text context ; memory tokens], with functional weight deltas."""
-
-    def __init__(self, injection: LayerInjection) -> None:
-        self.injection = injection
-
-    def _linear(self, module: torch.nn.Linear, projection: str, x: torch.Tensor) -> torch.Tensor:
-        weight = module.weight
-        for delta, strength in self.injection.deltas.get(projection, ()):
-            weight = weight + strength * delta.weight().to(weight.device, weight.dtype)
-        return F.linear(x, weight, module.bias)
-
-    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
-                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
-                 **kwargs) -> torch.Tensor:
-        if hidden_states.dim() != 3 or encoder_hidden_states is None:
-            raise RuntimeError("concept memory applies to cross-attention on (B, N, C) hidden states only")
-        residual = hidden_states
-        batch, heads = hidden_states.shape[0], attn.heads
-        context = encoder_hidden_states
-        if attn.norm_cross:
-            context = attn.norm_encoder_hidden_states(context)
-        context_k = context_v = context
-        memories = self.injection.memories
-        if memories:
-            device, dtype = context.device, context.dtype
-            mem_k = torch.cat([k.to(device, dtype) for k, _, _ in memories])
-            mem_v = torch.cat([(strength * v).to(device, dtype) for _, v, strength in memories])
-            context_k = torch.cat([context, mem_k.expand(batch, -1, -1)], dim=1)
-            context_v = torch.cat([context, mem_v.expand(batch, -1, -1)], dim=1)
-        if attention_mask is not None:  # memory tokens are always visible
-            attention_mask = _extend_mask(attention_mask, context_k.shape[1] - context.shape[1], batch, heads)
-        q = self._linear(attn.to_q, "to_q", hidden_states)
-        k = self._linear(attn.to_k, "to_k", context_k)
-        v = self._linear(attn.to_v, "to_v", context_v)
-        q, k, v = (t.view(batch, -1, heads, t.shape[-1] // heads).transpose(1, 2) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, scale=attn.scale)
-        out = out.transpose(1, 2).reshape(batch, -1, heads * out.shape[-1])
-        out = self._linear(attn.to_out[0], "to_out.0", out)
-        out = attn.to_out[1](out)  # dropout
-        if attn.residual_connection:
-            out = out + residual
-        return out / attn.rescale_output_factor
-
 
 def _ready(tensor: torch.Tensor, ready: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """Prepare frozen tensors once; trainable ones stay as they are so gradients reach them."""
@@ -108,8 +59,9 @@ def _ready(tensor: torch.Tensor, ready: Callable[[torch.Tensor], torch.Tensor]) 
 
 @dataclass
 class InjectionPlan:
-    """What attaching patches does: per attn2 layer, its memory and projection deltas (applied by the attention
-    hook); per other module (ESD-u's deltas), the deltas a forward hook adds to its output; and the warnings."""
+    """What attaching patches does: per attn2 layer, its memory (appended to the to_k / to_v inputs) and
+    projection deltas; per other module (ESD-u's deltas), the deltas a forward hook adds to its output; and the
+    warnings."""
 
     layers: dict[str, LayerInjection]
     modules: dict[str, list[tuple[WeightDelta, float]]]
@@ -150,30 +102,180 @@ def plan_layers(patches: list[tuple[ErasurePatch, float]], layer_names: list[str
     return plan
 
 
+def _layer_input(args: tuple, kwargs: dict) -> tuple[torch.Tensor | None, str | None]:
+    """A layer call's input and the keyword it came under (None: positional). torch names it `input`, peft `x`."""
+    if args:
+        return args[0], None
+    for key in ("input", "x", "hidden_states"):
+        if key in kwargs:
+            return kwargs[key], key
+    return None, None
+
+
 def delta_output(module: torch.nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """ΔW applied to x the way `module` (a linear or conv layer) applies its own weight, without the bias."""
+    """ΔW applied to x the way `module` (a linear or conv layer, or an adapter wrapping one) applies its own
+    weight, without the bias."""
     weight = weight.to(x.device, x.dtype)
     if weight.dim() == 4:
-        return F.conv2d(x, weight, None, module.stride, module.padding, module.dilation, module.groups)
+        conv = base_layer(module)  # a wrapper need not carry the conv's stride and padding itself
+        return F.conv2d(x, weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
     return F.linear(x, weight)
 
 
 def delta_hook(deltas: list[tuple[WeightDelta, float]]):
     """Forward hook (register with with_kwargs=True): output + Σ s·ΔW·x, so the weight itself is never written."""
     def hook(module, args, kwargs, output):
-        x = args[0] if args else kwargs.get("input")
+        x = _layer_input(args, kwargs)[0]
         for delta, strength in deltas:
             output = output + delta_output(module, x, strength * delta.weight())
         return output
     return hook
 
 
+class _LayerMemory:
+    """The memory of every attachment on one attn2 layer, appended by one pre-hook on `to_k` and one on `to_v`.
+
+    One set of hooks per layer, shared by the attachments (in attach order), so patches attached on top of
+    others give exactly what attaching them together gives, padding included, and any of them can be detached
+    first. The hooks are registered with the first attachment and removed with the last."""
+
+    _of: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    @classmethod
+    def on(cls, attn2: torch.nn.Module) -> "_LayerMemory":
+        memory = cls._of.get(attn2)
+        if memory is None:
+            memory = cls._of[attn2] = cls(attn2)
+        return memory
+
+    def __init__(self, attn2: torch.nn.Module) -> None:
+        self.attn2 = attn2
+        self.entries: dict[object, list[tuple[torch.Tensor, torch.Tensor, float]]] = {}
+        self._installed, self._saved_prepare = False, None
+        self.handles = [attn2.to_k.register_forward_pre_hook(self._appender(keys=True), with_kwargs=True),
+                        attn2.to_v.register_forward_pre_hook(self._appender(keys=False), with_kwargs=True)]
+        if callable(getattr(attn2, "prepare_attention_mask", None)):  # a diffusers Attention: masks need room
+            self.handles += [attn2.register_forward_pre_hook(self._open_mask, with_kwargs=True),
+                             attn2.register_forward_hook(self._close_mask, always_call=True)]
+
+    def add(self, owner: object, memories: list[tuple[torch.Tensor, torch.Tensor, float]]) -> None:
+        self.entries.setdefault(owner, []).extend(memories)
+
+    def remove(self, owner: object) -> None:
+        self.entries.pop(owner, None)
+        if not self.entries:
+            while self.handles:
+                self.handles.pop().remove()
+            if _LayerMemory._of.get(self.attn2) is self:
+                del _LayerMemory._of[self.attn2]
+
+    def count(self) -> int:
+        return sum(k.shape[0] for entries in self.entries.values() for k, _, _ in entries)
+
+    def tokens(self, keys: bool, like: torch.Tensor) -> torch.Tensor | None:
+        """[P_k of each] or [s·P_v of each], concatenated in attach order, in `like`'s device and dtype."""
+        parts = [(k if keys else v if s == 1 else s * v).to(like.device, like.dtype)
+                 for entries in self.entries.values() for k, v, s in entries]
+        return torch.cat(parts) if parts else None
+
+    def _appender(self, keys: bool):
+        def hook(module, args, kwargs):
+            x, key = _layer_input(args, kwargs)
+            if x is None or x.dim() != 3:
+                return None
+            memory = self.tokens(keys, x)
+            if memory is None:
+                return None
+            memory = memory.repeat(padding_repeats(x), 1)  # r copies for a context padded into r copies
+            x = torch.cat([x, memory.expand(x.shape[0], -1, -1)], dim=1)
+            return ((x,) + tuple(args[1:]), kwargs) if key is None else (args, {**kwargs, key: x})
+        return hook
+
+    def _open_mask(self, module, args, kwargs):
+        """Processors size the mask from the text context before to_k runs, all through prepare_attention_mask:
+        for this call it appends the memory's positions, always visible (0 in an additive mask, True in a
+        boolean one), and sizes for them."""
+        mask = kwargs.get("attention_mask", args[2] if len(args) > 2 else None)
+        context = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
+        if mask is None or context is None or context.dim() != 3:
+            return None
+        extra = padding_repeats(context) * self.count()
+        if not extra:
+            return None
+        self._installed, self._saved_prepare = True, module.__dict__.get("prepare_attention_mask")
+        original = module.prepare_attention_mask
+
+        def prepare(attention_mask, target_length, batch_size, out_dim=3):
+            if attention_mask is not None:
+                visible = torch.ones((), dtype=torch.bool, device=attention_mask.device) \
+                    if attention_mask.dtype == torch.bool else \
+                    torch.zeros((), dtype=attention_mask.dtype, device=attention_mask.device)
+                attention_mask = torch.cat([attention_mask, visible.expand(*attention_mask.shape[:-1], extra)], -1)
+            return original(attention_mask, target_length + extra, batch_size, out_dim)
+
+        module.__dict__["prepare_attention_mask"] = prepare
+        return None
+
+    def _close_mask(self, module, args, output):
+        if self._installed:  # always called, even when the forward raised: nothing outlives the call
+            module.__dict__.pop("prepare_attention_mask", None)
+            if self._saved_prepare is not None:
+                module.__dict__["prepare_attention_mask"] = self._saved_prepare
+            self._installed, self._saved_prepare = False, None
+        return None
+
+
+class AttachedPatches:
+    """Handle of attached patches: `detach()` removes exactly the hooks and memory this attach added, in any order
+    relative to other attachments, once (again is harmless)."""
+
+    def __init__(self, warnings: list[str] | None = None) -> None:
+        self.warnings = list(warnings or [])
+        self._handles: list = []
+        self._memories: list[_LayerMemory] = []
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles or self._memories)
+
+    def detach(self) -> None:
+        while self._handles:
+            self._handles.pop().remove()
+        while self._memories:
+            self._memories.pop().remove(self)
+
+
+def attach_plan(plan: InjectionPlan, layers: Mapping[str, torch.nn.Module],
+                modules: Mapping[str, torch.nn.Module] | None = None) -> AttachedPatches:
+    """Register the hooks of a plan. `layers` maps the plan's layer keys to attn2 modules (each with `to_k`,
+    `to_v` and the projections its deltas name, `to_out.0` included), `modules` the keys of its other deltas to
+    their modules. Every host that runs its UNet's modules itself attaches through here."""
+    handle = AttachedPatches(plan.warnings)
+    try:
+        for name, deltas in plan.modules.items():
+            handle._handles.append(modules[name].register_forward_hook(delta_hook(deltas), with_kwargs=True))
+        for name, injection in plan.layers.items():
+            attn2 = layers[name]
+            if injection.memories:
+                memory = _LayerMemory.on(attn2)
+                memory.add(handle, injection.memories)
+                handle._memories.append(memory)
+            for projection, deltas in injection.deltas.items():
+                handle._handles.append(attn2.get_submodule(projection).register_forward_hook(
+                    delta_hook(deltas), with_kwargs=True))
+    except BaseException:
+        handle.detach()
+        raise
+    return handle
+
+
 def plan_injection(unet, patches: list[tuple[ErasurePatch, float]]) -> InjectionPlan:
-    """plan_layers for a diffusers UNet, keyed by diffusers module paths."""
+    """plan_layers for a diffusers UNet, keyed by diffusers module paths (an adapter wrapper's path is that of
+    the layer it wraps)."""
     layers = attn2_layers(unet)
     paths = unet_modules(unet)
     modules = dict(unet.named_modules())
-    shapes = {name: tuple(modules[path].weight.shape) for name, path in paths.items()}
+    shapes = {name: tuple(base_layer(modules[path]).weight.shape) for name, path in paths.items()}
     device = next(unet.parameters()).device
     plan = plan_layers(patches, [layer.canonical for layer in layers], int(unet.config.cross_attention_dim),
                        shapes, lambda: model_fingerprint(unet), lambda t: t.to(device))
@@ -182,40 +284,12 @@ def plan_injection(unet, patches: list[tuple[ErasurePatch, float]]) -> Injection
                          {paths[name]: deltas for name, deltas in plan.modules.items()}, plan.warnings)
 
 
-class AttachedPatches:
-    """Handle of patches attached to a UNet; `detach()` restores the previous processors exactly."""
-
-    def __init__(self, unet, plan: InjectionPlan) -> None:
-        self.warnings = plan.warnings
-        modules = dict(unet.named_modules())
-        self._modules = {name: modules[name] for name in plan.layers}
-        self._previous = {name: module.processor for name, module in self._modules.items()}
-        self._ours: dict[str, MemoryAttnProcessor] = {}
-        self._hooks = [modules[name].register_forward_hook(delta_hook(deltas), with_kwargs=True)
-                       for name, deltas in plan.modules.items()]
-        for name, injection in plan.layers.items():
-            previous = self._previous[name]
-            if isinstance(previous, MemoryAttnProcessor):  # patches already attached: compose with them
-                injection = previous.injection.combined(injection)
-            self._ours[name] = MemoryAttnProcessor(injection)
-            self._modules[name].set_processor(self._ours[name])
-
-    def detach(self) -> None:
-        """Restore the processors found at attach time. Patches attached later must be detached first."""
-        covered = [name for name, proc in self._ours.items() if self._modules[name].processor is not proc]
-        if covered:
-            raise RuntimeError(f"patches attached later still hold {covered[0]}; detach them first")
-        for name, processor in self._previous.items():
-            self._modules[name].set_processor(processor)
-        while self._hooks:
-            self._hooks.pop().remove()
-        self._ours.clear()
-        self._previous.clear()
-
-
 def attach(unet, patches: list[tuple[ErasurePatch, float]]) -> AttachedPatches:
-    """Attach patches with strengths. Validation runs first, so a bad patch leaves nothing attached."""
-    return AttachedPatches(unet, plan_injection(unet, patches))
+    """Attach patches with strengths to a diffusers UNet. Validation runs first, so a bad patch leaves nothing
+    attached."""
+    plan = plan_injection(unet, patches)
+    modules = dict(unet.named_modules())
+    return attach_plan(plan, modules, modules)
 
 
 @contextmanager

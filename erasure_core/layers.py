@@ -11,12 +11,16 @@ SD2.x, SDXL and the toy layout are all covered by the same rules:
   downsampler that ends the block takes the next index (the last block has none);
 - layer j of up block i (each has lpb+1 layers) is output_blocks[i*(lpb+1) + j];
 - the attention is submodule `.1` of its LDM block; the middle block's is middle_block.1.
+
+Adapter wrappers (peft's LoRA layers, which `pipe.load_lora_weights` puts in place of `to_k` and others: a
+module with a `base_layer` child) are seen through: the wrapper stands under the name of the layer it wraps,
+its weight is the base layer's, and its own children (`base_layer`, `lora_A`, ...) are not layers of the UNet.
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 SELECTION_MODES = ("mid", "midout", "all")
 PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -82,10 +86,28 @@ def attn2_layers_from_config(config: Mapping[str, Any] | Any) -> list[CrossAtten
     return layers
 
 
+def base_layer(module):
+    """The module an adapter wrapper (peft: a `base_layer` child, possibly nested) wraps; `module` itself if none."""
+    while "base_layer" in getattr(module, "_modules", {}):
+        module = module._modules["base_layer"]
+    return module
+
+
+def outer_modules(model) -> Iterator[tuple[str, Any]]:
+    """named_modules() with adapter wrappers standing for what they wrap: the wrapper's own children are left out,
+    so hooks go on the outermost module and the adapter sees what the layer sees."""
+    wrapper = None
+    for name, module in model.named_modules():
+        if wrapper is not None and name.startswith(wrapper):
+            continue
+        wrapper = name + "." if "base_layer" in getattr(module, "_modules", {}) else None
+        yield name, module
+
+
 def attn2_layers(unet) -> list[CrossAttentionLayer]:
     """The attn2 layers of a diffusers UNet, checked against the modules it really has."""
     layers = attn2_layers_from_config(unet.config)
-    present = {name for name, _ in unet.named_modules() if name.endswith("attn2")}
+    present = {name for name, _ in outer_modules(unet) if name.endswith("attn2")}
     derived = {layer.diffusers for layer in layers}
     if derived != present:
         raise ValueError(f"unsupported UNet layout: derived attn2 layers {sorted(derived - present)} missing, "
@@ -205,8 +227,8 @@ def is_attn2_projection(module: str) -> bool:
 
 def weight_modules(diffusion_model) -> dict:
     """{LDM path: module} of every linear and conv layer of an LDM-layout UNet (ComfyUI, A1111, Forge)."""
-    return {name: module for name, module in diffusion_model.named_modules()
-            if is_canonical_module(name) and getattr(getattr(module, "weight", None), "dim", lambda: 0)() in (2, 4)}
+    return {name: module for name, module in outer_modules(diffusion_model) if is_canonical_module(name)
+            and getattr(getattr(base_layer(module), "weight", None), "dim", lambda: 0)() in (2, 4)}
 
 
 def from_kohya_module(prefix: str) -> str:
@@ -247,7 +269,7 @@ def _diffusers_to_ldm(name: str, lpb: list[int], up_has_attention: list[bool]) -
         return f"{block}.{start + j}.1.{rest}"
     if kind == "downsamplers" and rest == "conv":
         return f"input_blocks.{start + count}.0.op"
-    if kind == "upsamplers" and rest == "conv":  # after the block's last layer: ResBlock[, SpatialTransformer], Upsample
+    if kind == "upsamplers" and rest == "conv":  # after the last layer: ResBlock[, SpatialTransformer], Upsample
         return f"output_blocks.{start + count - 1}.{2 if up_has_attention[i] else 1}.conv"
     return None
 
@@ -257,8 +279,8 @@ def unet_modules(unet) -> dict[str, str]:
     lpb = _per_block(unet.config.layers_per_block, len(unet.config.down_block_types))
     up_has_attention = ["CrossAttn" in kind for kind in unet.config.up_block_types]
     out: dict[str, str] = {}
-    for name, module in unet.named_modules():
-        weight = getattr(module, "weight", None)
+    for name, module in outer_modules(unet):
+        weight = getattr(base_layer(module), "weight", None)
         if weight is None or weight.dim() not in (2, 4):  # linear and conv layers; norms stay out
             continue
         ldm = _diffusers_to_ldm(name, lpb, up_has_attention)

@@ -9,7 +9,7 @@ import torch
 from diffusers.models.attention_processor import Attention
 from unets import sd1_unet, toy_unet
 
-from erasure_core.injection import LayerInjection, MemoryAttnProcessor, attach, attached
+from erasure_core.injection import InjectionPlan, LayerInjection, attach, attach_plan, attached
 from erasure_core.layers import attn2_layers, select_layers, to_diffusers
 from erasure_core.patch import ConceptMemory, ErasurePatch, PatchError, WeightDelta
 
@@ -170,13 +170,20 @@ def test_attaching_on_top_composes_and_detaches_in_reverse(case):
     before = case.run()
     with attached(case.unet, [(a, 1.0), (b, 0.5)]):
         together = case.run()
+    with attached(case.unet, [(b, 0.5)]):
+        inner_alone = case.run()
     outer = attach(case.unet, [(a, 1.0)])
     inner = attach(case.unet, [(b, 0.5)])
     assert torch.equal(case.run(), together)
-    with pytest.raises(RuntimeError, match="detach them first"):
-        outer.detach()
     inner.detach()
     outer.detach()
+    assert torch.equal(case.run(), before)
+    # hooks, unlike swapped processors, come off in any order: what is left is exactly what stays attached
+    outer = attach(case.unet, [(a, 1.0)])
+    inner = attach(case.unet, [(b, 0.5)])
+    outer.detach()
+    assert torch.equal(case.run(), inner_alone)
+    inner.detach()
     assert torch.equal(case.run(), before)
 
 
@@ -258,6 +265,11 @@ def test_deltas_outside_cross_attention_equal_edited_weights(case):
 
 # One attention module by hand.
 
+def hooked(attn, injection):
+    """The injection's hooks on one attention module (what attach does for each selected layer)."""
+    return attach_plan(InjectionPlan({"attn2": injection}, {}, []), {"attn2": attn})
+
+
 def single_attention(dtype=torch.float32):
     torch.manual_seed(11)
     attn = Attention(query_dim=32, cross_attention_dim=24, heads=4, dim_head=8, out_bias=True)
@@ -285,17 +297,19 @@ def test_one_module_matches_the_formula():
     attn, x, c, mem_k, mem_v = single_attention()
     delta = 0.1 * torch.randn(attn.to_k.weight.shape, generator=torch.Generator().manual_seed(13))
     injection = LayerInjection([(mem_k, mem_v, 1.0)], {"to_k": [(WeightDelta(full=delta), 1.0)]})
-    attn.set_processor(MemoryAttnProcessor(injection))
+    handle = hooked(attn, injection)
     with torch.no_grad():
         assert torch.allclose(attn(x, encoder_hidden_states=c), by_hand(attn, x, c, mem_k, mem_v, delta), atol=1e-5)
-        attn.set_processor(MemoryAttnProcessor(LayerInjection([(mem_k, mem_v, 0.25)])))
+        handle.detach()
+        handle = hooked(attn, LayerInjection([(mem_k, mem_v, 0.25)]))
         assert torch.allclose(attn(x, encoder_hidden_states=c), by_hand(attn, x, c, mem_k, 0.25 * mem_v), atol=1e-5)
+    handle.detach()
 
 
 def test_one_module_with_a_padding_mask():
     """A masked context token stays masked; memory tokens are always visible."""
     attn, x, c, mem_k, mem_v = single_attention()
-    attn.set_processor(MemoryAttnProcessor(LayerInjection([(mem_k, mem_v, 1.0)])))
+    handle = hooked(attn, LayerInjection([(mem_k, mem_v, 1.0)]))
     bias = torch.zeros(2, 1, 5)
     bias[:, :, -1] = -10000.0  # diffusers' encoder_attention_mask arrives as an additive bias
     visible = torch.ones(2, 5, dtype=torch.bool)
@@ -304,6 +318,10 @@ def test_one_module_with_a_padding_mask():
         expected = by_hand(attn, x, c[:, :-1], mem_k, mem_v)
         assert torch.allclose(attn(x, encoder_hidden_states=c, attention_mask=bias), expected, atol=1e-5)
         assert torch.allclose(attn(x, encoder_hidden_states=c, attention_mask=visible), expected, atol=1e-5)
+        assert "prepare_attention_mask" not in attn.__dict__  # the mask's room is made for one call only
+        handle.detach()
+        plain = attn(x, encoder_hidden_states=c, attention_mask=bias)
+        assert torch.allclose(plain, by_hand(attn, x, c[:, :-1], mem_k[:0], mem_v[:0]), atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -312,7 +330,8 @@ def test_half_precision_models_take_float32_patches(dtype):
     with torch.no_grad():
         expected = by_hand(attn, x, c, mem_k, mem_v)
         attn = attn.to(dtype)
-        attn.set_processor(MemoryAttnProcessor(LayerInjection([(mem_k, mem_v, 1.0)])))
+        with_memory = hooked(attn, LayerInjection([(mem_k, mem_v, 1.0)]))
         out = attn(x.to(dtype), encoder_hidden_states=c.to(dtype))
+        with_memory.detach()
     assert out.dtype == dtype
     assert torch.allclose(out.float(), expected, atol=0.05, rtol=0.05)

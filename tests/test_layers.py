@@ -203,3 +203,28 @@ def test_unet_modules_agree_with_the_attn2_layers(built, arch):
             assert paths[f"{layer.canonical}.{proj}"] == f"{layer.diffusers}.{proj}"
     if arch == "sdxl":
         assert paths["label_emb.0.0"] == "add_embedding.linear_1"
+
+
+def test_peft_wrappers_are_seen_through():
+    """A LoRA loaded with peft wraps to_k etc. (a module with base_layer, lora_A, lora_B children): the wrapper
+    keeps the wrapped layer's LDM path, its weight is the base weight, and peft's internals are no layers."""
+    LoraConfig = pytest.importorskip("peft").LoraConfig
+    from webui_fakes import LdmUNet
+
+    from erasure_core.layers import base_layer, outer_modules, unet_modules, weight_modules
+    from erasure_core.patch import model_fingerprint
+
+    plain, wrapped = sd1_unet(), sd1_unet()  # same seed, same weights
+    wrapped.add_adapter(LoraConfig(r=2, target_modules=["to_k", "to_v", "conv1", "proj_in"], init_lora_weights=False))
+    to_k = wrapped.get_submodule(f"{attn2_layers(wrapped)[0].diffusers}.to_k")
+    assert "base_layer" in to_k._modules and "lora_A" in to_k._modules
+    assert base_layer(to_k) is to_k._modules["base_layer"] and base_layer(plain.conv_in) is plain.conv_in
+    assert attn2_layers(wrapped) == attn2_layers(plain)
+    assert unet_modules(wrapped) == unet_modules(plain)
+    assert not any(".base_layer" in name or ".lora_" in name for name, _ in outer_modules(wrapped))
+    assert model_fingerprint(wrapped) == model_fingerprint(plain)
+    ldm_plain, ldm_wrapped = weight_modules(LdmUNet(plain)), weight_modules(LdmUNet(wrapped))
+    assert list(ldm_wrapped) == list(ldm_plain)  # LDM layout: no peft internals listed
+    wrappers = [name for name, module in ldm_wrapped.items() if "base_layer" in module._modules]
+    assert any(name.endswith("attn2.to_k") for name in wrappers) and any(name.endswith("in_layers.2")
+                                                                         for name in wrappers)

@@ -1,12 +1,12 @@
 """The A1111 / Forge backend (erasure_core.backends.ldm) against contract fakes of ldm's CrossAttention and
-Forge's unet patcher, on the same weights as erasure_core.injection's diffusers processors."""
+Forge's unet patcher, on the same weights as erasure_core.injection's diffusers path (the same hooks)."""
 import pytest
 import torch
 from unets import sd1_unet, toy_unet
 from webui_fakes import (FakeLatentDiffusion, KModel, LdmUNet, UnetPatcher, block_of, checksum, hook_counts,
                          one_thread)
 
-from erasure_core.backends.comfy import address_from_extra_options, comfy_address
+from erasure_core.backends.comfy import MemoryAttn2Patch, address_from_extra_options, comfy_address
 from erasure_core.backends.ldm import LdmDenoiser, apply_forge, attach_hooks, attn2_modules, modules_fingerprint
 from erasure_core.injection import attached
 from erasure_core.layers import attn2_layers
@@ -51,7 +51,7 @@ class Case:
 
     def _diffusers(self, module):
         layer, proj = module.split(".attn2.")
-        entry = next(l for l in attn2_layers(self.unet) if l.canonical == layer + ".attn2")
+        entry = next(e for e in attn2_layers(self.unet) if e.canonical == layer + ".attn2")
         return f"{entry.diffusers}.{proj}"
 
 
@@ -70,7 +70,7 @@ def two_patches(case):
 
 def test_hooks_match_the_diffusers_injection_on_the_same_weights(case):
     patches = two_patches(case)
-    with attached(case.unet, patches):  # diffusers processors replace the bridges for the duration
+    with attached(case.unet, patches):  # the diffusers path: hooks on the projections the bridges share
         expected = case.run()
     before = checksum(case.unet)
     handle = attach_hooks(case.modules, patches)
@@ -145,6 +145,35 @@ def test_forge_patcher_path_matches_the_diffusers_injection(case):
     assert (got - expected).abs().max() < 1e-5
     assert torch.equal(plain, case.run())
     assert checksum(case.unet) == before and hook_counts(case.ldm) == (0, 0)
+
+
+def test_forge_patcher_carrying_erasure_memory_gets_one_merged_patch(case):
+    """Forge takes the ComfyUI backend's path: a second apply_forge merges into the memory patch already there
+    (next to another extension's attn2 patch), and deltas at the same strength keep separate entries."""
+    first, second = (patch for patch, _ in two_patches(case))
+    with attached(case.unet, [(first, 0.7), (second, 0.7)]):
+        expected = case.run()
+    seen = []
+
+    def other_extension(n, context, value, extra_options):
+        seen.append(context.shape[1])
+        return n, context, value
+
+    patcher = UnetPatcher(KModel(case.ldm))
+    patcher.set_model_attn2_patch(other_extension)
+    once = apply_forge(patcher, [(first, 0.7)])
+    twice = apply_forge(once, [(second, 0.7)])
+    listed = twice.model_options["transformer_options"]["patches"]["attn2_patch"]
+    assert len(listed) == 2 and listed[0] is other_extension and isinstance(listed[1], MemoryAttn2Patch)
+    assert len(once.model_options["transformer_options"]["patches"]["attn2_patch"]) == 2  # once is untouched
+    assert len(twice.lora_patches) == 2 and len(once.lora_patches) == 1  # no entry replaced another
+    with torch.no_grad():
+        got = twice.clone().apply_model(*case.inputs)
+        plain = patcher.apply_model(*case.inputs)
+        zero = apply_forge(patcher, [(first, 0.0), (second, 0.0)]).clone().apply_model(*case.inputs)
+    assert (got - expected).abs().max() < 1e-5
+    assert seen and set(seen) == {case.inputs[2].shape[1]}  # the other extension sees the plain text context
+    assert torch.equal(zero, plain) and torch.equal(plain, case.run())
 
 
 def esd_u_patch(case, seed=4):
@@ -249,6 +278,6 @@ def test_training_through_the_ldm_backend_leaves_the_model_bit_identical(toy_pai
     with torch.no_grad(), patched(model, [(patch, 1.0)]):
         through_hooks = model.predict_noise(x, t, cond)
     with torch.no_grad(), attached(toy.unet, [(patch, 1.0)]):
-        through_processors = toy.predict_noise(x, t, cond)
-    assert (through_hooks - through_processors).abs().max() < 1e-5
+        through_diffusers = toy.predict_noise(x, t, cond)
+    assert (through_hooks - through_diffusers).abs().max() < 1e-5
     assert checksum(sd_model) == before

@@ -5,8 +5,9 @@ A1111 holds an ldm `LatentDiffusion` (SD1.x, SD2.x) or an sgm `DiffusionEngine` 
 calls every such model has, `get_learned_conditioning` and `apply_model`, so every method trains on the model the
 user has loaded, and the tab can draw a before/after preview with it.
 
-Patches are applied with hooks on the selected attn2 layers' `to_k` / `to_v` Linear modules, the calls every
-attention implementation A1111 swaps in makes (`k = self.to_k(context)`, `v = self.to_v(context)`):
+Patches are applied by erasure_core.injection's hooks, the same mechanism as for diffusers, on the selected attn2
+layers' `to_k` / `to_v` modules, the calls every attention implementation A1111 swaps in makes
+(`k = self.to_k(context)`, `v = self.to_v(context)`):
 
 - a forward pre-hook on `to_k` appends P_k to its input, one on `to_v` appends s·P_v, so keys and values end the
   same length whatever attention kernel runs next;
@@ -14,17 +15,18 @@ attention implementation A1111 swaps in makes (`k = self.to_k(context)`, `v = se
   output (no bias), so weights are never written, which A1111's own LoRA code (it keeps in-place backups of
   weights) relies on.
 
-`LdmAttachment.detach()` removes every hook handle it made. Strength 0 skips a patch entirely, so it is
-bit-identical to no patch. Several patches compose: their memories concatenate in order, their deltas add.
+`LdmAttachment.detach()` removes what it attached. Strength 0 skips a patch entirely, so it is bit-identical to
+no patch. Several patches compose: their memories concatenate in order, their deltas add.
 
 Forge resets its unet patcher before every sampling pass, so there patches go through the patcher instead,
-re-applied each time (`apply_forge`). Forge's patcher has ComfyUI's calls, so the memory is the ComfyUI
-backend's `MemoryAttn2Patch` (set with `set_model_attn2_patch`); the deltas go through Forge's keyword-only
-`add_patches`, whose applied keys are checked.
+re-applied each time (`apply_forge`). Forge's patcher has ComfyUI's calls, so it takes the ComfyUI backend's
+path, erasure_core.backends.comfy.apply_patches: the memory is one `MemoryAttn2Patch` (set with
+`set_model_attn2_patch`, merged with erasure memory the patcher already carries), the deltas go through Forge's
+keyword-only `add_patches`, whose applied keys are checked.
 
 Forge and ComfyUI pad a shorter conditioning to the length of a longer one in the same batch by repeating it. A
 memory appended once would then lose share against the repeated text, so where the context is r identical
-copies, the memory is appended r times (erasure_core.backends.comfy.padding_repeats), in the hooks as in the
+copies, the memory is appended r times (erasure_core.padding.padding_repeats), in the hooks as in the
 patcher; duplicating every key and value alike leaves attention exactly as it was.
 """
 from __future__ import annotations
@@ -35,12 +37,12 @@ from typing import Callable
 import torch
 
 from ..denoiser import Conditioning, to_epsilon
-from ..injection import InjectionPlan, delta_hook
+from ..injection import AttachedPatches, InjectionPlan, attach_plan
 from ..injection import plan_layers as plan_injection_layers
-from ..layers import PROJECTIONS, comfy_weight_key, is_canonical_layer, weight_modules
-from ..patch import ErasurePatch, PatchError, fingerprint_of
+from ..layers import PROJECTIONS, base_layer, is_canonical_layer, weight_modules
+from ..patch import ErasurePatch, fingerprint_of
 from ..sampling import ddim_sample, seeded_noise
-from .comfy import MemoryAttn2Patch, padding_repeats
+from .comfy import apply_patches
 
 __all__ = ["LdmDenoiser", "LdmAttachment", "attn2_modules", "modules_fingerprint", "plan_layers", "attach_hooks",
            "apply_forge"]
@@ -62,7 +64,7 @@ def attn2_modules(diffusion_model: torch.nn.Module) -> dict[str, torch.nn.Module
 
 def modules_fingerprint(modules: dict[str, torch.nn.Module]) -> str:
     """The base-model fingerprint (erasure_core.patch.fingerprint_of) over attn2 to_k / to_v in LDM order."""
-    return fingerprint_of((f"{name}.{proj}.weight", getattr(m, proj).weight)
+    return fingerprint_of((f"{name}.{proj}.weight", base_layer(getattr(m, proj)).weight)
                           for name, m in modules.items() for proj in ("to_k", "to_v"))
 
 
@@ -77,66 +79,22 @@ def plan_layers(modules: dict[str, torch.nn.Module], patches: list[tuple[Erasure
     linear and conv layer, which deltas outside cross-attention (ESD-u) need."""
     names = list(modules)
     context_dim = _projection(modules[names[0]], "to_k").in_features
-    shapes = {f"{name}.{proj}": tuple(_projection(m, proj).weight.shape) for name, m in modules.items()
+    shapes = {f"{name}.{proj}": tuple(base_layer(_projection(m, proj)).weight.shape) for name, m in modules.items()
               for proj in PROJECTIONS}
-    shapes.update({name: tuple(m.weight.shape) for name, m in (weights or {}).items()})
+    shapes.update({name: tuple(base_layer(m).weight.shape) for name, m in (weights or {}).items()})
     return plan_injection_layers(patches, names, context_dim, shapes, fingerprint)
 
 
-def _memory_hook(memories: list[tuple[torch.Tensor, float]]):
-    """Forward pre-hook: (B, T, d) input -> (B, T + r·m, d), the memory appended after the text context (r: how
-    many identical copies the host padded the context into; 1 almost always)."""
-    def hook(module, args, kwargs):
-        x = args[0] if args else kwargs.get("input")
-        if x is None or x.dim() != 3:
-            return None
-        mem = torch.cat([(t if s == 1 else s * t).to(x.device, x.dtype) for t, s in memories])
-        mem = mem.repeat(padding_repeats(x), 1).expand(x.shape[0], -1, -1)
-        x = torch.cat([x, mem], dim=1)
-        return ((x,) + tuple(args[1:]), kwargs) if args else (args, {**kwargs, "input": x})
-    return hook
-
-
-class LdmAttachment:
-    """Hook handles of attached patches. `detach()` removes exactly these, in any order, once."""
-
-    def __init__(self, handles: list, warnings: list[str]) -> None:
-        self.handles = handles
-        self.warnings = warnings
-
-    @property
-    def attached(self) -> bool:
-        return bool(self.handles)
-
-    def detach(self) -> None:
-        while self.handles:
-            self.handles.pop().remove()
+LdmAttachment = AttachedPatches  # the handle attach_hooks returns: `.attached`, `.warnings`, `.detach()`
 
 
 def attach_hooks(modules: dict[str, torch.nn.Module], patches: list[tuple[ErasurePatch, float]],
                  fingerprint: Callable[[], str] | None = None,
                  weights: dict[str, torch.nn.Module] | None = None) -> LdmAttachment:
     """Register the hooks of `patches` on the attn2 `modules` (and on `weights` for deltas outside
-    cross-attention). Validation runs first: a bad patch attaches nothing."""
-    plan = plan_layers(modules, patches, fingerprint, weights)
-    handles = []
-    try:
-        for module, deltas in plan.modules.items():
-            handles.append(weights[module].register_forward_hook(delta_hook(deltas), with_kwargs=True))
-        for layer, injection in plan.layers.items():
-            attn2 = modules[layer]
-            if injection.memories:
-                handles.append(attn2.to_k.register_forward_pre_hook(
-                    _memory_hook([(k, 1.0) for k, _, _ in injection.memories]), with_kwargs=True))
-                handles.append(attn2.to_v.register_forward_pre_hook(
-                    _memory_hook([(v, s) for _, v, s in injection.memories]), with_kwargs=True))
-            for projection, deltas in injection.deltas.items():
-                handles.append(_projection(attn2, projection).register_forward_hook(
-                    delta_hook(deltas), with_kwargs=True))
-    except BaseException:
-        LdmAttachment(handles, []).detach()
-        raise
-    return LdmAttachment(handles, plan.warnings)
+    cross-attention), through erasure_core.injection.attach_plan. Validation runs first: a bad patch attaches
+    nothing."""
+    return attach_plan(plan_layers(modules, patches, fingerprint, weights), modules, weights)
 
 
 class LdmDenoiser:
@@ -147,6 +105,9 @@ class LdmDenoiser:
     `autocast` is a context factory the host runs model calls under (A1111: `modules.devices.autocast`), and
     `device` where inputs go (A1111: `modules.devices.device`; with --medvram / --lowvram the UNet's parameters
     sit on the CPU between calls). The model's weights are never written."""
+
+    default_guidance = 7.5  # what SD checkpoints are usually sampled with
+    vocabulary = None       # a checkpoint's concepts are open-ended
 
     def __init__(self, sd_model, resolution: int | None = None, latent_scale: int = 8,
                  autocast: Callable[[], contextlib.AbstractContextManager] | None = None, name: str | None = None,
@@ -263,28 +224,31 @@ class LdmDenoiser:
             images = self.sd_model.decode_first_stage(x.to(dtype))
         return ((images.float().clamp(-1, 1) + 1) / 2).cpu()
 
+    @torch.no_grad()
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (N,3,H,W) in [0,1] to x0 (scaled VAE latents) on `device`, as A1111's img2img encodes:
+        `get_first_stage_encoding(encode_first_stage(2x − 1))` (ldm), or `encode_first_stage` alone (sgm, which
+        scales itself). The posterior's mode is taken, so the same image always gives the same latents."""
+        encode = getattr(self.sd_model, "encode_first_stage", None)
+        if not callable(encode):
+            raise ValueError("encoding images needs the model's VAE (sd_model.encode_first_stage); this model has "
+                             "none")
+        first = getattr(self.sd_model, "first_stage_model", None)
+        dtype = next(first.parameters(), images).dtype if isinstance(first, torch.nn.Module) else self.dtype
+        x = (images[:, :3].to(self.device, torch.float32) * 2 - 1).to(dtype)
+        with self.autocast():
+            posterior = encode(x)
+            z = posterior if torch.is_tensor(posterior) else posterior.mode()  # ldm: a DiagonalGaussianDistribution
+            scale = getattr(self.sd_model, "get_first_stage_encoding", None)
+            z = scale(z) if callable(scale) else z
+        return z.to(self.device, torch.float32)  # generate's x is float32 too; autocast casts for the UNet
+
 
 # -- Forge: the unet patcher ----------------------------------------------------------------
 def apply_forge(unet_patcher, patches: list[tuple[ErasurePatch, float]], filename: str = "erasure"):
     """Return a clone of Forge's `p.sd_model.forge_objects.unet` with the patches applied; the original is left
-    alone. The memory goes in through `set_model_attn2_patch` (a MemoryAttn2Patch holding detached copies, as the
-    clone deep-copies it), deltas through Forge's keyword-only `add_patches`, whose returned keys are checked: a
-    key the patcher dropped is an error, never a silent no-op."""
-    diffusion_model = unet_patcher.model.diffusion_model
-    plan_layers(attn2_modules(diffusion_model), patches, weights=weight_modules(diffusion_model))  # validates first
-    active = [(patch, float(strength)) for patch, strength in patches if float(strength) != 0]
-    clone = unet_patcher.clone()
-    memory = MemoryAttn2Patch.from_patches(active, detach=True)
-    if memory:
-        clone.set_model_attn2_patch(memory)
-    for i, (patch, strength) in enumerate(active):
-        if not patch.deltas:
-            continue
-        wanted = {comfy_weight_key(module): ("diff", (delta.weight().detach().float().cpu().clone(),))
-                  for module, delta in patch.deltas.items()}
-        applied = clone.add_patches(filename=f"{filename}-{i}", patches=wanted, strength_patch=strength,
-                                    strength_model=1.0)
-        missing = sorted(set(wanted) - set(applied or ()))
-        if missing:
-            raise PatchError(f"Forge's unet patcher did not take {missing[0]} ({len(missing)} keys in all)")
-    return clone
+    alone. The ComfyUI backend's path (erasure_core.backends.comfy.apply_patches), which Forge's patcher shares:
+    the memory goes in through `set_model_attn2_patch` as one MemoryAttn2Patch, merged with erasure memory the
+    patcher already carries; deltas through Forge's keyword-only `add_patches` (named after `filename`), whose
+    returned keys are checked: a key the patcher dropped is an error, never a silent no-op."""
+    return apply_patches(unet_patcher, patches, filename=filename)[0]
