@@ -1,4 +1,4 @@
-"""The erasure patch: what users train, apply, stack and share. Format version 1 (docs/patch-format.md).
+"""The erasure patch: what users train, apply, stack and share. Format version 2 (docs/patch-format.md).
 
 One safetensors file holds
 - concept memory: `erasure.memory.k` / `erasure.memory.v` (m x d, shared by all its layers), or
@@ -7,7 +7,9 @@ One safetensors file holds
   (`.lora_down.weight`, `.lora_up.weight`, `.alpha`), so the delta part loads in the stock LoRA loaders of
   ComfyUI, A1111 and Forge. Most methods change cross-attention projections only; ESD-u changes the linear and
   conv layers outside cross-attention;
-- metadata (str -> str): `modelspec.*` and `erasure.*`.
+- metadata (str -> str): `modelspec.*` and `erasure.*`, among them `erasure.requires`, the features (kinds of
+  tensor, KNOWN_FEATURES) the file needs. A reader loads any version whose features it knows and names the
+  ones it does not; a later method adds a feature with `register_feature` (docs/patch-format.md).
 
 Patches come from strangers, so loading never unpickles, bounds the header before
 parsing it, and validates every key, dtype, shape and value.
@@ -21,16 +23,16 @@ import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .layers import (attn2_layers, from_kohya_module, is_attn2_projection, is_canonical_layer, is_canonical_module,
-                     kohya_prefix, layer_of)
+from .layers import (attn2_layers, base_layer, from_kohya_module, is_attn2_projection, is_canonical_layer,
+                     is_canonical_module, kohya_prefix, layer_of)
 
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"  # 2 = 1 + erasure.requires; readers go by erasure.requires, not by this number
 MAX_HEADER_BYTES = 16 * 1024 * 1024  # a patch header is a few KB; anything near this is hostile or broken
 ALLOWED_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
 ARCHITECTURES = {768: "stable-diffusion-v1", 1024: "stable-diffusion-v2-768-v", 2048: "stable-diffusion-xl-v1-base"}
@@ -42,6 +44,63 @@ _DELTA = re.compile(r"^(lora_unet_\w+?)\.(diff|lora_down\.weight|lora_up\.weight
 
 class PatchError(ValueError):
     """A patch file that cannot be used, with a one-line reason."""
+
+
+@dataclass(frozen=True)
+class Feature:
+    """A kind of tensor a patch can carry: the tensor keys it owns (`keys.fullmatch`) and, for a feature added by
+    `register_feature`, `validate(tensors, patch, name)`, which raises PatchError for tensors it cannot use. Its
+    tensors land in `ErasurePatch.extra[feature]`, after memory and deltas are parsed, so `validate` can compare
+    them with the rest of the patch (e.g. `patch.context_dim`). A feature may own no keys at all (a change of
+    meaning that old readers must refuse rather than misapply)."""
+
+    keys: re.Pattern[str] | None
+    validate: Callable[[dict[str, torch.Tensor], "ErasurePatch", str], None] | None = None
+    builtin: bool = False  # parsed into ErasurePatch.memory / .deltas by this module
+
+
+# The features this reader knows, in the order they are written in erasure.requires. Format 1 had exactly
+# memory and deltas; a later method adds its own with register_feature, never by editing the reader.
+KNOWN_FEATURES: dict[str, Feature] = {
+    "memory": Feature(re.compile(rf"{re.escape(_SHARED_K)}|{re.escape(_SHARED_V)}|{_LAYER_MEMORY.pattern[1:-1]}"),
+                      builtin=True),
+    "deltas": Feature(re.compile(_DELTA.pattern[1:-1]), builtin=True),
+}
+FORMAT_1_FEATURES = ("memory", "deltas")  # what a version-1 file (no erasure.requires) may hold
+_FEATURE_NAME = re.compile(r"[a-z][a-z0-9_-]{0,39}")
+
+
+def register_feature(name: str, keys: str | re.Pattern[str] | None = None,
+                     validate: Callable[[dict[str, torch.Tensor], "ErasurePatch", str], None] | None = None
+                     ) -> Feature:
+    """Teach this reader (and writer) a new kind of tensor. `keys` is a regular expression every tensor key of
+    the feature matches in full; pick a prefix of its own (`erasure.<name>.`), since a key goes to the first
+    feature, in KNOWN_FEATURES order, that matches it. Its tensors obey the format's rules for every tensor
+    (float16 / bfloat16 / float32, finite); `validate` checks the rest."""
+    if not (isinstance(name, str) and _FEATURE_NAME.fullmatch(name)):
+        raise ValueError(f"feature name {name!r}: lower-case letters, digits, '_' or '-', at most 40, "
+                         "starting with a letter")
+    if name in KNOWN_FEATURES:
+        raise ValueError(f"feature {name!r} is already known")
+    feature = Feature(re.compile(keys) if isinstance(keys, str) else keys, validate)
+    KNOWN_FEATURES[name] = feature
+    return feature
+
+
+def unregister_feature(name: str) -> None:
+    """Forget a feature added by register_feature (the format's own cannot be removed)."""
+    if name in KNOWN_FEATURES and KNOWN_FEATURES[name].builtin:
+        raise ValueError(f"feature {name!r} is part of the format")
+    KNOWN_FEATURES.pop(name, None)
+
+
+def _feature_of(key: str) -> str | None:
+    return next((name for name, f in KNOWN_FEATURES.items() if f.keys is not None and f.keys.fullmatch(key)), None)
+
+
+def _shown(text: str, limit: int = 40) -> str:
+    """A name from a file, safe for a one-line message."""
+    return text if _FEATURE_NAME.fullmatch(text) else ascii(text[:limit])
 
 
 @dataclass
@@ -98,6 +157,17 @@ class ErasurePatch:
     title: str = ""
     description: str = ""
     date: str = ""
+    # tensors of registered features (register_feature), by feature; a feature listed here is required even
+    # when it holds no tensors
+    extra: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+
+    def required_features(self) -> list[str]:
+        """What a reader must know to use this patch, from its content: `memory` when it carries concept memory,
+        `deltas` when it carries weight deltas, and every feature in `extra`, in KNOWN_FEATURES order (an
+        unregistered one last; save_patch refuses it)."""
+        present = {"memory": self.memory is not None, "deltas": bool(self.deltas), **dict.fromkeys(self.extra, True)}
+        order = [*KNOWN_FEATURES, *(n for n in self.extra if n not in KNOWN_FEATURES)]
+        return [name for name in order if present.get(name)]
 
     def memory_for(self, layer: str) -> ConceptMemory | None:
         if self.memory is None or layer not in self.layers:
@@ -134,6 +204,8 @@ class ErasurePatch:
                 out[f"{prefix}.lora_down.weight"], out[f"{prefix}.lora_up.weight"] = delta.down, delta.up
                 out[f"{prefix}.alpha"] = torch.tensor(float(delta.alpha if delta.alpha is not None
                                                             else delta.down.shape[0]), dtype=delta.down.dtype)
+        for tensors in self.extra.values():
+            out.update(tensors)
         return {k: v.detach().contiguous().cpu() for k, v in out.items()}
 
     def metadata(self) -> dict[str, str]:
@@ -147,6 +219,7 @@ class ErasurePatch:
             "modelspec.date": self.date or _dt.date.today().isoformat(),
             "modelspec.description": self.description or f"Erases {concepts} ({self.method}).",
             "erasure.format_version": FORMAT_VERSION,
+            "erasure.requires": ",".join(self.required_features()),
             "erasure.method": self.method,
             "erasure.concepts": json.dumps(self.concepts),
             "erasure.alternative": self.alternative,
@@ -228,20 +301,48 @@ def load_patch(path: str | Path) -> ErasurePatch:
     if not path.is_file():
         raise PatchError(f"no patch file at {path}")
     header, meta = _read_header(path)
-    if not meta.get("erasure.format_version"):
-        raise PatchError(f"{path.name} is not an erasure patch (no erasure.format_version metadata)")
-    if meta["erasure.format_version"] != FORMAT_VERSION:
-        raise PatchError(f"{path.name} has patch format {meta['erasure.format_version']}; this version reads "
-                         f"format {FORMAT_VERSION} (update the extension)")
+    required = _required_features(meta, path.name)
+    for key in header:  # every tensor belongs to a feature the file declares, before any tensor is read
+        if _feature_of(key) not in required:
+            raise PatchError(f"{path.name}: unknown key {ascii(key[:200])} (not a tensor of the features it declares: "
+                             f"{', '.join(required) or 'none'})")
     try:
         with safe_open(str(path), framework="pt") as f:
             tensors = {k: f.get_tensor(k) for k in header}
     except Exception as exc:  # safetensors raises its own error types
         raise PatchError(f"{path.name} is not a valid safetensors file ({str(exc).splitlines()[0]})") from None
     patch = _from_parts(tensors, meta, path.name)
+    patch.extra = {f: {k: t for k, t in tensors.items() if _feature_of(k) == f}
+                   for f in required if not KNOWN_FEATURES[f].builtin}
     _validate(patch, path.name)
     _check_metadata_matches(patch, meta, path.name)
     return patch
+
+
+def _required_features(meta: dict[str, str], name: str) -> list[str]:
+    """The features a file needs, refusing it when this reader does not know them all.
+
+    Version 1 had no erasure.requires and means memory and deltas; version 2 and any later version must declare
+    erasure.requires, which is what a reader goes by: a later version whose features are all known loads."""
+    version = meta.get("erasure.format_version", "")
+    if not version:
+        raise PatchError(f"{name} is not an erasure patch (no erasure.format_version metadata)")
+    declared = meta.get("erasure.requires")
+    if declared is None:
+        if version == "1":
+            return list(FORMAT_1_FEATURES)
+        if re.fullmatch(r"[1-9][0-9]{0,8}", version):
+            raise PatchError(f"{name} has patch format {version} without erasure.requires; this version reads "
+                             "format 1 and later formats that declare erasure.requires (update concept-erasure)")
+    if not re.fullmatch(r"[1-9][0-9]{0,8}", version):
+        raise PatchError(f"{name}: erasure.format_version {_shown(version)} is not a format number")
+    required = list(dict.fromkeys(part.strip() for part in declared.split(",") if part.strip()))
+    unknown = [_shown(f) for f in required if f not in KNOWN_FEATURES]
+    if unknown:
+        listed = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+        raise PatchError(f"{name} needs features the installed concept-erasure does not know: {listed}; "
+                         "update concept-erasure to load it")
+    return required
 
 
 def _json(meta: dict[str, str], key: str, kind: type, default, name: str):
@@ -281,6 +382,8 @@ def _from_parts(tensors: dict[str, torch.Tensor], meta: dict[str, str], name: st
     per_layer: dict[str, dict[str, torch.Tensor]] = {}
     delta_parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
+        if (feature := _feature_of(key)) is not None and not KNOWN_FEATURES[feature].builtin:
+            continue  # a registered feature's tensors: load_patch puts them in ErasurePatch.extra
         if key in (_SHARED_K, _SHARED_V):
             shared[key[-1]] = value
         elif m := _LAYER_MEMORY.match(key):
@@ -332,7 +435,7 @@ def _validate(patch: ErasurePatch, name: str = "patch") -> None:
     if bad:
         raise PatchError(f"{name}: {bad[0]!r} is not a cross-attention layer name (LDM path such as "
                          "middle_block.1.transformer_blocks.0.attn2)")
-    if patch.memory is None and not patch.deltas:
+    if patch.memory is None and not patch.deltas and not patch.extra:
         raise PatchError(f"{name}: holds neither memory nor weight deltas")
     mems = [patch.memory] if isinstance(patch.memory, ConceptMemory) else list((patch.memory or {}).values())
     if isinstance(patch.memory, dict) and set(patch.memory) != set(patch.layers):
@@ -361,6 +464,17 @@ def _validate(patch: ErasurePatch, name: str = "patch") -> None:
             raise PatchError(f"{name}: delta {module} takes {d.shape[1]}-d context, the rest of the patch {dim}-d")
     tensors = [t for m in mems for t in (m.k, m.v)]
     tensors += [x for d in patch.deltas.values() for x in (d.full, d.down, d.up) if x is not None]
+    for feature, parts in patch.extra.items():
+        if feature not in KNOWN_FEATURES or KNOWN_FEATURES[feature].builtin:
+            raise PatchError(f"{name}: {_shown(str(feature))} is not a registered feature (register_feature)")
+        pattern = KNOWN_FEATURES[feature].keys
+        for key, t in parts.items():
+            if not (isinstance(key, str) and _feature_of(key) == feature):
+                raise PatchError(f"{name}: {ascii(str(key)[:200])} is not a tensor key of feature {feature}"
+                                 + ("" if pattern is None else f" ({pattern.pattern})"))
+            if not isinstance(t, torch.Tensor):
+                raise PatchError(f"{name}: {key} is not a tensor")
+        tensors += list(parts.values())
     for t in tensors:
         if t.dtype not in ALLOWED_DTYPES.values():
             raise PatchError(f"{name}: unsupported dtype {t.dtype}; patches use float16, bfloat16 or float32")
@@ -368,6 +482,16 @@ def _validate(patch: ErasurePatch, name: str = "patch") -> None:
             raise PatchError(f"{name}: contains NaN or Inf values")
     if any(d.alpha is not None and not torch.isfinite(torch.tensor(d.alpha)) for d in patch.deltas.values()):
         raise PatchError(f"{name}: contains NaN or Inf values")
+    for feature, parts in patch.extra.items():
+        check = KNOWN_FEATURES[feature].validate
+        try:
+            if check is not None:
+                check(parts, patch, name)
+        except PatchError:
+            raise
+        except Exception as exc:  # a validator that trips over a hostile file still gives a one-line reason
+            reason = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+            raise PatchError(f"{name}: {feature} tensors are invalid ({reason})") from None
 
 
 def check_compatible(patch: ErasurePatch, context_dim: int, layer_names: list[str],
@@ -412,7 +536,9 @@ def fingerprint_of(weights: Iterable[tuple[str, torch.Tensor]]) -> str:
 
 
 def model_fingerprint(unet) -> str:
-    """A short, stable hash of a diffusers UNet's cross-attention K/V weights: identifies the base checkpoint."""
+    """A short, stable hash of a diffusers UNet's cross-attention K/V weights: identifies the base checkpoint.
+    Through an adapter wrapper (a LoRA loaded with peft) it hashes the base weight, so a LoRA leaves it alone."""
     modules = dict(unet.named_modules())
-    return fingerprint_of((f"{layer.canonical}.{proj}.weight", modules[f"{layer.diffusers}.{proj}"].weight)
+    return fingerprint_of((f"{layer.canonical}.{proj}.weight",
+                           base_layer(modules[f"{layer.diffusers}.{proj}"]).weight)
                           for layer in attn2_layers(unet) for proj in ("to_k", "to_v"))

@@ -1,8 +1,10 @@
 """The patch file: round trip, size, and refusal of bad or hostile files."""
+import importlib.util
 import json
 import pickle
 import re
 import struct
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,8 +12,9 @@ from safetensors.torch import save_file
 from unets import sd1_unet
 
 from erasure_core.layers import attn2_layers
-from erasure_core.patch import (ConceptMemory, ErasurePatch, PatchError, WeightDelta, check_compatible,
-                                fingerprint_of, load_patch, model_fingerprint, save_patch)
+from erasure_core.patch import (FORMAT_VERSION, KNOWN_FEATURES, ConceptMemory, ErasurePatch, PatchError, WeightDelta,
+                                check_compatible, fingerprint_of, load_patch, model_fingerprint, register_feature,
+                                save_patch, unregister_feature)
 
 LAYER = "middle_block.1.transformer_blocks.0.attn2"
 LAYERS = ["input_blocks.1.1.transformer_blocks.0.attn2", LAYER]
@@ -255,3 +258,202 @@ def test_fingerprint_is_short_stable_and_host_independent():
     with torch.no_grad():
         unet.get_submodule(attn2_layers(unet)[0].diffusers).to_v.weight[0, 0] += 1
     assert model_fingerprint(unet) != fingerprint
+
+
+# --- format 2: erasure.requires, features, and format-1 files --------------------------------------------------
+
+FIXTURES = Path(__file__).parent / "fixtures"
+V1_FIXTURE = FIXTURES / "patch_v1.safetensors"
+
+
+def _file_metadata(path):
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata()
+
+
+def test_the_writer_records_the_features_the_content_needs(tmp_path):
+    assert FORMAT_VERSION == "2" and list(KNOWN_FEATURES)[:2] == ["memory", "deltas"]
+    both = make_patch()
+    memory_only = ErasurePatch(layers=[LAYER], memory=both.memory)
+    deltas_only = ErasurePatch(layers=[], deltas=both.deltas)
+    for patch, requires in ((both, "memory,deltas"), (memory_only, "memory"), (deltas_only, "deltas")):
+        meta = _file_metadata(save_patch(patch, tmp_path / "p.safetensors"))
+        assert (meta["erasure.format_version"], meta["erasure.requires"]) == ("2", requires)
+        assert load_patch(tmp_path / "p.safetensors").required_features() == requires.split(",")
+
+
+V2 = {"erasure.format_version": "2", "erasure.layers": json.dumps([LAYER])}
+MEMORY = {"erasure.memory.k": torch.zeros(2, 4), "erasure.memory.v": torch.zeros(2, 4)}
+
+
+def test_a_file_needing_an_unknown_feature_is_refused_naming_it(tmp_path):
+    path = tmp_path / "new.safetensors"
+    save_file({**MEMORY, "erasure.steer.middle_block.1.transformer_blocks.0.attn2.dir": torch.zeros(1, 4)},
+              str(path), metadata={**V2, "erasure.format_version": "3", "erasure.requires": "memory, steer,halo"})
+    with pytest.raises(PatchError) as info:
+        load_patch(path)
+    assert str(info.value) == ("new.safetensors needs features the installed concept-erasure does not know: "
+                               "steer, halo; update concept-erasure to load it")
+    # a hostile feature name still gives one short line
+    save_file(MEMORY, str(path), metadata={**V2, "erasure.requires": "memory,evil\nname" + "x" * 10_000})
+    with pytest.raises(PatchError, match=r"does not know: 'evil\\nname") as info:
+        load_patch(path)
+    assert "\n" not in str(info.value) and len(str(info.value)) < 300
+
+
+@pytest.mark.parametrize("version, requires, message", [
+    ("2", None, "format 2 without erasure.requires"),
+    ("10", None, "format 10 without erasure.requires"),
+    ("two", "memory", "is not a format number"),
+    ("0", "memory", "is not a format number"),
+])
+def test_format_versions_after_1_must_declare_their_features(tmp_path, version, requires, message):
+    path = tmp_path / "p.safetensors"
+    meta = {**V2, "erasure.format_version": version}
+    if requires is not None:
+        meta["erasure.requires"] = requires
+    save_file(MEMORY, str(path), metadata=meta)
+    with pytest.raises(PatchError, match=message):
+        load_patch(path)
+
+
+def test_a_later_version_with_known_features_loads(tmp_path):
+    path = tmp_path / "p.safetensors"
+    save_file(MEMORY, str(path), metadata={**V2, "erasure.format_version": "7", "erasure.requires": "memory"})
+    assert load_patch(path).memory.tokens == 2
+
+
+@pytest.mark.parametrize("keys, requires", [
+    ({"erasure.steer.x": torch.zeros(1)}, "memory"),  # belongs to no known feature
+    ({"model.diffusion_model.evil": torch.zeros(1)}, "memory,deltas"),
+    ({"lora_unet_middle_block_1_transformer_blocks_0_attn2_to_k.diff": torch.zeros(16, 4)}, "memory"),  # undeclared
+])
+def test_tensor_keys_outside_the_declared_features_are_refused(tmp_path, keys, requires):
+    path = tmp_path / "p.safetensors"
+    save_file({**MEMORY, **keys}, str(path), metadata={**V2, "erasure.requires": requires})
+    with pytest.raises(PatchError, match="unknown key") as info:
+        load_patch(path)
+    assert repr(next(iter(keys))) in str(info.value)
+
+
+def _fixture_maker():
+    spec = importlib.util.spec_from_file_location("make_patch_v1", FIXTURES / "make_patch_v1.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_format_1_file_still_loads_and_applies(tmp_path, toy_model):
+    import erasure_core.patch as current
+
+    assert V1_FIXTURE.stat().st_size < 8 * 1024
+    stored = _file_metadata(V1_FIXTURE)
+    assert stored["erasure.format_version"] == "1" and "erasure.requires" not in stored
+    patch = load_patch(V1_FIXTURE)
+    expected = _fixture_maker().v1_patch(current)  # what the fixture was written from, built with today's classes
+    assert patch.tensors().keys() == expected.tensors().keys()
+    for key, tensor in expected.tensors().items():
+        assert patch.tensors()[key].dtype == tensor.dtype and torch.equal(patch.tensors()[key], tensor), key
+    assert patch.required_features() == ["memory", "deltas"]
+    rewritten = patch.metadata()
+    assert (rewritten.pop("erasure.format_version"), rewritten.pop("erasure.requires")) == ("2", "memory,deltas")
+    assert rewritten == {k: v for k, v in stored.items() if k != "erasure.format_version"}
+    assert (patch.concepts, patch.seed, patch.deltas[f"{LAYER}.to_v"].alpha) == (["circle"], 3, 2.0)
+    # saved again, it becomes a format-2 file with the same content
+    again = load_patch(save_patch(patch, tmp_path / "v2.safetensors"))
+    assert _file_metadata(tmp_path / "v2.safetensors")["erasure.requires"] == "memory,deltas"
+    assert all(torch.equal(again.tensors()[k], t) for k, t in patch.tensors().items())
+    # and it still applies to the toy model it was made for
+    check_compatible(patch, toy_model.context_dim, toy_model.layer_names(), weight_shapes=toy_model.weight_shapes())
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(1, *toy_model.sample_shape, generator=g), torch.tensor([500])
+    cond = toy_model.encode(["a red circle"])
+    with torch.no_grad():
+        plain = toy_model.predict_noise(x, t, cond)
+        handle = toy_model.attach([(patch, 1.0)])
+        try:
+            patched = toy_model.predict_noise(x, t, cond)
+        finally:
+            handle.detach()
+        assert torch.equal(toy_model.predict_noise(x, t, cond), plain)
+    assert (patched - plain).abs().max() > 1e-3
+
+
+STEER_KEY = "erasure.steer.middle_block.1.transformer_blocks.0.attn2.dir"
+
+
+def _check_steer(tensors, patch, name):
+    for key, t in tensors.items():
+        if t.dim() != 2 or t.shape[1] != (patch.context_dim or t.shape[1]):
+            raise PatchError(f"{name}: {key} must be (n x {patch.context_dim})")
+
+
+@pytest.fixture
+def steer_feature():
+    """A throwaway feature, the way a later method would add one: its key grammar and its validation."""
+    feature = register_feature("steer", r"erasure\.steer\.(.+attn2)\.dir", _check_steer)
+    try:
+        yield feature
+    finally:
+        unregister_feature("steer")
+    assert "steer" not in KNOWN_FEATURES
+
+
+def test_a_registered_feature_loads_files_that_need_it(tmp_path, steer_feature):
+    patch = make_patch()
+    patch.extra = {"steer": {STEER_KEY: torch.randn(3, 32)}}
+    path = save_patch(patch, tmp_path / "steer.safetensors")
+    assert _file_metadata(path)["erasure.requires"] == "memory,deltas,steer"
+    back = load_patch(path)
+    assert back.extra.keys() == {"steer"}
+    assert torch.equal(back.extra["steer"][STEER_KEY], patch.extra["steer"][STEER_KEY])
+    assert torch.equal(back.memory.k, patch.memory.k) and back.metadata() == patch.metadata()
+    # its validation runs on save and on load
+    patch.extra = {"steer": {STEER_KEY: torch.randn(3, 8)}}
+    with pytest.raises(PatchError, match="must be .n x 32."):
+        save_patch(patch, tmp_path / "bad.safetensors")
+    bad = tmp_path / "bad.safetensors"
+    save_file({**patch.tensors(), STEER_KEY: torch.randn(3, 8)}, str(bad), metadata=patch.metadata())
+    with pytest.raises(PatchError, match="must be .n x 32."):
+        load_patch(bad)
+    patch.extra = {"steer": {"erasure.steer.oops": torch.randn(3, 32)}}  # outside its key grammar
+    with pytest.raises(PatchError, match="not a tensor key of feature steer"):
+        save_patch(patch, tmp_path / "bad.safetensors")
+    # a patch may be only that feature
+    alone = load_patch(save_patch(ErasurePatch(layers=[], extra={"steer": {STEER_KEY: torch.randn(1, 16)}}),
+                                  tmp_path / "alone.safetensors"))
+    assert (alone.memory, alone.deltas, alone.required_features()) == (None, {}, ["steer"])
+    # once unregistered, the same file is refused as needing an unknown feature
+    unregister_feature("steer")
+    with pytest.raises(PatchError, match="does not know: steer; update concept-erasure"):
+        load_patch(path)
+    register_feature("steer", r"erasure\.steer\.(.+attn2)\.dir", _check_steer)
+
+
+def test_feature_registration_rules(steer_feature):
+    with pytest.raises(ValueError, match="already known"):
+        register_feature("steer", r"erasure\.steer\..+")
+    with pytest.raises(ValueError, match="part of the format"):
+        unregister_feature("memory")
+    with pytest.raises(ValueError, match="feature name"):
+        register_feature("Bad Name", r"x")
+    with pytest.raises(PatchError, match="not a registered feature"):
+        save_patch(ErasurePatch(layers=[], extra={"halo": {}}), "unused.safetensors")
+
+
+def test_a_validator_that_crashes_on_a_hostile_file_gives_a_one_line_reason(tmp_path):
+    def fragile(tensors, patch, name):
+        next(iter(tensors.values()))[5]  # IndexError on a tensor shorter than it expects
+
+    register_feature("fragile", r"erasure\.fragile\.x", fragile)
+    try:
+        path = tmp_path / "f.safetensors"
+        save_file({**MEMORY, "erasure.fragile.x": torch.zeros(2)}, str(path),
+                  metadata={**V2, "erasure.requires": "memory,fragile"})
+        with pytest.raises(PatchError, match="fragile tensors are invalid") as info:
+            load_patch(path)
+        assert "\n" not in str(info.value)
+    finally:
+        unregister_feature("fragile")
