@@ -50,6 +50,8 @@ class Denoiser(Protocol):
     context_dim: int
     sample_shape: tuple[int, ...]  # (C,H,W) of x_t
     device: torch.device
+    default_guidance: float        # the classifier-free guidance previews sample with
+    vocabulary: object | None      # erasure_core.vocabulary.Vocabulary where the model knows its world, else None
 
     def encode(self, prompts: list[str]) -> Conditioning: ...
 
@@ -63,12 +65,23 @@ class Denoiser(Protocol):
         """Canonical (LDM-path) names of the cross-attention layers."""
         ...
 
+    def generate(self, prompts: list[str], seeds: list[int], steps: int = 25, guidance: float = ...,
+                 progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+        """One image per (prompt, seed), with the attached patches: DDIM (`scheduler()`) with classifier-free
+        guidance (erasure_core.sampling.ddim_sample) from per-seed noise, decoded. Returns float images
+        (N,3,H,W) in [0,1] on the CPU; each depends only on its prompt and seed. `progress(done, total)` is
+        called after every step. Backends may take more keywords (ComfyUI: `negative`)."""
+        ...
+
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        """Images (N,3,H,W) in [0,1] to x_0 (latents); `decode` is its inverse."""
+        """Images (N,3,H,W) float in [0,1] to x_0 (N,*sample_shape) on `device`, in the space predict_noise
+        denoises (VAE latents, scaled as the model expects; the toy model's pixels in [-1,1]). Raises ValueError
+        where the backend has no encoder (a ComfyUI denoiser built without a VAE)."""
         ...
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
-        """x_0 to images (N,3,H,W) in [0,1] on the CPU."""
+        """x_0 to images (N,3,H,W) float in [0,1] on the CPU: the inverse of `encode_image` (up to the VAE's
+        loss). Raises ValueError where the backend has no decoder."""
         ...
 
     def prompt_length(self, prompt: str) -> int:
@@ -145,6 +158,8 @@ def sample_trajectories(denoiser: Denoiser, concept: Conditioning, empty: Condit
 
     CFG computes ε(∅) and ε(c_e) anyway, so recording them costs nothing extra; ε(c_a) costs one
     more pass per step when an alternative is set."""
+    from .sampling import cfg
+
     n = len(noise)
     sched = denoiser.scheduler()
     sched.set_timesteps(steps)
@@ -155,6 +170,6 @@ def sample_trajectories(denoiser: Denoiser, concept: Conditioning, empty: Condit
         tt = t.expand(len(parts) * n).to(x.device)
         eps = denoiser.predict_noise(torch.cat([x] * len(parts)), tt, cond).chunk(len(parts))
         yield CacheRecord(x.clone(), tt[:n].clone(), eps[0], eps[1], eps[2] if alternative is not None else None)
-        x = sched.step(eps[0] + guidance * (eps[1] - eps[0]), t, x).prev_sample
+        x = sched.step(cfg(eps[0], eps[1], guidance), t, x).prev_sample
         if progress:
             progress(i + 1, steps)

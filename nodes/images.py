@@ -18,6 +18,11 @@ def _downscale(vae) -> int:
     return ratio if isinstance(ratio, int) and ratio > 0 else 8
 
 
+def _image(images: torch.Tensor) -> torch.Tensor:
+    """The protocol's images (N,3,H,W) as a ComfyUI IMAGE (N,H,W,3)."""
+    return images.movedim(1, -1).contiguous()
+
+
 class ConceptErasurePreview:
     DESCRIPTION = ("Draws one prompt from one seed twice, without and with the erasure patch, so you can see what "
                    "the patch changes (DDIM with classifier-free guidance). The MODEL is not changed.")
@@ -52,15 +57,15 @@ class ConceptErasurePreview:
     def preview(self, model, clip, vae, erasure_patch, strength, prompt, seed, steps, cfg, width, height,
                 negative=""):
         patch = require_patch(erasure_patch)
-        denoiser = ComfyDenoiser(model, clip, width=width, height=height, downscale=_downscale(vae),
+        denoiser = ComfyDenoiser(model, clip, width=width, height=height, downscale=_downscale(vae), vae=vae,
                                  load_model=loader(), check_interrupt=interrupt_check())
         bar = progress_bar(2 * steps)
-        before = denoiser.generate(prompt, [seed], steps, cfg, negative, lambda i, n: bar.update_absolute(i, 2 * steps))
+        before = denoiser.generate([prompt], [seed], steps, cfg, lambda i, n: bar.update_absolute(i, 2 * steps),
+                                   negative=negative)
         with patched(denoiser, [(patch, strength)]):
-            after = denoiser.generate(prompt, [seed], steps, cfg, negative,
-                                      lambda i, n: bar.update_absolute(steps + i, 2 * steps))
-        images = vae.decode(denoiser.latent_out(torch.cat([before, after])))
-        before_img, after_img = images[:1], images[1:]
+            after = denoiser.generate([prompt], [seed], steps, cfg,
+                                      lambda i, n: bar.update_absolute(steps + i, 2 * steps), negative=negative)
+        before_img, after_img = _image(before), _image(after)
         return (before_img, after_img, torch.cat([before_img, after_img], dim=2))
 
 
@@ -99,11 +104,11 @@ class ConceptErasurePurifyImage:
         if height == 0 or width == 0:
             raise ValueError(f"the image is smaller than the VAE's {ratio}-pixel grid")
         pixels = image[:, :height, :width, :3]
-        denoiser = ComfyDenoiser(model, clip, width=width, height=height, downscale=ratio, load_model=loader(),
-                                 check_interrupt=interrupt_check())
+        denoiser = ComfyDenoiser(model, clip, width=width, height=height, downscale=ratio, vae=vae,
+                                 load_model=loader(), check_interrupt=interrupt_check())
         text = prompt.strip() or (patch.concepts[0] if patch.concepts else "")
         bar = progress_bar(2 * steps)
-        latents = denoiser.latent_in(vae.encode(pixels)).to(denoiser.device)
+        latents = denoiser.encode_image(pixels.movedim(-1, 1))
         out = purify(denoiser, [(patch, strength)], latents, text, steps=steps, guidance=guidance,
                      progress=lambda i, n: bar.update_absolute(i, n))
-        return (vae.decode(denoiser.latent_out(out)),)
+        return (_image(denoiser.decode(out)),)

@@ -13,9 +13,10 @@ from comfy_fakes.host import one_thread  # noqa: F401  (autouse fixture)
 from comfy_fakes import (ComfyBasicTransformerBlock, FakeModelPatcher, ModelManagement, build_comfy_model,
                          calc_cond_batch)
 from erasure_core.backends.comfy import (ComfyDenoiser, MemoryAttn2Patch, address_from_extra_options, apply_patches,
-                                         attn2_modules, comfy_address, padding_repeats)
-from erasure_core.injection import LayerInjection, MemoryAttnProcessor, attached
+                                         attn2_modules, comfy_address)
+from erasure_core.injection import InjectionPlan, LayerInjection, attach_plan, attached
 from erasure_core.layers import attn2_layers, select_layers, to_diffusers
+from erasure_core.padding import padding_repeats
 from erasure_core.patch import ConceptMemory, ErasurePatch, PatchError, WeightDelta, model_fingerprint
 
 
@@ -97,7 +98,7 @@ def test_fake_reproduces_the_inference_mode_pitfall(sd1):
                          ids=["node-call", "sampling"])
 def test_block_patch_loop_gives_the_diffusers_processor_output(extra):
     """Acceptance: a BasicTransformerBlock running ComfyUI's attn2_patch loop, with our patch chained after
-    another pack's patch, equals diffusers' block with the diffusers backend's processor (fp32, 1e-5)."""
+    another pack's patch, equals diffusers' block with the diffusers backend's hooks (fp32, 1e-5)."""
     torch.manual_seed(0)
     block = BasicTransformerBlock(64, 4, 16, cross_attention_dim=32).eval().requires_grad_(False)
     comfy_block = ComfyBasicTransformerBlock.from_diffusers(block)
@@ -114,12 +115,15 @@ def test_block_patch_loop_gives_the_diffusers_processor_output(extra):
         return n, context, value
 
     ours = MemoryAttn2Patch.from_patches([(first, 0.6), (second, 1.3)])
-    options = {"block": ("input", 4), "block_index": 1, "transformer_index": 3, "patches": {"attn2_patch": [other_pack, ours]},
+    options = {"block": ("input", 4), "block_index": 1, "transformer_index": 3,
+               "patches": {"attn2_patch": [other_pack, ours]},
                **extra}
     with torch.no_grad():
         got = comfy_block(x, context=ctx, transformer_options=options)
-        block.attn2.set_processor(MemoryAttnProcessor(LayerInjection(memories=[(k1, v1, 0.6), (k2, v2, 1.3)])))
+        injection = LayerInjection(memories=[(k1, v1, 0.6), (k2, v2, 1.3)])
+        hooks = attach_plan(InjectionPlan({"attn2": injection}, {}, []), {"attn2": block.attn2})
         want = block(x, encoder_hidden_states=ctx)
+        hooks.detach()
         plain = comfy_block(x, context=ctx, transformer_options={"block": ("input", 4), "block_index": 1})
     assert torch.allclose(got, want, atol=1e-5)
     assert (got - plain).abs().max() > 1e-3  # the memory did something
@@ -393,7 +397,8 @@ def test_x0_from_apply_model_becomes_the_same_epsilon_as_diffusers(sd1, predicti
 def test_fingerprint_is_the_checkpoint_s_while_weight_patches_are_baked_in(sd1):
     unet, names = sd1
     patcher = FakeModelPatcher(build_comfy_model(unet))
-    with_delta, _ = apply_patches(patcher, [(make_patch(unet, names, seed=1, deltas={f"{names[0]}.to_k": "full"}), 1.0)])
+    delta_patch = make_patch(unet, names, seed=1, deltas={f"{names[0]}.to_k": "full"})
+    with_delta, _ = apply_patches(patcher, [(delta_patch, 1.0)])
     management = ModelManagement()
     management.load_models_gpu([with_delta])  # the shared to_k weight now holds W + ΔW
     assert checksum(patcher.model) != checksum(build_comfy_model(unet))

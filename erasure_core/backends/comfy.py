@@ -33,12 +33,12 @@ import torch
 
 from ..denoiser import Conditioning
 from ..layers import PROJECTIONS, comfy_weight_key, is_canonical_layer, weight_modules
+from ..padding import COMFY_CHUNK, pad_by_repetition, padding_repeats
 from ..patch import ErasurePatch, PatchError, WeightDelta, check_compatible, fingerprint_of
 
-__all__ = ["COMFY_CHUNK", "MemoryAttn2Patch", "ComfyDenoiser", "apply_patches", "comfy_address", "attn2_modules",
-           "address_from_extra_options", "padding_repeats", "pad_by_repetition"]
+__all__ = ["MemoryAttn2Patch", "ComfyDenoiser", "apply_patches", "comfy_address", "attn2_modules",
+           "address_from_extra_options"]
 
-COMFY_CHUNK = 77  # CLIP contexts come in chunks of 77 tokens; ComfyUI pads by repeating whole conds
 
 _LAYER = re.compile(r"^(input_blocks|middle_block|output_blocks)(?:\.(\d+))?\.\d+\.transformer_blocks\.(\d+)\.attn2$")
 _KIND = {"input_blocks": "input", "middle_block": "middle", "output_blocks": "output"}
@@ -62,43 +62,6 @@ def address_from_extra_options(extra_options) -> Address | None:
     if not block or len(block) < 2 or block[0] not in _ORDER:
         return None
     return block[0], 0 if block[0] == "middle" else int(block[1]), int(extra_options.get("block_index", 0) or 0)
-
-
-def padding_repeats(context: torch.Tensor, chunk: int = COMFY_CHUNK) -> int:
-    """How many times ComfyUI repeated the conds of this batch to pad them to one length (the fewest over rows).
-
-    ComfyUI pads each cond to the least common multiple of the batch's lengths by repeating it (conds.py);
-    plain attention is unchanged by that, but a memory appended once would lose weight against r copies of the
-    text. A row's repeat count r is found as the number of identical copies of a period that is a multiple of
-    `chunk`. The memory is appended min(r) times: exact for every row when all rows were padded alike (no
-    padding included), and for the least-padded rows otherwise. Rows padded more than that see the memory
-    with (min r)/r of its share; one length for all rows makes exactness for each impossible there."""
-    length = context.shape[1]
-    if length < 2 * chunk or length % chunk:
-        return 1
-    chunks = length // chunk
-    best = None
-    for row in context:
-        repeats = 1
-        for r in range(chunks, 1, -1):  # most copies first: the shortest period
-            if chunks % r:
-                continue
-            period = length // r
-            if torch.equal(row.view(r, period, -1), row[:period].unsqueeze(0).expand(r, -1, -1)):
-                repeats = r
-                break
-        best = repeats if best is None else min(best, repeats)
-        if best == 1:
-            break
-    return best or 1
-
-
-def pad_by_repetition(contexts: list[torch.Tensor]) -> torch.Tensor:
-    """Concatenate contexts of different lengths the way ComfyUI does: repeat each to the lcm of the lengths."""
-    length = 1
-    for c in contexts:
-        length = math.lcm(length, c.shape[1])
-    return torch.cat([c.repeat(1, length // c.shape[1], 1) if c.shape[1] < length else c for c in contexts])
 
 
 class MemoryAttn2Patch:
@@ -238,13 +201,18 @@ def _find_memory_patch(patch_list: list) -> int | None:
     return None
 
 
-def apply_patches(model_patcher, patches: list[tuple[ErasurePatch, float]],
-                  chunk: int = COMFY_CHUNK) -> tuple[object, list[str]]:
-    """A new ModelPatcher with the patches applied, and the compatibility warnings.
+def apply_patches(model_patcher, patches: list[tuple[ErasurePatch, float]], chunk: int = COMFY_CHUNK,
+                  filename: str = "erasure") -> tuple[object, list[str]]:
+    """A new ModelPatcher with the patches applied, and the compatibility warnings: ComfyUI's MODEL, or Forge's
+    unet patcher, which has the same calls except a keyword-only `add_patches(*, filename, patches, ...)`.
 
     Everything is validated before anything is built, and all changes go to a clone: the input patcher, its
     model_options and the shared weights stay exactly as they were, whatever happens. Strength 0 leaves a patch
-    out entirely. A MODEL that already carries erasure memory gets one merged MemoryAttn2Patch."""
+    out entirely. A MODEL that already carries erasure memory gets one merged MemoryAttn2Patch. Every delta key
+    must come back in add_patches' list of applied keys (both hosts drop unknown keys without a word).
+    `filename` names the deltas' entries where the patcher keys them by name (Forge)."""
+    import inspect
+
     info = _ModelInfo(model_patcher.model, getattr(model_patcher, "backup", None))
     warnings = info.check(patches)
     active = [(patch, float(strength)) for patch, strength in patches if float(strength) != 0.0]
@@ -260,16 +228,30 @@ def apply_patches(model_patcher, patches: list[tuple[ErasurePatch, float]],
             existing[at] = existing[at].merged(memory)
             to["patches"] = dict(to.get("patches", {}))
             to["patches"]["attn2_patch"] = existing
+    try:  # ComfyUI: add_patches(patches, strength_patch, strength_model); Forge: keyword-only, with a filename
+        parameter = inspect.signature(clone.add_patches).parameters["patches"]
+        keyword_only = parameter.kind == inspect.Parameter.KEYWORD_ONLY
+    except (KeyError, TypeError, ValueError):
+        keyword_only = False
+    host = "Forge's unet patcher" if keyword_only else "ComfyUI"
+    # Forge keys each add_patches call by (filename, strengths) and replaces an entry of the same key: every call
+    # gets a name no earlier call on this patcher took
+    taken = {key[0] for key in getattr(clone, "lora_patches", {}) if isinstance(key, tuple) and key}
     for patch, strength in active:
         if not patch.deltas:
             continue
         deltas = {comfy_weight_key(module): ("diff", (delta.weight().detach().float().cpu().clone(),))
                   for module, delta in patch.deltas.items()}
-        applied = set(clone.add_patches(deltas, strength))
-        missing = sorted(set(deltas) - applied)
+        if keyword_only:
+            name = next(f"{filename}-{i}" for i in range(len(taken) + 1) if f"{filename}-{i}" not in taken)
+            taken.add(name)
+            applied = clone.add_patches(filename=name, patches=deltas, strength_patch=strength, strength_model=1.0)
+        else:
+            applied = clone.add_patches(deltas, strength)
+        missing = sorted(set(deltas) - set(applied or ()))
         if missing:
-            raise PatchError(f"ComfyUI did not apply the weight delta {missing[0]} ({len(missing)} of {len(deltas)} "
-                             "keys refused); the MODEL does not have that layer under that name")
+            raise PatchError(f"{host} did not apply the weight delta {missing[0]} (it did not take {len(missing)} "
+                             f"of {len(deltas)} keys); the model does not have that layer under that name")
     return clone, warnings
 
 
@@ -300,14 +282,22 @@ class ComfyDenoiser:
     sits on its device with its own weight patches in place; `check_interrupt()` (ComfyUI:
     throw_exception_if_processing_interrupted) is called on every prediction made without gradients (trajectory
     sampling, generation). ComfyUI's apply_model takes sigma and returns x0 for every parameterisation; x_t of
-    the DDIM (variance-preserving) convention maps to ComfyUI's x = x_t·sqrt(1 + σ²), and ε = (x − x0) / σ."""
+    the DDIM (variance-preserving) convention maps to ComfyUI's x = x_t·sqrt(1 + σ²), and ε = (x − x0) / σ.
+
+    `vae` (ComfyUI's VAE: `decode(latent) -> (N,H,W,3)` in [0,1], `encode((N,H,W,3) pixels) -> latent`) gives
+    the protocol's pixel side, `generate`, `decode` and `encode_image`, with process_latent_in / _out around
+    it; without one, `sample` still returns x0 in the model's latent space."""
+
+    default_guidance = 7.5  # what SD checkpoints are usually sampled with
+    vocabulary = None       # a checkpoint's concepts are open-ended
 
     def __init__(self, model_patcher, clip=None, width: int = 512, height: int = 512, downscale: int | None = None,
                  name: str = "", load_model: Callable | None = None, check_interrupt: Callable | None = None,
-                 chunk: int = COMFY_CHUNK) -> None:
+                 chunk: int = COMFY_CHUNK, vae=None) -> None:
         self.patcher = model_patcher
         self.base = model_patcher.model
         self.clip = clip
+        self.vae = vae
         self._info = _ModelInfo(self.base, getattr(model_patcher, "backup", None))
         self._loaded = False
         get = getattr(model_patcher, "get_model_object", None)  # honours object patches (ModelSamplingDiscrete node)
@@ -428,15 +418,45 @@ class ComfyDenoiser:
 
     # -- generation ------------------------------------------------------------------------
     @torch.no_grad()
-    def generate(self, prompt: str, seeds: list[int], steps: int = 25, guidance: float = 7.0, negative: str = "",
-                 progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
-        """DDIM + CFG from per-seed noise; returns x0 in the model's latent space (undo with latent_out)."""
+    def sample(self, prompts: list[str], seeds: list[int], steps: int = 25, guidance: float = 7.0,
+               progress: Callable[[int, int], None] | None = None, negative: str = "") -> torch.Tensor:
+        """DDIM + CFG from per-seed noise, one sample per (prompt, seed); returns x0 (N,*sample_shape) in the
+        model's latent space (a LATENT's samples are `latent_out` of it). Needs no VAE."""
         from ..sampling import ddim_sample, seeded_noise
 
-        cond = self.encode([prompt]).expand(len(seeds))
-        uncond = self.encode([negative]).expand(len(seeds))
+        if isinstance(prompts, str):
+            raise TypeError("prompts is a list of strings, one per seed")
+        if len(prompts) != len(seeds):
+            raise ValueError("one seed per prompt")
+        n = len(prompts)
+        both = self.encode(list(prompts) + [negative])  # one encode: ComfyUI's padding gives them one length
+        cond = Conditioning(both.context[:n], {k: v[:n] for k, v in both.extra.items()})
+        uncond = Conditioning(both.context[n:], {k: v[n:] for k, v in both.extra.items()}).expand(n)
         noise = seeded_noise(seeds, self.sample_shape, self.device)
         return ddim_sample(self.predict_noise, cond, uncond, noise, self.scheduler(), steps, guidance, progress)
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], seeds: list[int], steps: int = 25, guidance: float = 7.0,
+                 progress: Callable[[int, int], None] | None = None, negative: str = "") -> torch.Tensor:
+        """Images (N,3,H,W) in [0,1] on the CPU, one per (prompt, seed): `sample`, decoded by the VAE."""
+        self._require_vae("generating images")
+        return self.decode(self.sample(prompts, seeds, steps, guidance, progress, negative))
+
+    @torch.no_grad()
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """x0 in the model's latent space to images (N,3,H,W) float in [0,1] on the CPU, through the VAE."""
+        self._require_vae("decoding")
+        images = self.vae.decode(self.latent_out(x))
+        images = images.reshape(-1, *images.shape[-3:])  # video VAEs add a frame axis
+        return images.movedim(-1, 1)[:, :3].float().clamp(0, 1).cpu().contiguous()
+
+    @torch.no_grad()
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (N,3,H,W) in [0,1] to x0 in the model's latent space, on the model's device, through the VAE.
+        Height and width should be multiples of the VAE's downscale factor (ComfyUI's VAE crops otherwise)."""
+        self._require_vae("encoding images")
+        latent = self.vae.encode(images[:, :3].movedim(1, -1))
+        return self.latent_in(latent).to(self.device)
 
     def latent_in(self, latent: torch.Tensor) -> torch.Tensor:
         """A VAE latent into the space the model denoises (ComfyUI: process_latent_in)."""
@@ -452,6 +472,11 @@ class ComfyDenoiser:
         self._cloned = None
 
     # -- internals -------------------------------------------------------------------------
+    def _require_vae(self, what: str) -> None:
+        if self.vae is None:
+            raise ValueError(f"{what} needs a VAE: build the ComfyDenoiser with vae= (the VAE that goes with this "
+                             "MODEL), or use sample() for latents")
+
     def _ensure_loaded(self) -> None:
         """Load once, and again after the text encoder ran (loading CLIP may have moved the UNet off the GPU)."""
         if self._load is not None and not self._loaded:

@@ -95,16 +95,30 @@ def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     return max(0.0, float((mu_a - mu_b).square().sum() + cov_a.trace() + cov_b.trace() - 2 * cross))
 
 
-def ssim(x: torch.Tensor, y: torch.Tensor, window: int = 7) -> torch.Tensor:
-    """Mean structural similarity per image pair, (N,3,H,W) in [0,1], uniform window."""
+def ssim(x: torch.Tensor, y: torch.Tensor, window: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    """Mean structural similarity per image pair (Wang et al. 2004), (N,C,H,W) in [0,1]: the standard SSIM, with a
+    Gaussian window (11×11, σ = 1.5), C1 = (0.01·L)², C2 = (0.03·L)² for L = 1, each channel on its own, averaged
+    over the positions where the window fits inside the image (what scikit-image's
+    `structural_similarity(gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=1)` gives)."""
     import torch.nn.functional as F
 
-    pool = lambda t: F.avg_pool2d(t, window, stride=1)  # noqa: E731
-    mx, my = pool(x), pool(y)
-    vx, vy, cxy = pool(x * x) - mx * mx, pool(y * y) - my * my, pool(x * y) - mx * my
+    if x.shape != y.shape or x.dim() != 4:
+        raise ValueError(f"ssim needs two image batches of one shape (N,C,H,W), got {tuple(x.shape)} and "
+                         f"{tuple(y.shape)}")
+    if min(x.shape[-2:]) < window:
+        raise ValueError(f"images of {tuple(x.shape[-2:])} are smaller than the {window}-pixel SSIM window")
+    x, y = x.double(), y.double()
+    offsets = torch.arange(window, dtype=torch.float64) - (window - 1) / 2
+    g = torch.exp(-offsets ** 2 / (2 * sigma ** 2))
+    g = g / g.sum()
+    channels = x.shape[1]
+    kernel = torch.outer(g, g).to(x.device).expand(channels, 1, window, window)
+    blur = lambda t: F.conv2d(t, kernel, groups=channels)  # noqa: E731  (valid: no padding)
+    mx, my = blur(x), blur(y)
+    vx, vy, cxy = blur(x * x) - mx * mx, blur(y * y) - my * my, blur(x * y) - mx * my
     c1, c2 = 0.01 ** 2, 0.03 ** 2
     s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
-    return s.mean(dim=(1, 2, 3))
+    return s.mean(dim=(1, 2, 3)).float()
 
 
 @dataclass
@@ -154,7 +168,8 @@ def erasure_metrics(oracle: Oracle, target: ErasureTarget, items: list[GridItem]
         "ua_syn": float((syn_pred[axis] != target.index).float().mean()),
         "ira": float((pred[axis][keep] == labels[axis][keep]).float().mean()),
         "cra": float((pred[other][keep] == labels[other][keep]).float().mean()),
-        "alt": None if target.alternative is None else float((pred[axis][on_target] == target.alternative).float().mean()),
+        "alt": None if target.alternative is None
+        else float((pred[axis][on_target] == target.alternative).float().mean()),
         "fd": frechet_distance(feats_base, feats_edit),
         "drift": drift,
         "layout_ssim": float(ssim(images[on_target], base_images[on_target]).mean()),
