@@ -9,6 +9,8 @@ in training. The user's weights are never touched.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,8 +36,8 @@ class TrainConfig:
     alternative: str = ""
     preserve: list[str] = field(default_factory=list)
     steps: int = 200
-    lr: float | None = None      # weight deltas' learning rate; None: the method's (DELTA_LR)
-    memory_lr: float = 1e-2
+    lr: float | None = None      # weight deltas' learning rate; None: the method's (its MethodSpec.delta_lr)
+    memory_lr: float | None = None  # memory tokens' learning rate; None: the method's (MethodSpec.memory_lr)
     tokens: int = 8
     layers: str | list[str] = "all"
     seed: int = 0
@@ -48,13 +50,21 @@ class TrainConfig:
     projections: str = ""        # attn2 projections the deltas train: "all", "kv" (to_k, to_v); "" = the method's
 
     @property
-    def delta_lr(self) -> float:
-        """The weight deltas' learning rate: `lr`, or the method's default when it is None."""
-        return self.lr if self.lr is not None else DELTA_LR.get(self.method, DELTA_LR["default"])
+    def delta_lr(self) -> float | None:
+        """The weight deltas' learning rate: `lr`, or the method's default when it is None (None for a method
+        that has no such rate, as a closed-form one)."""
+        return self.lr if self.lr is not None else _method_default(self.method, "delta_lr")
+
+    @property
+    def memory_rate(self) -> float | None:
+        """The memory tokens' learning rate: `memory_lr`, or the method's default when it is None."""
+        return self.memory_lr if self.memory_lr is not None else _method_default(self.method, "memory_lr")
 
 
-# ESD-u moves every layer outside cross-attention: at the attention deltas' rate it breaks the model within steps
-DELTA_LR = {"default": 1e-3, "esd-u": 1e-4}
+def _method_default(method: str, name: str) -> float | None:
+    from .methods import get_method  # the registry imports the engine, so look it up at call time
+
+    return getattr(get_method(method), name)
 
 
 class TrajectoryCache:
@@ -186,8 +196,11 @@ def finish_patch(denoiser: Denoiser, parts: TrainableParts, config: TrainConfig,
         memory = ConceptMemory(live.memory.k.detach().clone().cpu(), live.memory.v.detach().clone().cpu())
     deltas = {k: WeightDelta(full=d.full.detach().clone().cpu()) for k, d in live.deltas.items()
               if d.full.abs().max() > 0}
-    training = {k: v for k, v in asdict(config).items() if k not in ("concept", "alternative", "preserve", "seed")}
-    training["lr"] = config.delta_lr
+    training = {k: v for k, v in asdict(config).items()
+                if k not in ("concept", "alternative", "preserve", "seed", "lr", "memory_lr")}
+    for key, rate, used in (("lr", config.delta_lr, parts.deltas), ("memory_lr", config.memory_rate, parts.memory)):
+        if used and rate is not None:
+            training[key] = rate
     return ErasurePatch(layers=parts.layers if memory is not None else [], memory=memory, deltas=deltas,
                         method=config.method, concepts=[config.concept], alternative=config.alternative,
                         preserve=list(config.preserve), base_model=getattr(denoiser, "name", ""),
@@ -241,6 +254,13 @@ def run_training(denoiser: Denoiser, config: TrainConfig, parts: TrainableParts,
     return losses
 
 
+def checkpoint_path(folder: Path, config: TrainConfig, fingerprint: str, extra: str = "") -> Path:
+    """Where a run leaves its state: named by everything that determines the run, so the same run started again
+    resumes from it and any other run starts afresh."""
+    key = json.dumps([asdict(config), fingerprint, extra], sort_keys=True, default=str)
+    return Path(folder) / f"train_{hashlib.sha256(key.encode()).hexdigest()[:20]}.pt"
+
+
 def setup(denoiser: Denoiser, config: TrainConfig, tokens: int, projections: tuple[str, ...] = (),
           delta_layers: str | list[str] = "all", delta_modules: list[str] | None = None) -> TrainableParts:
     """Trainable parts: `tokens` memory tokens in config.layers, and deltas of the attn2 `projections` in
@@ -281,6 +301,11 @@ def preserved_prompts(denoiser: Denoiser, config: TrainConfig, cache: Trajectory
     if cache.eps_preserve is None or cache.eps_preserve.shape[1] != len(preserved):
         cache.add_preserved(denoiser, preserved)
     return preserved
+
+
+def esd_target(batch: CacheRecord, eta: float) -> torch.Tensor:
+    """ESD's negatively guided target y = ε*(x_t, ∅) − η·(ε*(x_t, c_e) − ε*(x_t, ∅)), shared by ESD and memory."""
+    return batch.eps_uncond - eta * (batch.eps_concept - batch.eps_uncond)
 
 
 def preservation_loss(denoiser: Denoiser, view: ErasurePatch, batch: CacheRecord, preserved: Conditioning | None,

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from .methods import DEFAULT_METHOD
+
 SUFFIX = ".safetensors"
 INFOTEXT_KEY = "Erasure"
 HASH_LENGTH = 10
@@ -131,13 +133,17 @@ class Host:
 
 # -- training --------------------------------------------------------------------------------
 @dataclass
-class TrainRequest:
+class TabRequest:
+    """The tab's fields: a training request (erasure_core.request.TrainRequest) plus the output name and the
+    preview. `training()` gives the request every front end shares."""
+
     concept: str
-    method: str = "memory"
+    method: str = DEFAULT_METHOD
     alternative: str = ""
-    preserve: str = ""
+    preserve: str = "auto"
     steps: int = 200
-    lr: float = 0.0  # 0: the method's default (erasure_core.engine.DELTA_LR)
+    lr: float = 0.0         # 0: the method's default
+    memory_lr: float = 0.0  # 0: the method's default
     layers: str = "all"
     seed: int = 0
     output: str = ""
@@ -147,22 +153,16 @@ class TrainRequest:
     preview_images: int = 2
     preview_steps: int = 20
 
+    def training(self):
+        from .request import TrainRequest
 
-def _toy_prompt(model, text: str) -> str:
-    """On the toy model a concept name becomes its training prompt ("circle" -> "a circle"); elsewhere the text is
-    the prompt. Raises ValueError for a word the toy world lacks."""
-    if getattr(model, "name", "") != "toy":
-        return text
-    from .toy.world import OBJECT_NAMES, STYLE_NAMES, training_prompt
-
-    try:
-        return training_prompt(text)
-    except KeyError:
-        raise ValueError(f"the toy model knows objects ({', '.join(OBJECT_NAMES)}) and styles "
-                         f"({', '.join(STYLE_NAMES)}); {text!r} is neither") from None
+        return TrainRequest(concept=self.concept, method=self.method, alternative=self.alternative,
+                            preserve=self.preserve, steps=self.steps, lr=self.lr, memory_lr=self.memory_lr,
+                            tokens=self.tokens, layers=self.layers, seed=self.seed, cache_seeds=self.cache_seeds,
+                            cache_steps=self.cache_steps)
 
 
-def output_name(request: TrainRequest) -> str:
+def output_name(request: TabRequest) -> str:
     """The patch name: the one given, or `<concept>-<method>`."""
     name = (request.output or "").strip()
     if name.endswith(SUFFIX):
@@ -175,35 +175,11 @@ def output_name(request: TrainRequest) -> str:
     return name
 
 
-def _config(model, request: TrainRequest):
-    from .engine import TrainConfig
-    from .layers import SELECTION_MODES, select_layers
-    from .methods import METHODS
-
-    if not request.concept.strip():
-        raise ValueError("name the concept to erase")
-    if request.method not in METHODS:
-        raise ValueError(f"unknown method {request.method!r}; use one of {', '.join(METHODS)}")
-    if request.method == "all-but-one" and not request.alternative.strip():
-        raise ValueError("all-but-one needs an alternative concept")
-    for label, value, low in (("steps", request.steps, 1), ("memory tokens", request.tokens, 1),
-                              ("trajectory seeds", request.cache_seeds, 1), ("trajectory steps", request.cache_steps, 1),
-                              ("preview images", request.preview_images, 0), ("preview steps", request.preview_steps, 1)):
+def _check_preview(request: TabRequest) -> None:
+    for label, value, low in (("preview images", request.preview_images, 0),
+                              ("preview steps", request.preview_steps, 1)):
         if value is None or int(value) != value or value < low:
             raise ValueError(f"{label} must be a whole number of at least {low}, got {value}")
-    if request.lr is None or not 0 <= request.lr < 1:
-        raise ValueError(f"learning rate must be between 0 and 1 (0: the method's default), got {request.lr}")
-    lr = float(request.lr) or None
-    text = (request.layers or "all").strip()
-    layers = text if text in SELECTION_MODES else [n.strip() for n in text.split(",") if n.strip()]
-    select_layers(model.layer_names(), layers)  # raises ValueError naming the model's layers
-    preserve = [p.strip() for p in (request.preserve or "").split(",") if p.strip()]
-    return TrainConfig(concept=_toy_prompt(model, request.concept.strip()), method=request.method,
-                       alternative=_toy_prompt(model, request.alternative.strip()) if request.alternative.strip()
-                       else "", preserve=[_toy_prompt(model, p) for p in preserve], steps=int(request.steps),
-                       lr=lr, **({"memory_lr": 10 * lr} if lr else {}), tokens=int(request.tokens),
-                       layers=layers, seed=int(request.seed), cache_seeds=int(request.cache_seeds),
-                       cache_steps=int(request.cache_steps))
 
 
 @dataclass
@@ -228,7 +204,7 @@ class TrainJob:
     _running = threading.Lock()  # one run at a time per process: the GPU and the model are shared
 
     def __init__(self, get_model: Callable[[], object], patch_folder: Callable[[], Path] | Path,
-                 request: TrainRequest, host: Host | None = None) -> None:
+                 request: TabRequest, host: Host | None = None) -> None:
         self.get_model, self.request, self.host = get_model, request, host or Host()
         self.patch_folder = patch_folder if callable(patch_folder) else (lambda: Path(patch_folder))
         self.state = JobState()
@@ -261,14 +237,16 @@ class TrainJob:
     def _run(self) -> None:
         import torch
 
-        from .engine import Cancelled
+        from .engine import Cancelled, checkpoint_path
         from .methods import train_patch
         from .patch import save_patch
+        from .request import prepare
 
         s = self.state
         begun = False
         try:
             request = self.request
+            _check_preview(request)
             name = output_name(request)
             folder = Path(self.patch_folder())
             path = patch_path(folder, name)
@@ -279,24 +257,29 @@ class TrainJob:
                 model = self.get_model()
                 if model is None:
                     raise ValueError("no model is loaded")
-                config = _config(model, request)
-                s.total, s.stage = config.steps, "sampling the frozen model's trajectories"
+                plan = prepare(request.training(), model)
+                config = plan.config
+                s.messages.extend(f"note: {note}" for note in plan.notes)
+                s.total, s.stage = config.steps, "training"
                 self.host.begin("concept-erasure", config.steps)
                 begun = True
+                # an interrupted run leaves its state here; the same settings started again resume from it
+                checkpoint = checkpoint_path(folder / ".checkpoints", config, model.fingerprint())
+                checkpoint.parent.mkdir(parents=True, exist_ok=True)
+                if checkpoint.exists():
+                    s.messages.append("resuming the interrupted run with these settings from its checkpoint")
                 frozen = getattr(model, "frozen", None)
                 with (frozen() if frozen else contextlib.nullcontext()):
-                    result = train_patch(model, config, progress=self._progress, cancel=self.cancelled)
+                    result = plan.label(train_patch(model, config, progress=self._progress, cancel=self.cancelled,
+                                                    checkpoint=checkpoint))
                 patch = result.patch
-                patch.concepts, patch.alternative = [request.concept.strip()], request.alternative.strip()
-                patch.preserve = [p.strip() for p in request.preserve.split(",") if p.strip()]
-                patch.title = patch.title or f"erase {request.concept.strip()}"
                 s.done = s.total
                 save_patch(patch, path)
+                checkpoint.unlink(missing_ok=True)
                 s.path = path
                 s.messages.append(f"wrote {path} ({path.stat().st_size / 1024:.1f} KB) in "
                                   f"{result.seconds:.1f} s")
                 if result.key is not None:
-                    result.key.concepts, result.key.method = [request.concept.strip()], "memory-key"
                     key_path = save_patch(result.key, path.with_name(name + ".key" + SUFFIX))
                     s.messages.append(f"wrote the key {key_path}: apply it with the patch to bring the concept back")
                 if request.preview_images > 0 and not self.cancelled():
@@ -304,7 +287,8 @@ class TrainJob:
                     s.preview = self._preview(model, config, patch)
             s.stage = "done"
         except Cancelled as exc:
-            s.stage, s.error = "cancelled", f"cancelled ({exc}); nothing was written"
+            s.stage, s.error = "cancelled", (f"cancelled ({exc}); nothing was written. Train again with the same "
+                                             "settings to resume from where it stopped")
         except torch.cuda.OutOfMemoryError:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
@@ -333,7 +317,7 @@ class TrainJob:
 
         n = int(self.request.preview_images)
         prompts, seeds = [config.concept] * n, list(range(config.seed, config.seed + n))
-        guidance = 3.0 if getattr(model, "name", "") == "toy" else 7.5
+        guidance = model.default_guidance
         before = model.generate(prompts, seeds, steps=int(self.request.preview_steps), guidance=guidance)
         with patched(model, [(patch, 1.0)]):
             after = model.generate(prompts, seeds, steps=int(self.request.preview_steps), guidance=guidance)
@@ -366,13 +350,14 @@ def _gr():
 
 
 def build_tab(get_model: Callable[[], object], patch_folder: Callable[[], Path] | Path, host: Host | None = None,
-              methods: tuple[str, ...] | None = None, defaults: TrainRequest | None = None):
+              defaults: TabRequest | None = None):
     """The tab as a `gr.Blocks`. `get_model()` returns the loaded model behind the denoiser protocol (with a
     `generate` for the preview); `patch_folder` is where patches are written (a path or a function giving one)."""
     gr = _gr()
-    if methods is None:
-        from .methods import METHODS as methods
-    d = defaults or TrainRequest(concept="")
+    from .methods import get_method, method_names
+
+    methods = method_names()
+    d = defaults or TabRequest(concept="", method=DEFAULT_METHOD)
     host = host or Host()
     folder = patch_folder if callable(patch_folder) else (lambda: Path(patch_folder))
     jobs: dict[str, TrainJob] = {}
@@ -385,10 +370,13 @@ def build_tab(get_model: Callable[[], object], patch_folder: Callable[[], Path] 
             with gr.Column():
                 concept = gr.Textbox(label="Concept to erase", value=d.concept, placeholder="e.g. circle",
                                      elem_id="erasure_concept")
-                method = gr.Dropdown(label="Method", choices=list(methods), value=d.method, elem_id="erasure_method")
-                alternative = gr.Textbox(label="Alternative (memory variants, all-but-one, uce)", value=d.alternative,
+                method = gr.Dropdown(label="Method", choices=list(methods), value=d.method, elem_id="erasure_method",
+                                     info="; ".join(f"{m}: {get_method(m).summary}" for m in methods))
+                takes = ", ".join(m for m in methods if get_method(m).takes_alternative)
+                alternative = gr.Textbox(label=f"Alternative ({takes})", value=d.alternative,
                                          elem_id="erasure_alternative")
-                preserve = gr.Textbox(label="Preserve (comma-separated)", value=d.preserve, elem_id="erasure_preserve")
+                preserve = gr.Textbox(label="Preserve: comma-separated, 'auto' (the model's default) or 'none'",
+                                      value=d.preserve, elem_id="erasure_preserve")
                 with gr.Row():
                     steps = gr.Number(label="Steps", value=d.steps, precision=0, elem_id="erasure_steps")
                     lr = gr.Number(label="Learning rate (0: the method's default)", value=d.lr, minimum=0,
@@ -405,6 +393,8 @@ def build_tab(get_model: Callable[[], object], patch_folder: Callable[[], Path] 
                                                 elem_id="erasure_cache_seeds")
                         cache_steps = gr.Number(label="Trajectory DDIM steps", value=d.cache_steps, precision=0,
                                                 elem_id="erasure_cache_steps")
+                        memory_lr = gr.Number(label="Memory learning rate (0: the method's default)",
+                                              value=d.memory_lr, minimum=0, elem_id="erasure_memory_lr")
                     with gr.Row():
                         preview_images = gr.Number(label="Preview images", value=d.preview_images, precision=0,
                                                    elem_id="erasure_preview_images")
@@ -420,11 +410,13 @@ def build_tab(get_model: Callable[[], object], patch_folder: Callable[[], Path] 
                                    elem_id="erasure_preview")
         job_id = gr.Textbox(value="", visible=False)
 
-        fields = [concept, method, alternative, preserve, steps, lr, layers, seed, output, tokens, cache_seeds,
-                  cache_steps, preview_images, preview_steps]
+        fields = {"concept": concept, "method": method, "alternative": alternative, "preserve": preserve,
+                  "steps": steps, "lr": lr, "memory_lr": memory_lr, "layers": layers, "seed": seed, "output": output,
+                  "tokens": tokens, "cache_seeds": cache_seeds, "cache_steps": cache_steps,
+                  "preview_images": preview_images, "preview_steps": preview_steps}
 
         def run(*values):
-            job = TrainJob(get_model, folder, TrainRequest(*values), host)
+            job = TrainJob(get_model, folder, TabRequest(**dict(zip(fields, values))), host)
             key = f"{id(job):x}-{time.time():.6f}"
             jobs[key] = job
             job.start()
@@ -455,13 +447,13 @@ def build_tab(get_model: Callable[[], object], patch_folder: Callable[[], Path] 
                 job.cancel()
             return gr.update(value="Cancelling...")
 
-        train.click(run, inputs=fields, outputs=[progress, status, preview, train, cancel, job_id])
+        train.click(run, inputs=list(fields.values()), outputs=[progress, status, preview, train, cancel, job_id])
         cancel.click(stop, inputs=[job_id], outputs=[status], queue=False)
     return tab
 
 
 def launch(model, patch_folder: str | Path, host: str = "127.0.0.1", port: int = 7861,
-           defaults: TrainRequest | None = None) -> None:
+           defaults: TabRequest | None = None) -> None:
     """`erasure ui`: the tab as a page of its own on `host:port`, training on `model`. Blocks until stopped."""
     folder = Path(patch_folder)
     folder.mkdir(parents=True, exist_ok=True)

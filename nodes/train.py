@@ -2,50 +2,37 @@
 interrupt button. The MODEL is never modified (erasure_core.backends.comfy.ComfyDenoiser)."""
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 import os
 from pathlib import Path
 
 import torch
 
 from erasure_core.backends.comfy import ComfyDenoiser
-from erasure_core.engine import Cancelled, TrainConfig
+from erasure_core.engine import Cancelled, TrainConfig, checkpoint_path
 from erasure_core.layers import SELECTION_MODES
-from erasure_core.methods import METHODS, train_patch
+from erasure_core.methods import DEFAULT_METHOD, get_method, method_names, methods_help, train_patch
+from erasure_core.request import TrainRequest, prepare
 
 from .common import (CATEGORY, PATCH_TYPE, folder_paths_module, interrupt_check, loader, model_management,
                      progress_bar)
 
-_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
-DEFAULT_METHOD = "memory" if "memory" in METHODS else METHODS[0]
+_DEFAULTS = TrainRequest(concept="")
+_ENGINE_DEFAULTS = TrainConfig(concept="")
 
 
-def _lines(text: str) -> list[str]:
-    return [line.strip() for line in (text or "").splitlines() if line.strip()]
+def make_request(concept: str, method: str, alternative: str, preserve: str, steps: int, learning_rate: float,
+                 layers: str, seed: int, memory_learning_rate: float | None = None, memory_tokens: int | None = None,
+                 batch_size: int | None = None, cache_seeds: int | None = None,
+                 cache_steps: int | None = None) -> TrainRequest:
+    """The node's inputs as a training request (erasure_core.request); 0 learning rates mean the method's."""
+    return TrainRequest(concept=concept, method=method, alternative=alternative, preserve=preserve,
+                        steps=int(steps), lr=learning_rate or None, memory_lr=memory_learning_rate or None,
+                        tokens=memory_tokens if memory_tokens is not None else _DEFAULTS.tokens, layers=layers,
+                        seed=int(seed), batch=batch_size, cache_seeds=cache_seeds, cache_steps=cache_steps)
 
 
-def make_config(concept: str, method: str, alternative: str, preserve: str, steps: int, learning_rate: float,
-                layers: str, seed: int, memory_learning_rate: float | None = None, memory_tokens: int | None = None,
-                batch_size: int | None = None, cache_seeds: int | None = None,
-                cache_steps: int | None = None) -> TrainConfig:
-    if not concept.strip():
-        raise ValueError("say which concept to erase (the 'concept' text, as you would prompt it)")
-    values = dict(concept=concept.strip(), method=method, alternative=alternative.strip(), preserve=_lines(preserve),
-                  steps=int(steps), lr=float(learning_rate) or None, layers=layers, seed=int(seed))
-    optional = dict(memory_lr=memory_learning_rate, tokens=memory_tokens, batch=batch_size, cache_seeds=cache_seeds,
-                    cache_steps=cache_steps)
-    values.update({k: v for k, v in optional.items() if v is not None})
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in values.items() if k in known})
-
-
-def _checkpoint_path(config: TrainConfig, fingerprint: str, extra: str) -> Path:
-    """Where an interrupted run leaves its state, so that the same run queued again resumes from it."""
-    key = json.dumps([dataclasses.asdict(config), fingerprint, extra], sort_keys=True, default=str)
-    folder = Path(folder_paths_module().get_temp_directory()) / "concept_erasure"
-    return folder / f"train_{hashlib.sha256(key.encode()).hexdigest()[:20]}.pt"
+def _checkpoint_folder() -> Path:
+    return Path(folder_paths_module().get_temp_directory()) / "concept_erasure"
 
 
 class ConceptErasureTrainPatch:
@@ -62,50 +49,48 @@ class ConceptErasureTrainPatch:
 
     @classmethod
     def INPUT_TYPES(cls):
-        layers_default = _DEFAULTS.get("layers", "all")
+        methods = method_names()
+        takes = ", ".join(m for m in methods if get_method(m).takes_alternative)
+        rates = ", ".join(f"{m} {get_method(m).delta_lr:g}" for m in methods if get_method(m).delta_lr)
         return {
             "required": {
                 "model": ("MODEL", {"tooltip": "The model to erase the concept from (SD1.x, SD2.x, SDXL)."}),
                 "clip": ("CLIP", {"tooltip": "The text encoder that goes with the model."}),
                 "concept": ("STRING", {"default": "", "tooltip": "What to erase, as you would prompt it: "
                                                                  "'Van Gogh', 'a cat'."}),
-                "method": (list(METHODS), {"default": DEFAULT_METHOD,
-                                           "tooltip": "memory: concept memory + attention deltas (Bui et al.); "
-                                                      "memory-only: a few-KB plug-in; memory-key: erase, with a "
-                                                      "key that restores; all-but-one: replace by the "
-                                                      "alternative, keep layout; esd-x / esd-x-strict / esd-u "
-                                                      "(every layer outside cross-attention: large) / uce: "
-                                                      "baselines."}),
-                "alternative": ("STRING", {"default": "", "tooltip": "What to draw instead (all-but-one, uce). "
+                "method": (list(methods), {"default": DEFAULT_METHOD if DEFAULT_METHOD in methods else methods[0],
+                                           "tooltip": methods_help()}),
+                "alternative": ("STRING", {"default": "", "tooltip": f"What to draw instead ({takes}). "
                                                                      "Empty: nothing in particular."}),
-                "preserve": ("STRING", {"default": "", "multiline": True,
-                                        "tooltip": "Concepts to keep intact, one per line."}),
-                "steps": ("INT", {"default": _DEFAULTS.get("steps", 200), "min": 1, "max": 100000,
+                "preserve": ("STRING", {"default": _DEFAULTS.preserve, "multiline": True,
+                                        "tooltip": "Concepts to keep intact, one per line or separated by commas. "
+                                                   "'auto': the model's own default (none for a checkpoint); "
+                                                   "'none' or empty: nothing."}),
+                "steps": ("INT", {"default": _DEFAULTS.steps, "min": 1, "max": 100000,
                                   "tooltip": "Training steps (uce is closed-form and ignores it)."}),
                 "learning_rate": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 1e-6,
-                                            "tooltip": "Learning rate of the weight deltas. 0: the method's "
-                                                       "default (1e-3; esd-u 1e-4)."}),
-                "layers": (list(SELECTION_MODES), {"default": layers_default if isinstance(layers_default, str)
-                                                   else "all",
+                                            "tooltip": f"Learning rate of the weight deltas. 0: the method's "
+                                                       f"default ({rates})."}),
+                "layers": (list(SELECTION_MODES), {"default": _DEFAULTS.layers,
                                                    "tooltip": "Cross-attention layers to train: mid (middle block), "
                                                               "midout (middle + decoder) or all."}),
                 "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF,
                                  "tooltip": "Seed of the sampled training trajectories and of the initial memory."}),
             },
             "optional": {
-                "memory_learning_rate": ("FLOAT", {"default": _DEFAULTS.get("memory_lr", 1e-2), "min": 1e-7,
-                                                   "max": 1.0, "step": 1e-6,
-                                                   "tooltip": "Learning rate of the memory tokens."}),
-                "memory_tokens": ("INT", {"default": _DEFAULTS.get("tokens", 8), "min": 1, "max": 77,
+                "memory_learning_rate": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 1e-6,
+                                                   "tooltip": "Learning rate of the memory tokens. 0: the "
+                                                              "method's default."}),
+                "memory_tokens": ("INT", {"default": _DEFAULTS.tokens, "min": 1, "max": 77,
                                           "tooltip": "How many memory tokens (memory methods)."}),
                 "batch_size": ("INT", {"default": 1, "min": 1, "max": 64,
                                        "tooltip": "Samples per step. Lower it first when memory runs out."}),
                 "resolution": ("INT", {"default": 512, "min": 64, "max": 2048, "step": 64,
                                        "tooltip": "Training image size in pixels (512 for SD1.x, 768 for SD2-768, "
                                                   "1024 for SDXL). Lower it when memory runs out."}),
-                "cache_seeds": ("INT", {"default": _DEFAULTS.get("cache_seeds", 8), "min": 1, "max": 256,
+                "cache_seeds": ("INT", {"default": _ENGINE_DEFAULTS.cache_seeds, "min": 1, "max": 256,
                                         "tooltip": "Trajectories sampled once from the frozen model to train on."}),
-                "cache_steps": ("INT", {"default": _DEFAULTS.get("cache_steps", 25), "min": 2, "max": 200,
+                "cache_steps": ("INT", {"default": _ENGINE_DEFAULTS.cache_steps, "min": 2, "max": 200,
                                         "tooltip": "DDIM steps of each cached trajectory."}),
                 "rerun": ("INT", {"default": 0, "min": 0, "max": 0xFFFF,
                                   "tooltip": "Change to train again with the same settings."}),
@@ -120,8 +105,14 @@ class ConceptErasureTrainPatch:
     def train(self, model, clip, concept, method, alternative, preserve, steps, learning_rate, layers, seed,
               memory_learning_rate=None, memory_tokens=None, batch_size=1, resolution=512, cache_seeds=None,
               cache_steps=None, rerun=0):
-        config = make_config(concept, method, alternative, preserve, steps, learning_rate, layers, seed,
-                             memory_learning_rate, memory_tokens, batch_size, cache_seeds, cache_steps)
+        denoiser = ComfyDenoiser(model, clip, width=resolution, height=resolution, load_model=loader(training=True),
+                                 check_interrupt=interrupt_check())
+        plan = prepare(make_request(concept, method, alternative, preserve, steps, learning_rate, layers, seed,
+                                    memory_learning_rate, memory_tokens, batch_size, cache_seeds, cache_steps),
+                       denoiser)
+        for note in plan.notes:
+            print(f"[Concept Erasure] note: {note}")
+        config = plan.config
         mm = model_management()
         bar = progress_bar(config.steps)
         interrupted: list[BaseException] = []
@@ -137,14 +128,13 @@ class ConceptErasureTrainPatch:
                 return True
             return False
 
-        denoiser = ComfyDenoiser(model, clip, width=resolution, height=resolution, load_model=loader(training=True),
-                                 check_interrupt=interrupt_check())
         oom = getattr(mm, "OOM_EXCEPTION", torch.cuda.OutOfMemoryError)
         try:
             with torch.inference_mode(False), torch.enable_grad():
-                checkpoint = _checkpoint_path(config, denoiser.fingerprint(), f"{resolution}")
+                checkpoint = checkpoint_path(_checkpoint_folder(), config, denoiser.fingerprint(), f"{resolution}")
                 checkpoint.parent.mkdir(parents=True, exist_ok=True)
-                result = train_patch(denoiser, config, progress=progress, cancel=cancel, checkpoint=checkpoint)
+                result = plan.label(train_patch(denoiser, config, progress=progress, cancel=cancel,
+                                                checkpoint=checkpoint))
         except Cancelled:
             raise (interrupted[0] if interrupted else mm.InterruptProcessingException()) from None
         except oom:

@@ -3,7 +3,8 @@ import json
 
 import torch
 
-from erasure_core.toy.benchmark import default_preserve, markdown, run_benchmark
+from erasure_core.toy.benchmark import markdown, run_benchmark
+from erasure_core.toy.vocabulary import ToyVocabulary
 from erasure_core.cli import main
 from erasure_core.engine import ResamplingSource, TrainConfig
 
@@ -29,6 +30,7 @@ def test_benchmark_writes_rows_with_base_values_and_resumes(toy_model, oracle, t
 
 
 def test_preserved_concepts_are_every_other_concept_own_axis_first():
+    default_preserve = ToyVocabulary().default_preserve
     assert default_preserve("circle")[:7] == ["square", "triangle", "diamond", "star", "cross", "heart", "ring"]
     assert default_preserve("circle")[7:] == ["plain", "stripes", "dots", "checker", "grid", "zigzag", "bars",
                                              "hatching"]

@@ -195,12 +195,12 @@ def test_forge_applies_through_the_unet_patcher_before_every_sampling(webui):
 def test_the_tab_trains_on_the_loaded_model_through_shared_state(webui):
     from modules import script_callbacks, shared
 
-    from erasure_core.ui import TrainJob, TrainRequest
+    from erasure_core.ui import TabRequest, TrainJob
 
     runner, folder, (toy, sd_model) = webui
     module = script_module()
     before = checksum(sd_model)
-    request = TrainRequest(concept="circle", method="memory-only", steps=3, tokens=2, cache_seeds=1, cache_steps=2,
+    request = TabRequest(concept="circle", method="memory-only", steps=3, tokens=2, cache_seeds=1, cache_steps=2,
                            preview_images=1, preview_steps=2, output="circle-tab")
     model_for_tab = lambda: module.ldm.LdmDenoiser(shared.sd_model, resolution=32, latent_scale=1)  # noqa: E731
     job = TrainJob(model_for_tab, module.patch_folder, request, module.WebUIHost()).start()
@@ -211,7 +211,7 @@ def test_the_tab_trains_on_the_loaded_model_through_shared_state(webui):
     assert shared.state.history[-1] == ("end", "concept-erasure", 3, 3)
     assert checksum(sd_model) == before and hook_counts(sd_model) == (0, 0)
     # the WebUI's Interrupt button cancels a run: nothing is written
-    slow = TrainRequest(concept="circle", method="memory-only", steps=500, tokens=2, cache_seeds=1, cache_steps=2,
+    slow = TabRequest(concept="circle", method="memory-only", steps=500, tokens=2, cache_seeds=1, cache_steps=2,
                         preview_images=0, output="never")
     job = TrainJob(model_for_tab, module.patch_folder, slow, module.WebUIHost()).start()
     while job.state.done < 2 and not job.state.finished:

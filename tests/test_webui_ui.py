@@ -35,13 +35,13 @@ def test_patch_folder_listing_hashes_and_lookup(tmp_path):
     ("", "circle", "circle-memory"), ("my patch.safetensors", "x", "my patch"), ("", "Van Gogh!", "Van-Gogh-memory"),
 ])
 def test_output_names(output, concept, expected):
-    assert ui.output_name(ui.TrainRequest(concept=concept, output=output)) == expected
+    assert ui.output_name(ui.TabRequest(concept=concept, output=output)) == expected
 
 
 @pytest.mark.parametrize("bad", ["../x", "a/b", ".hidden", "x" * 120])
 def test_output_names_that_leave_the_folder_are_refused(bad):
     with pytest.raises(ValueError, match="output name"):
-        ui.output_name(ui.TrainRequest(concept="c", output=bad))
+        ui.output_name(ui.TabRequest(concept="c", output=bad))
 
 
 @pytest.fixture(scope="module")
@@ -53,21 +53,21 @@ def toy():
 
 
 @pytest.mark.parametrize("change, message", [
-    (dict(concept=""), "name the concept"), (dict(concept="dragon"), "neither"),
-    (dict(method="nope"), "unknown method"), (dict(method="all-but-one"), "needs an alternative"),
+    (dict(concept=""), "name the concept"), (dict(concept="dragon"), "unknown concept 'dragon'"),
+    (dict(method="nope"), "unknown method"), (dict(alternative="octagon"), "unknown concept 'octagon'"),
     (dict(steps=0), "steps must be"), (dict(steps=2.5), "steps must be"), (dict(lr=-1e-3), "learning rate"),
     (dict(layers="input_blocks.99.1.transformer_blocks.0.attn2"), "has no cross-attention layer"),
 ])
 def test_bad_requests_are_one_line_and_write_nothing(toy, tmp_path, change, message):
-    request = ui.TrainRequest(**{**dict(concept="circle", steps=2), **change})
+    request = ui.TabRequest(**{**dict(concept="circle", steps=2), **change})
     job = ui.TrainJob(lambda: toy, tmp_path, request).start()
     job.join(30)
     assert job.state.stage == "failed" and message in job.state.error and "\n" not in job.state.error
     assert list(tmp_path.iterdir()) == []
 
 
-def test_cancel_stops_training_and_writes_nothing(toy, tmp_path):
-    request = ui.TrainRequest(concept="circle", method="memory-only", steps=1000, tokens=2, cache_seeds=1,
+def test_cancel_stops_training_writes_no_patch_and_the_same_run_resumes(toy, tmp_path):
+    request = ui.TabRequest(concept="circle", method="memory-only", steps=1000, tokens=2, cache_seeds=1,
                               cache_steps=2, preview_images=0)
     with one_thread():
         job = ui.TrainJob(lambda: toy, tmp_path, request).start()
@@ -78,13 +78,24 @@ def test_cancel_stops_training_and_writes_nothing(toy, tmp_path):
         job.cancel()
         job.join(60)
     assert job.state.stage == "cancelled" and "nothing was written" in job.state.error
-    assert list(tmp_path.iterdir()) == []
+    assert not list(tmp_path.glob("*.safetensors"))
+    (checkpoint,) = (tmp_path / ".checkpoints").iterdir()  # what the same settings resume from
     assert "step" in ui.progress_html(job.state)
+    stopped_at = job.state.done
+    resumed = ui.TrainJob(lambda: toy, tmp_path, request)
+    first_step = []
+    report = resumed._progress
+    resumed._progress = lambda done, total, loss=None: first_step.append(done) or report(done, total, loss)
+    resumed.cancelled = lambda: bool(first_step)  # one step past the checkpoint is enough to see where it began
+    with one_thread():
+        resumed.start().join(60)
+    assert any("resuming" in m for m in resumed.state.messages)
+    assert first_step[0] == stopped_at + 1  # continued from the checkpoint, not from step 1
 
 
 def test_existing_output_is_not_overwritten(toy, tmp_path):
     (tmp_path / "taken.safetensors").write_bytes(b"mine")
-    job = ui.TrainJob(lambda: toy, tmp_path, ui.TrainRequest(concept="circle", output="taken")).start()
+    job = ui.TrainJob(lambda: toy, tmp_path, ui.TabRequest(concept="circle", output="taken")).start()
     job.join(30)
     assert "already exists" in job.state.error and (tmp_path / "taken.safetensors").read_bytes() == b"mine"
 

@@ -19,8 +19,11 @@ class DiffusersDenoiser:
     """A loaded diffusers model. Its weights are frozen and never modified in place."""
 
     def __init__(self, unet: UNet2DConditionModel, text_encoder, tokenizer, scheduler_config: dict,
-                 vae=None, text_encoder_2=None, tokenizer_2=None, name: str = "model") -> None:
+                 vae=None, text_encoder_2=None, tokenizer_2=None, name: str = "model", vocabulary=None,
+                 default_guidance: float = 7.5) -> None:
         self.unet, self.vae, self.name = unet, vae, name
+        self.vocabulary = vocabulary  # erasure_core.vocabulary.Vocabulary when the model knows its world
+        self.default_guidance = default_guidance  # what previews sample with
         self.text_encoders = [e for e in (text_encoder, text_encoder_2) if e is not None]
         self.tokenizers = [t for t in (tokenizer, tokenizer_2) if t is not None]
         self.scheduler_config = dict(scheduler_config)
@@ -77,7 +80,8 @@ class DiffusersDenoiser:
         return to_epsilon(out, x, t, self._alphas_cumprod(), self.scheduler_config.get("prediction_type", "epsilon"))
 
     def scheduler(self) -> DDIMScheduler:
-        return DDIMScheduler.from_config(self.scheduler_config)
+        # steps take ε: predict_noise converts v- and x0-predictions before any sampler sees them
+        return DDIMScheduler.from_config(self.scheduler_config, prediction_type="epsilon")
 
     def layer_names(self) -> list[str]:
         from ..layers import attn2_layers
@@ -113,8 +117,9 @@ class DiffusersDenoiser:
     # -- generation ------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, prompts: list[str], seeds: list[int], steps: int = 25, guidance: float = 3.0,
-                 batch: int = 128, progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
-        """Images (N,3,H,W) in [0,1], one per (prompt, seed); each depends only on its prompt and seed."""
+                 progress: Callable[[int, int], None] | None = None, batch: int = 128) -> torch.Tensor:
+        """Images (N,3,H,W) float in [0,1] on the CPU, one per (prompt, seed); each depends only on its prompt and
+        seed. `batch` bounds how many are sampled at once."""
         if len(prompts) != len(seeds):
             raise ValueError("one seed per prompt")
         empty = self.encode([""])
@@ -131,6 +136,7 @@ class DiffusersDenoiser:
 
     @torch.no_grad()
     def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """x_0 (VAE latents, or the toy model's pixels in [-1,1]) to images (N,3,H,W) float in [0,1] on the CPU."""
         if self.vae is not None:
             x = self.vae.decode(x.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
         return ((x.float().clamp(-1, 1) + 1) / 2).cpu()

@@ -1,52 +1,32 @@
-"""Erasure methods, each written once against the denoiser protocol (erasure_core.denoiser).
+"""Erasure methods, each written once against the denoiser protocol (erasure_core.denoiser), each in its own file,
+each registered once (erasure_core.methods.registry).
 
 `train_patch` is the one entry point every front end (CLI, ComfyUI node, WebUI tab, standalone app) calls."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from ..denoiser import Denoiser
 from ..engine import TrainConfig
-from ..patch import ErasurePatch
+from . import memory, all_but_one, esd, uce  # noqa: F401  (each registers its methods, in this order)
+from .registry import MethodSpec, TrainResult, get_method, method_names, methods_help, register, unregister
 
-METHODS = ("memory", "memory-only", "memory-key", "all-but-one", "esd-x", "esd-x-strict", "esd-u", "uce")
-TAKES_ALTERNATIVE = ("memory", "memory-only", "memory-key", "all-but-one", "uce")  # ESD has no anchor
+__all__ = ["DEFAULT_METHOD", "MethodSpec", "TrainResult", "get_method", "method_names", "methods_help", "register",
+           "unregister", "train_patch"]
 
-
-@dataclass
-class TrainResult:
-    patch: ErasurePatch
-    losses: list[float]
-    seconds: float
-    key: ErasurePatch | None = None  # the restoring memory of a "memory-key" run
+DEFAULT_METHOD = "memory"
 
 
 def train_patch(denoiser: Denoiser, config: TrainConfig, progress: Callable[[int, int, float], None] | None = None,
-                cancel: Callable[[], bool] | None = None, checkpoint: Path | None = None) -> TrainResult:
-    """Train `config.method` on `denoiser`. The model's weights are never modified; the result is a patch."""
-    if config.method not in METHODS:
-        raise ValueError(f"unknown method {config.method!r}; use one of {', '.join(METHODS)}")
+                cancel: Callable[[], bool] | None = None, checkpoint: Path | None = None,
+                cache=None) -> TrainResult:
+    """Train `config.method` on `denoiser`. The model's weights are never modified; the result is a patch.
+    `cache` reuses frozen-model trajectories (engine.TrajectoryCache) built for the same concept."""
+    spec = get_method(config.method)
     start = time.time()
-    key, losses = None, []
-    if config.method == "uce":
-        from .uce import train_uce
-
-        patch = train_uce(denoiser, config)
-    elif config.method.startswith("memory"):
-        from .memory import train_memory
-
-        patch, losses, key = train_memory(denoiser, config, checkpoint=checkpoint, progress=progress, cancel=cancel)
-    elif config.method == "all-but-one":
-        from .all_but_one import train_all_but_one
-
-        patch, losses = train_all_but_one(denoiser, config, checkpoint=checkpoint, progress=progress, cancel=cancel)
-    else:
-        from .esd import train_esd
-
-        patch, losses = train_esd(denoiser, config, checkpoint=checkpoint, progress=progress, cancel=cancel)
-    seconds = time.time() - start
-    patch.training["seconds"] = round(seconds, 2)
-    return TrainResult(patch, losses, seconds, key)
+    result = spec.train(denoiser, config, cache=cache, checkpoint=checkpoint, progress=progress, cancel=cancel)
+    result.seconds = time.time() - start
+    result.patch.training["seconds"] = round(result.seconds, 2)
+    return result

@@ -17,16 +17,15 @@ import torch.nn.functional as F
 from ..denoiser import CacheRecord, Denoiser
 from ..engine import (TrainConfig, TrajectoryCache, concept_cache, finish_patch, predict_with, preservation_loss,
                       preserved_prompts, projections_of, run_training, setup)
-from ..patch import ErasurePatch
+from .registry import MethodSpec, TrainResult, register
 
 DRIFT_WEIGHT = 1.0  # λ
 PROJECTIONS = "kv"  # to_k/to_v only, our choice: they act on the text tokens, so other prompts move least
 
 
-def train_all_but_one(denoiser: Denoiser, config: TrainConfig, cache: TrajectoryCache | None = None,
+def train_all_but_one(denoiser: Denoiser, config: TrainConfig, *, cache: TrajectoryCache | None = None,
                       checkpoint: Path | None = None, progress: Callable | None = None,
-                      cancel: Callable[[], bool] | None = None, drift_weight: float = DRIFT_WEIGHT
-                      ) -> tuple[ErasurePatch, list[float]]:
+                      cancel: Callable[[], bool] | None = None, drift_weight: float = DRIFT_WEIGHT) -> TrainResult:
     concept, empty = denoiser.encode([config.concept]), denoiser.encode([""])
     alternative = denoiser.encode([config.alternative]) if config.alternative else None
     cache = cache or concept_cache(denoiser, config, concept, empty, alternative)
@@ -47,6 +46,12 @@ def train_all_but_one(denoiser: Denoiser, config: TrainConfig, cache: Trajectory
         return guid + drift_weight * F.mse_loss(pred_u, batch.eps_uncond) \
             + config.preserve_weight * preservation_loss(denoiser, live, batch, preserved, step)
 
-    losses = run_training(denoiser, config, parts, cache, step_loss, [{"params": parts.delta_params(), "lr": config.delta_lr}],
+    groups = [{"params": parts.delta_params(), "lr": config.delta_lr}]
+    losses = run_training(denoiser, config, parts, cache, step_loss, groups,
                           checkpoint, progress, cancel)
-    return finish_patch(denoiser, parts, config), losses
+    return TrainResult(finish_patch(denoiser, parts, config), losses)
+
+
+register(MethodSpec("all-but-one", "replace by the alternative (or nothing), keep the unconditional score and layout",
+                    "Hong, Lee, Woo, All but One, AAAI 2024", reconstruction=True, kind="trained",
+                    trains="attn2 to_k/to_v deltas", train=train_all_but_one, takes_alternative=True))

@@ -1,7 +1,7 @@
 """ESD (Gandikota et al. 2023), the baseline: push ε(x_t, c_e) towards the negatively guided target
 y = ε*(x_t, ∅) − η·(ε*(x_t, c_e) − ε*(x_t, ∅)). Verified against the authors' code; training from the
-frozen-trajectory cache instead of re-sampling every step is our design (METHODS.md), and so is the optional
-preservation term on `config.preserve`.
+frozen-trajectory cache instead of re-sampling every step is our design (bench/cache_vs_resample.py measures the
+two against each other), and so is the optional preservation term on `config.preserve`.
 
 Parameter sets: ESD-x trains every attn2 projection, ESD-x-strict attn2 to_k and to_v. ESD-u trains every
 parameter except attn2, the time embedding and the output layers; ours trains the weights of those linear and
@@ -16,9 +16,9 @@ from typing import Callable
 import torch.nn.functional as F
 
 from ..denoiser import CacheRecord, Denoiser
-from ..engine import (PROJECTION_SETS, TrainConfig, TrajectoryCache, concept_cache, finish_patch, predict_with, preservation_loss,
-                      preserved_prompts, run_training, setup)
-from ..patch import ErasurePatch
+from ..engine import (PROJECTION_SETS, TrainConfig, TrajectoryCache, concept_cache, esd_target, finish_patch,
+                      predict_with, preservation_loss, preserved_prompts, run_training, setup)
+from .registry import MethodSpec, TrainResult, register
 
 # what each variant trains: a set of attn2 projections, or "outside" for every linear and conv layer outside attn2
 PARAMETER_SETS = {"esd-x": "all", "esd-x-strict": "kv", "esd-u": "outside"}
@@ -30,13 +30,9 @@ def esd_u_modules(weight_shapes: dict[str, tuple[int, ...]]) -> list[str]:
     return [name for name in weight_shapes if ".attn2." not in name and not name.startswith(_NOT_IN_ESD_U)]
 
 
-def esd_target(batch: CacheRecord, eta: float):
-    return batch.eps_uncond - eta * (batch.eps_concept - batch.eps_uncond)
-
-
-def train_esd(denoiser: Denoiser, config: TrainConfig, cache: TrajectoryCache | None = None,
+def train_esd(denoiser: Denoiser, config: TrainConfig, *, cache: TrajectoryCache | None = None,
               checkpoint: Path | None = None, progress: Callable | None = None,
-              cancel: Callable[[], bool] | None = None) -> tuple[ErasurePatch, list[float]]:
+              cancel: Callable[[], bool] | None = None) -> TrainResult:
     if config.method not in PARAMETER_SETS:
         raise ValueError(f"unknown ESD variant {config.method!r}; use one of {', '.join(PARAMETER_SETS)}")
     concept, empty = denoiser.encode([config.concept]), denoiser.encode([""])
@@ -54,6 +50,18 @@ def train_esd(denoiser: Denoiser, config: TrainConfig, cache: TrajectoryCache | 
         return F.mse_loss(pred, esd_target(batch, config.eta)) \
             + config.preserve_weight * preservation_loss(denoiser, live, batch, preserved, step)
 
-    losses = run_training(denoiser, config, parts, cache, step_loss, [{"params": parts.delta_params(), "lr": config.delta_lr}],
+    groups = [{"params": parts.delta_params(), "lr": config.delta_lr}]
+    losses = run_training(denoiser, config, parts, cache, step_loss, groups,
                           checkpoint, progress, cancel)
-    return finish_patch(denoiser, parts, config), losses
+    return TrainResult(finish_patch(denoiser, parts, config), losses)
+
+
+_SOURCE = "Gandikota et al., Erasing Concepts from Diffusion Models, ICCV 2023"
+register(MethodSpec("esd-x", "baseline: negative guidance on every attn2 projection", _SOURCE,
+                    reconstruction=False, kind="trained", trains="attn2 q/k/v/out deltas", train=train_esd))
+register(MethodSpec("esd-x-strict", "baseline: negative guidance on attn2 to_k/to_v", _SOURCE,
+                    reconstruction=False, kind="trained", trains="attn2 to_k/to_v deltas", train=train_esd))
+# ESD-u moves every layer outside cross-attention: at the attention deltas' rate it broke the model within 6 steps
+register(MethodSpec("esd-u", "baseline: every layer outside cross-attention (large patch)", _SOURCE,
+                    reconstruction=False, kind="trained", trains="every linear/conv weight outside attn2",
+                    train=train_esd, delta_lr=1e-4))

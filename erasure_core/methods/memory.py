@@ -2,7 +2,7 @@
 
 Architecture (verified from the authors' model code): m key/value tokens appended to the text context of the
 selected attn2 layers, one set shared by all of them. Training is OUR RECONSTRUCTION, since the authors'
-training script is not public (METHODS.md):
+training script is not public:
 
 - "memory" (variant a, the paper's form): alternate a memory step, in which P learns to carry the concept
   (ε_{θ,P}(c_e) → ε*(c_e)), with an erasure step on the ESD-x deltas θ (P fixed):
@@ -25,20 +25,19 @@ from typing import Callable
 import torch.nn.functional as F
 
 from ..denoiser import CacheRecord, Denoiser
-from ..engine import (TrainConfig, TrajectoryCache, concept_cache, finish_patch, predict_with, preservation_loss,
-                      preserved_prompts, projections_of, run_training, setup)
-from ..patch import ErasurePatch
-from .esd import esd_target
+from ..engine import (TrainConfig, TrajectoryCache, concept_cache, esd_target, finish_patch, predict_with,
+                      preservation_loss, preserved_prompts, projections_of, run_training, setup)
+from .registry import MethodSpec, TrainResult, register
 
 VARIANTS = ("memory", "memory-only", "memory-key")
 ORIGINAL_WEIGHT, MEMORY_WEIGHT = 1.0, 0.1  # w_o and w of the erasure step
 PROJECTIONS = "kv"  # to_k/to_v only, our choice: they act on the text tokens, so other prompts move least
 
 
-def train_memory(denoiser: Denoiser, config: TrainConfig, cache: TrajectoryCache | None = None,
+def train_memory(denoiser: Denoiser, config: TrainConfig, *, cache: TrajectoryCache | None = None,
                  checkpoint: Path | None = None, progress: Callable | None = None,
-                 cancel: Callable[[], bool] | None = None) -> tuple[ErasurePatch, list[float], ErasurePatch | None]:
-    """Returns (patch, losses, key). The key is the memory of "memory-key" runs, None otherwise."""
+                 cancel: Callable[[], bool] | None = None) -> TrainResult:
+    """The key of the result is the memory of "memory-key" runs, None otherwise."""
     if config.method not in VARIANTS:
         raise ValueError(f"unknown memory variant {config.method!r}; use one of {', '.join(VARIANTS)}")
     concept, empty = denoiser.encode([config.concept]), denoiser.encode([""])
@@ -74,11 +73,23 @@ def train_memory(denoiser: Denoiser, config: TrainConfig, cache: TrajectoryCache
         second = F.mse_loss(with_p, batch.eps_concept if key_mode else target)
         return ORIGINAL_WEIGHT * erase + MEMORY_WEIGHT * second + preservation(public_view, step, batch)
 
-    groups = [{"params": parts.memory_params(), "lr": config.memory_lr}]
+    groups = [{"params": parts.memory_params(), "lr": config.memory_rate}]
     if not memory_only:
         groups.append({"params": parts.delta_params(), "lr": config.delta_lr})
     losses = run_training(denoiser, config, parts, cache, step_loss, groups, checkpoint, progress, cancel)
     if key_mode:
-        return finish_patch(denoiser, parts, config, include_memory=False), losses, \
-            finish_patch(denoiser, parts, config, include_deltas=False)
-    return finish_patch(denoiser, parts, config), losses, None
+        return TrainResult(finish_patch(denoiser, parts, config, include_memory=False), losses,
+                           key=finish_patch(denoiser, parts, config, include_deltas=False))
+    return TrainResult(finish_patch(denoiser, parts, config), losses)
+
+
+_SOURCE = "Bui et al., Fantastic Targets for Concept Erasure / concept memory, arXiv 2403.12326"
+register(MethodSpec("memory", "concept memory + attention deltas (the paper's form)", _SOURCE,
+                    reconstruction=True, kind="trained", trains="memory tokens + attn2 to_k/to_v deltas",
+                    train=train_memory, takes_alternative=True, delta_lr=1e-3, memory_lr=1e-2))
+register(MethodSpec("memory-only", "a few-KB plug-in: memory tokens only, weights untouched", _SOURCE,
+                    reconstruction=True, kind="trained", trains="memory tokens", train=train_memory,
+                    takes_alternative=True, delta_lr=None, memory_lr=1e-2))
+register(MethodSpec("memory-key", "deltas erase; the memory, kept apart, is a key that restores", _SOURCE,
+                    reconstruction=True, kind="trained", trains="attn2 to_k/to_v deltas (+ the key's memory tokens)",
+                    train=train_memory, takes_alternative=True, delta_lr=1e-3, memory_lr=1e-2, makes_key=True))

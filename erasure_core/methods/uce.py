@@ -11,7 +11,7 @@ import torch
 
 from ..denoiser import Denoiser
 from ..engine import TrainConfig, finish_patch, setup
-from ..patch import ErasurePatch
+from .registry import MethodSpec, TrainResult, register
 
 RIDGE = 0.5  # λ
 
@@ -21,8 +21,10 @@ def _token_rows(denoiser: Denoiser, prompt: str, length: int) -> torch.Tensor:
     return denoiser.encode([prompt]).context[0, :length].double()
 
 
-def train_uce(denoiser: Denoiser, config: TrainConfig, erase_scale: float = 1.0, preserve_scale: float = 1.0,
-              ridge: float = RIDGE) -> ErasurePatch:
+def train_uce(denoiser: Denoiser, config: TrainConfig, *, cache=None, checkpoint=None, progress=None, cancel=None,
+              erase_scale: float = 1.0, preserve_scale: float = 1.0, ridge: float = RIDGE) -> TrainResult:
+    """Closed form: `cache`, `checkpoint`, `progress` and `cancel` are accepted for the common signature and unused
+    (there are no trajectories to sample and no steps to report)."""
     anchor = config.alternative or ""
     n = max(denoiser.prompt_length(config.concept), denoiser.prompt_length(anchor))
     erased, anchors = _token_rows(denoiser, config.concept, n), _token_rows(denoiser, anchor, n)
@@ -37,4 +39,10 @@ def train_uce(denoiser: Denoiser, config: TrainConfig, erase_scale: float = 1.0,
             w = weights[name].detach().double().cpu()
             left = erase_scale * (w @ anchors.T) @ erased + preserve_scale * w @ kept.T @ kept + ridge * w
             delta.copy_((left @ torch.linalg.inv(right) - w).to(delta.dtype))
-    return finish_patch(denoiser, parts, config)
+    return TrainResult(finish_patch(denoiser, parts, config))
+
+
+register(MethodSpec("uce", "closed-form edit of attn2 to_k/to_v, in seconds",
+                    "Gandikota et al., Unified Concept Editing in Diffusion Models, WACV 2024", reconstruction=False,
+                    kind="closed-form", trains="attn2 to_k/to_v deltas", train=train_uce, takes_alternative=True,
+                    delta_lr=None))

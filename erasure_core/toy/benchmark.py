@@ -1,4 +1,5 @@
-"""The side-by-side benchmark (BENCHMARK.md): several methods, several targets, the same seeds, one run.
+"""The side-by-side benchmark on the toy world (metrics: erasure_core.toy.evaluation): several methods, several
+targets, the same seeds, one run.
 
 For every target the base model's images are generated once; every method is then trained with the same seed
 and settings, applied, and judged by the oracle on the same prompts and seeds. Beside the erasure metrics it
@@ -17,9 +18,9 @@ import torch
 
 from ..engine import TrainConfig
 from .evaluation import ErasureTarget, evaluate_erasure
-from ..methods import METHODS, TAKES_ALTERNATIVE, train_patch
+from ..methods import get_method, method_names, train_patch
 from ..patch import save_patch
-from .world import OBJECT_NAMES, STYLE_NAMES, concept, training_prompt
+from .world import training_prompt
 
 METRICS = ("ua", "ua_syn", "ira", "cra", "alt", "fd", "drift", "layout_ssim")
 
@@ -61,25 +62,6 @@ class PeakMemory:
         self.peak_bytes = max(self._peak, self._rss()) - self._start
 
 
-def default_preserve(target: str) -> list[str]:
-    """The toy model's preserved concepts: every other concept of the world, the target's axis first. Keeping
-    only the target's own axis lost the other axis (erasing a style cost objects: bench/results/tuning.md)."""
-    own, other = (OBJECT_NAMES, STYLE_NAMES) if concept(target).axis == "object" else (STYLE_NAMES, OBJECT_NAMES)
-    return [n for n in own if n != concept(target).name] + list(other)
-
-
-DEFAULT_ALTERNATIVES = {"circle": "square", "star": "cross", "stripes": "checker", "dots": "grid"}
-
-
-def default_alternative(target: str) -> str:
-    """What the demo and the benchmark turn a target into: a neighbour on the same axis."""
-    name = concept(target).name
-    if name in DEFAULT_ALTERNATIVES:
-        return DEFAULT_ALTERNATIVES[name]
-    names = OBJECT_NAMES if concept(target).axis == "object" else STYLE_NAMES
-    return names[(names.index(name) + 1) % len(names)]
-
-
 def run_benchmark(denoiser, oracle, methods: list[str], targets: list[str], base_config: TrainConfig,
                   out_dir: Path, alternatives: dict[str, str] | None = None, preserve: bool = True,
                   seeds_per_cell: int = 1, sample_steps: int = 20,
@@ -91,7 +73,7 @@ def run_benchmark(denoiser, oracle, methods: list[str], targets: list[str], base
     rows = _finished_rows(out_dir / "bench.json", settings)
     for target in targets:
         alternative = alternatives.get(target, "")
-        kept = default_preserve(target) if preserve else []
+        kept = denoiser.vocabulary.default_preserve(target) if preserve else []
         base: dict = {}
         for method in methods:
             if any(r["target"] == target and r["method"] == method for r in rows):
@@ -100,7 +82,7 @@ def run_benchmark(denoiser, oracle, methods: list[str], targets: list[str], base
                 progress(f"{target}: {method}")
             config = replace(base_config, concept=training_prompt(target), method=method,
                              alternative=training_prompt(alternative) if alternative and
-                             method in TAKES_ALTERNATIVE else "",
+                             get_method(method).takes_alternative else "",
                              preserve=[training_prompt(k) for k in kept])
             with PeakMemory(denoiser.device) as memory:
                 result = train_patch(denoiser, config)
@@ -138,11 +120,13 @@ def _settings(config: TrainConfig, seeds_per_cell: int, sample_steps: int, prese
 
 
 def markdown(results: dict) -> str:
-    """One row per (target, method), grouped by target, methods in METHODS order; the base model's value follows
+    """One row per (target, method), grouped by target, methods in registry order; the base model's value follows
     each metric in parentheses."""
     targets = list(dict.fromkeys(r["target"] for r in results["rows"]))
-    rows = sorted(results["rows"], key=lambda r: (targets.index(r["target"]), METHODS.index(r["method"])))
-    head = "| target | method | UA | UA-syn | IRA | CRA | ALT | FD ↓ | drift ↓ | layout SSIM | train s | peak MB | patch KB |"
+    order = {name: i for i, name in enumerate(method_names())}
+    rows = sorted(results["rows"], key=lambda r: (targets.index(r["target"]), order.get(r["method"], len(order))))
+    head = ("| target | method | UA | UA-syn | IRA | CRA | ALT | FD ↓ | drift ↓ | layout SSIM | train s | peak MB "
+            "| patch KB |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     fmt = lambda v, d=2: "–" if v is None else f"{v:.{d}f}"  # noqa: E731
     for r in rows:

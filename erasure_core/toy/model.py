@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from ..backends.diffusers_backend import DiffusersDenoiser
+from .vocabulary import ToyVocabulary
 from .world import RESOLUTION, all_caption_words
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -97,4 +98,5 @@ def load_toy_model(folder: Path = ASSETS, device: str | torch.device = "cpu") ->
         state = {k: v.float() for k, v in load_file(str(folder / f"{name}.safetensors")).items()}
         module.load_state_dict(state, strict=True)
         module.to(device)
-    return DiffusersDenoiser(unet, text_encoder, tokenizer, SCHEDULER_CONFIG, name="toy")
+    return DiffusersDenoiser(unet, text_encoder, tokenizer, SCHEDULER_CONFIG, name="toy", vocabulary=ToyVocabulary(),
+                             default_guidance=3.0)  # the guidance the toy model was trained and measured at

@@ -1,0 +1,136 @@
+"""One training request: what a user asks for, in the words of any front end (CLI flags, ComfyUI node inputs, the
+WebUI tab's fields), turned into a TrainConfig in one place, with every check and default.
+
+- The method comes from the registry; a method that takes no alternative drops one and says so in `notes`, a
+  method that needs one asks for it.
+- Preservation: "auto" keeps the model vocabulary's default (every other concept of the toy world; nothing on a
+  model without a vocabulary), "none" or "" keeps nothing, anything else is a list split at commas and new lines.
+- On a model with a vocabulary, concept names become its training prompts ("circle" -> "a circle"), and a name
+  it does not know is refused with the known ones listed.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from .engine import TrainConfig
+from .layers import SELECTION_MODES, select_layers
+from .methods import DEFAULT_METHOD, TrainResult, get_method
+from .vocabulary import vocabulary_of
+
+PRESERVE_AUTO = "auto"
+PRESERVE_NONE = "none"
+
+
+class RequestError(ValueError):
+    """A request that cannot be trained as given; the message says what to change."""
+
+
+@dataclass
+class TrainRequest:
+    concept: str
+    method: str = DEFAULT_METHOD
+    alternative: str = ""
+    preserve: str = PRESERVE_AUTO  # "auto", "none", or names separated by commas or new lines
+    steps: int = 200
+    lr: float | None = None         # weight deltas; None or 0: the method's default
+    memory_lr: float | None = None  # memory tokens; None or 0: the method's default
+    tokens: int = 8
+    layers: str = "all"             # mid, midout, all, or attn2 layer names separated by commas
+    seed: int = 0
+    batch: int | None = None        # None: the engine's defaults (TrainConfig)
+    cache_seeds: int | None = None
+    cache_steps: int | None = None
+
+
+@dataclass
+class TrainPlan:
+    """A validated request: the config to train, the names to record in the patch, and notes for the user."""
+
+    config: TrainConfig
+    concept: str
+    alternative: str
+    preserve: list[str]
+    notes: list[str] = field(default_factory=list)
+
+    def label(self, result: TrainResult) -> TrainResult:
+        """Record the user's names (not the prompts trained on) in the patch, and in its key if there is one."""
+        result.patch.concepts, result.patch.alternative = [self.concept], self.alternative
+        result.patch.preserve = list(self.preserve)
+        result.patch.title = result.patch.title or f"erase {self.concept}"
+        if result.key is not None:
+            result.key.concepts, result.key.method = [self.concept], self.config.method
+        return result
+
+
+def split_list(text: str) -> list[str]:
+    """Names separated by commas or new lines, blanks dropped."""
+    return [part.strip() for line in (text or "").splitlines() for part in line.split(",") if part.strip()]
+
+
+def _whole(label: str, value, low: int) -> int:
+    if value is None or isinstance(value, bool) or not float(value).is_integer() or value < low:
+        raise RequestError(f"{label} must be a whole number of at least {low}, got {value}")
+    return int(value)
+
+
+def _rate(label: str, value) -> float | None:
+    if value is None or value == 0:
+        return None
+    if not math.isfinite(value) or not 0 < value < 1:
+        raise RequestError(f"{label} must be between 0 and 1 (0: the method's default), got {value}")
+    return float(value)
+
+
+def prepare(request: TrainRequest, model) -> TrainPlan:
+    """Check a request against the registry and `model` (its layer names and vocabulary) and build its config."""
+    concept = (request.concept or "").strip()
+    if not concept:
+        raise RequestError("name the concept to erase (as you would prompt it: 'Van Gogh', 'a cat')")
+    spec = get_method(request.method)
+    notes = []
+    alternative = (request.alternative or "").strip()
+    if alternative and not spec.takes_alternative:
+        notes.append(f"{spec.name} takes no alternative; {alternative!r} is ignored")
+        alternative = ""
+    if spec.needs_alternative and not alternative:
+        raise RequestError(f"{spec.name} needs an alternative: what the erased concept should become")
+    vocabulary = vocabulary_of(model)
+
+    def prompt(name: str) -> str:
+        if vocabulary is None:
+            return name
+        try:
+            return vocabulary.prompt(name)
+        except KeyError as exc:
+            raise RequestError(exc.args[0]) from None
+
+    concept_prompt = prompt(concept)  # refuses a name the vocabulary lacks before anything else uses it
+    preserve_text = (request.preserve or "").strip()
+    if preserve_text.lower() == PRESERVE_AUTO:
+        preserve = vocabulary.default_preserve(concept) if vocabulary is not None else []
+    elif preserve_text.lower() == PRESERVE_NONE:
+        preserve = []
+    else:
+        preserve = split_list(preserve_text)
+    if preserve and not spec.takes_preserve:
+        notes.append(f"{spec.name} takes no preservation list; it is ignored")
+        preserve = []
+    layers_text = (request.layers or "all").strip()
+    layers = layers_text if layers_text in SELECTION_MODES else split_list(layers_text)
+    try:
+        select_layers(model.layer_names(), layers)
+    except ValueError as exc:
+        raise RequestError(str(exc)) from None
+
+    optional = {name: _whole(label, value, 1) for name, label, value in (
+        ("batch", "batch size", request.batch), ("cache_seeds", "trajectory seeds", request.cache_seeds),
+        ("cache_steps", "trajectory steps", request.cache_steps)) if value is not None}
+    config = TrainConfig(concept=concept_prompt, method=spec.name,
+                         alternative=prompt(alternative) if alternative else "",
+                         preserve=[prompt(p) for p in preserve], steps=_whole("steps", request.steps, 1),
+                         lr=_rate("learning rate", request.lr), memory_lr=_rate("memory learning rate",
+                                                                               request.memory_lr),
+                         tokens=_whole("memory tokens", request.tokens, 1), layers=layers,
+                         seed=_whole("seed", request.seed, 0), **optional)
+    return TrainPlan(config, concept, alternative, preserve, notes)

@@ -1,0 +1,37 @@
+"""The toy world's vocabulary (erasure_core.vocabulary.Vocabulary): 8 objects and 8 styles, their training prompts,
+the default preservation and alternatives, and the oracle."""
+from __future__ import annotations
+
+from .world import OBJECT_NAMES, STYLE_NAMES, concept, training_prompt
+
+# what the demo and the benchmark turn a target into: a neighbour on the same axis
+DEFAULT_ALTERNATIVES = {"circle": "square", "star": "cross", "stripes": "checker", "dots": "grid"}
+
+
+class ToyVocabulary:
+    name = "toy"
+
+    def concepts(self) -> list[str]:
+        return list(OBJECT_NAMES) + list(STYLE_NAMES)
+
+    def prompt(self, concept_name: str) -> str:
+        return training_prompt(concept_name)
+
+    def default_preserve(self, target: str) -> list[str]:
+        """Every other concept of the world, the target's axis first. Keeping only the target's own axis lost the
+        other axis (erasing a style cost objects: bench/results/tuning.md)."""
+        c = concept(target)
+        own, other = (OBJECT_NAMES, STYLE_NAMES) if c.axis == "object" else (STYLE_NAMES, OBJECT_NAMES)
+        return [n for n in own if n != c.name] + list(other)
+
+    def default_alternative(self, target: str) -> str:
+        c = concept(target)
+        if c.name in DEFAULT_ALTERNATIVES:
+            return DEFAULT_ALTERNATIVES[c.name]
+        names = OBJECT_NAMES if c.axis == "object" else STYLE_NAMES
+        return names[(names.index(c.name) + 1) % len(names)]
+
+    def oracle(self):
+        from .classifier import load_oracle
+
+        return load_oracle()
