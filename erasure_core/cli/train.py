@@ -1,0 +1,102 @@
+"""erasure train: train an erasure patch (every method in the registry)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .common import UserError, add_model_option, finite_float, load_model, positive_int, progress_bar
+
+
+def add_parser(sub) -> None:
+    from ..methods import DEFAULT_METHOD, method_names, methods_help
+    from ..request import TrainRequest
+
+    defaults = TrainRequest(concept="")
+    p = sub.add_parser("train", help="train an erasure patch")
+    p.add_argument("--concept", required=True, help="concept to erase (toy model: an object or style name)")
+    p.add_argument("--method", choices=method_names(), default=DEFAULT_METHOD,
+                   help=f"default {DEFAULT_METHOD}. " + methods_help())
+    p.add_argument("--alternative", default="",
+                   help="concept that replaces the erased one (methods that take one; the others ignore it)")
+    p.add_argument("--preserve", default=defaults.preserve,
+                   help='concepts to keep, separated by commas; "auto" (default): the model\'s own default (every '
+                        'other concept of the toy world; none on a model without a vocabulary); "none"')
+    p.add_argument("--steps", type=positive_int, default=defaults.steps)
+    p.add_argument("--lr", type=finite_float, default=None,
+                   help="learning rate of weight deltas (default: the method's: " + ", ".join(
+                       f"{s.name} {s.delta_lr:g}" for s in map(_spec, method_names()) if s.delta_lr) + ")")
+    p.add_argument("--memory-lr", type=finite_float, default=None,
+                   help="learning rate of memory tokens (default: the method's)")
+    p.add_argument("--tokens", type=positive_int, default=defaults.tokens, help="memory tokens m")
+    p.add_argument("--layers", default=defaults.layers, help="mid, midout, all, or comma-separated layer names")
+    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--out", required=True, help="output .safetensors")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run with the same settings from its checkpoint (kept beside --out)")
+    add_model_option(p)
+    p.set_defaults(func=run)
+
+
+def _spec(name: str):
+    from ..methods import get_method
+
+    return get_method(name)
+
+
+def request_from_args(args):
+    """The CLI's flags as a training request (erasure_core.request)."""
+    from ..request import TrainRequest
+
+    return TrainRequest(concept=args.concept, method=args.method, alternative=args.alternative,
+                        preserve=args.preserve, steps=args.steps, lr=args.lr, memory_lr=args.memory_lr,
+                        tokens=args.tokens, layers=args.layers, seed=args.seed)
+
+
+def train_to_file(model, request, out: Path, resume: bool = False) -> Path:
+    """Validate, train and write the patch (and its key). Nothing is written when anything fails."""
+    import sys
+
+    import torch
+
+    from ..engine import checkpoint_path
+    from ..methods import train_patch
+    from ..patch import save_patch
+    from ..request import RequestError, prepare
+
+    if out.suffix != ".safetensors":
+        raise UserError(f"--out must end in .safetensors, got {str(out)!r}")
+    try:
+        plan = prepare(request, model)
+    except RequestError as exc:
+        raise UserError(str(exc)) from None
+    for note in plan.notes:
+        print(f"erasure: note: {note}", file=sys.stderr)
+    checkpoint = checkpoint_path(out.parent / ".erasure-checkpoints", plan.config, model.fingerprint())
+    if checkpoint.exists() and not resume:
+        checkpoint.unlink()  # a fresh run was asked for
+    checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    if resume and checkpoint.exists():
+        print(f"erasure: resuming from {checkpoint}", file=sys.stderr)
+    try:
+        result = plan.label(train_patch(model, plan.config, progress=progress_bar(f"train {plan.config.method}"),
+                                        checkpoint=checkpoint))
+    except torch.cuda.OutOfMemoryError:
+        raise UserError("out of GPU memory: lower --tokens, train fewer --layers, or use a smaller model; "
+                        "nothing was written") from None
+    except KeyboardInterrupt:
+        print(f"erasure: interrupted; `erasure train ... --resume` with the same settings continues from the "
+              f"checkpoint of the last minute ({checkpoint})", file=sys.stderr)
+        raise
+    save_patch(result.patch, out)
+    checkpoint.unlink(missing_ok=True)
+    if not any(checkpoint.parent.iterdir()):
+        checkpoint.parent.rmdir()
+    print(f"wrote {out} ({out.stat().st_size / 1024:.1f} KB) in {result.seconds:.1f} s")
+    if result.key is not None:
+        key_path = save_patch(result.key, out.with_name(out.stem + ".key.safetensors"))
+        print(f"wrote the key {key_path}: apply it together with the patch to restore the concept")
+    return out
+
+
+def run(args) -> int:
+    train_to_file(load_model(args.model), request_from_args(args), Path(args.out), resume=args.resume)
+    return 0
