@@ -1,3 +1,7 @@
+"""Fixtures and helpers shared by the test files.
+
+Plain functions here are imported as `from conftest import checksum` (tests/ is on sys.path, as for `unets`)."""
+import hashlib
 import os
 
 import pytest
@@ -20,3 +24,71 @@ def oracle():
     from erasure_core.toy.classifier import load_oracle
 
     return load_oracle()
+
+
+@pytest.fixture(scope="session")
+def circle_cache(toy_model):
+    """The frozen toy model's trajectories for "a circle", with "a square" as the alternative: 4 seeds x 10 DDIM
+    steps (40 records), built once for every test that trains on the toy model. Methods without an alternative
+    ignore its eps_alternative; a preservation list adds eps_preserve for itself (replaced when the list changes)."""
+    from erasure_core.engine import TrajectoryCache
+
+    return TrajectoryCache.build(toy_model, toy_model.encode(["a circle"]), toy_model.encode([""]),
+                                 CIRCLE_CACHE["seeds"], CIRCLE_CACHE["steps"], CIRCLE_CACHE["guidance"],
+                                 alternative=toy_model.encode(["a square"]))
+
+
+CIRCLE_CACHE = {"seeds": [0, 1, 2, 3], "steps": 10, "guidance": 3.0}
+
+
+# -- plain helpers ---------------------------------------------------------------------------------------------------
+
+
+def checksum(module) -> str:
+    """SHA-256 of a module's state dict (names and bytes): equal before and after means no weight moved."""
+    h = hashlib.sha256()
+    for k, v in sorted(module.state_dict().items()):
+        h.update(k.encode() + v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def random_patch(layers, dim, seed, m=3, deltas=None, weight_shape=None, fingerprint=""):
+    """A patch of random parts: m memory tokens of width `dim` on `layers`, and deltas {module: "full" | "lowrank"}
+    (full: 0.1·randn; lowrank: rank 2, 0.3·randn factors, alpha 1), shapes from `weight_shape(module)`.
+    Draws in the order memory k, memory v, then each delta, so it reproduces the builders it replaces."""
+    from erasure_core.patch import ConceptMemory, ErasurePatch, WeightDelta
+
+    g = torch.Generator().manual_seed(seed)
+    patch = ErasurePatch(layers=list(layers), base_fingerprint=fingerprint,
+                         memory=ConceptMemory(torch.randn(m, dim, generator=g), torch.randn(m, dim, generator=g)))
+    for module, kind in (deltas or {}).items():
+        out_dim, in_dim = weight_shape(module)
+        if kind == "full":
+            patch.deltas[module] = WeightDelta(full=0.1 * torch.randn(out_dim, in_dim, generator=g))
+        else:
+            patch.deltas[module] = WeightDelta(down=0.3 * torch.randn(2, in_dim, generator=g),
+                                               up=0.3 * torch.randn(out_dim, 2, generator=g), alpha=1.0)
+    return patch
+
+
+@pytest.fixture(scope="session")
+def trained(toy_model, circle_cache):
+    """`trained(config)`: train_patch on the toy model from the shared circle cache, once per distinct config for
+    the whole session (test_engine.py and test_methods.py share runs), checking that the model's own weights
+    were not touched. Treat the result as read-only."""
+    import json
+    from dataclasses import asdict
+
+    from erasure_core.methods import train_patch
+
+    runs = {}
+
+    def train(config):
+        key = json.dumps(asdict(config), sort_keys=True)
+        if key not in runs:
+            before = checksum(toy_model.unet)
+            runs[key] = train_patch(toy_model, config, cache=circle_cache)
+            assert checksum(toy_model.unet) == before, f"{config.method} changed the model's own weights"
+        return runs[key]
+
+    return train

@@ -45,7 +45,8 @@ def test_patch_strength_zero_is_identity_and_one_changes_images(toy_patch, tmp_p
 
 
 def test_other_fingerprint_warns_but_works(tmp_path, toy_model, capsys):
-    patch = ErasurePatch(layers=toy_model.layer_names()[:1], memory=ConceptMemory(torch.zeros(2, 128), torch.zeros(2, 128)),
+    patch = ErasurePatch(layers=toy_model.layer_names()[:1],
+                         memory=ConceptMemory(torch.zeros(2, 128), torch.zeros(2, 128)),
                          base_model="another-toy", base_fingerprint="0123456789abcdef")
     path = save_patch(patch, tmp_path / "other.safetensors")
     code, out = _generate(tmp_path, "g.png", "--patch", str(path))

@@ -1,82 +1,191 @@
-"""Every method, in a short run on the toy model: its loss falls and the target's images change."""
+"""Every registered method, trained briefly on the toy model and judged by the oracle.
+
+The unedited model draws a circle for "a circle" on every one of TARGET_SEEDS, and the prompted object for each
+of OTHERS (checked first, so that every verdict below can fail). With a method's patch attached, the circle must
+be gone from most target seeds, and the other prompts must keep their objects.
+
+The thresholds come from oracle counts measured with exactly these settings (trajectory cache of conftest, the
+configs in CASES, 10 DDIM steps at guidance 3), on 6 target seeds and 6 other prompts (base model: 6/6 circles,
+6/6 others right). Circles left on the 6 target seeds, measured: memory 1, memory-only 1, memory-key 0,
+all-but-one → square 0 (6 squares), all-but-one 1, esd-x 0, esd-x-strict 0, esd-u 2, uce 1, uce → square 0
+(6 squares); every method kept 6 of 6 other prompts. So MAX_LEFT = 2 and MIN_KEPT = 5 leave each method a margin
+of one seed; ESD-u, which erases a single object only partly (as in bench/results/tuning.md), is allowed 3.
+"""
+from contextlib import nullcontext
+from dataclasses import dataclass
+
 import pytest
-import torch
 
-from erasure_core.engine import TrainConfig, TrajectoryCache
-from erasure_core.injection import attached
+from erasure_core.denoiser import patched
+from erasure_core.engine import TrainConfig
 from erasure_core.layers import attn2_layers
-from erasure_core.methods.all_but_one import train_all_but_one
-from erasure_core.methods.memory import train_memory
-from erasure_core.methods.uce import train_uce
+from erasure_core.methods import get_method, method_names
+from erasure_core.toy.world import OBJECT_NAMES
 
-SEEDS = [0, 1, 2, 3]
+TARGET = "a circle"
+TARGET_SEEDS = [100, 101, 102, 103, 104, 105]  # not the cache's seeds (0-3): noise the training never saw
+OTHERS = [("a square", 100), ("a square", 101), ("a triangle", 100), ("a triangle", 101), ("a star", 100),
+          ("a star", 101)]
+SAMPLE_STEPS, GUIDANCE = 10, 3.0
+PRESERVE = ["a square", "a triangle"]  # for the methods given a preservation list; "a star" is never preserved
+MAX_LEFT = 2  # at most 2 of the 6 target seeds may still be judged circles (measured: 0 or 1)
+MIN_KEPT = 5  # at least 5 of the 6 other prompts keep their object (measured: 6)
 
 
-def config(**kw):
-    base = dict(concept="a circle", steps=30, lr=2e-3, memory_lr=2e-2, tokens=4, batch=8, cache_seeds=4,
-                cache_steps=10, layers="all", seed=0)
+def config(method, **kw):
+    # batch 4 and learning rates above the defaults, so that 10 to 80 steps erase (the suite's time budget)
+    base = dict(concept=TARGET, method=method, steps=10, batch=4, tokens=4, cache_seeds=4, cache_steps=10, seed=0)
     base.update(kw)
     return TrainConfig(**base)
 
 
-@pytest.fixture(scope="module")
-def circle_cache(toy_model):
-    c = config()
-    return TrajectoryCache.build(toy_model, toy_model.encode([c.concept]), toy_model.encode([""]),
-                                 list(range(c.cache_seeds)), c.cache_steps, c.cache_guidance,
-                                 alternative=toy_model.encode(["a square"]))
+CASES = {
+    "memory": config("memory", lr=5e-3, memory_lr=5e-2, steps=20),  # erasure steps alternate with memory steps
+    # without a preservation list, memory-only at 20 steps erased the circle and every other object with it
+    # (2 of 6 others kept): the tokens are appended to every prompt
+    "memory-only": config("memory-only", memory_lr=5e-2, steps=20, preserve=PRESERVE),
+    # the key restores only after 60 memory-steps-and-erasure-steps: 0 circles with the key at 40, 5 at 60, 6 at 80
+    "memory-key": config("memory-key", lr=5e-3, memory_lr=5e-2, steps=80),
+    "all-but-one → square": config("all-but-one", lr=5e-3, alternative="a square"),
+    "all-but-one": config("all-but-one", lr=5e-3),
+    "esd-x": config("esd-x", lr=5e-3),
+    "esd-x-strict": config("esd-x-strict", lr=5e-3),  # = test_engine.small_config(): one run for both files
+    # ESD-u moves every prompt: at 5e-4 without preservation it erased all 6 circles but kept only 4 of 8 others;
+    # at batch 8, or 1e-4 to 4e-4, 3 to 5 circles were left
+    "esd-u": config("esd-u", lr=5e-4, steps=20, preserve=PRESERVE),
+    "uce": config("uce"),
+    "uce → square": config("uce", alternative="a square"),
+}
+
+
+@dataclass
+class Verdict:
+    target: list[str]  # the object the oracle saw for TARGET on each of TARGET_SEEDS
+    others: list[str]  # ... and for each of OTHERS
+
+    def count(self, name: str) -> int:
+        return self.target.count(name)
+
+    @property
+    def kept(self) -> int:
+        return sum(seen == prompt.removeprefix("a ") for seen, (prompt, _) in zip(self.others, OTHERS))
+
+
+def judge(toy_model, oracle, patches=()) -> Verdict:
+    prompts = [TARGET] * len(TARGET_SEEDS) + [p for p, _ in OTHERS]
+    seeds = TARGET_SEEDS + [s for _, s in OTHERS]
+    with patched(toy_model, list(patches)) if patches else nullcontext():
+        images = toy_model.generate(prompts, seeds, steps=SAMPLE_STEPS, guidance=GUIDANCE)
+    seen = [OBJECT_NAMES[i] for i in oracle.predict(images)["object"]]
+    verdict = Verdict(seen[:len(TARGET_SEEDS)], seen[len(TARGET_SEEDS):])
+    print(verdict)  # shown when a test fails
+    return verdict
 
 
 @pytest.fixture(scope="module")
-def original(toy_model):
-    return toy_model.generate(["a circle"] * len(SEEDS), SEEDS, steps=10)
+def base(toy_model, oracle):
+    return judge(toy_model, oracle)
 
 
-def images_with(toy_model, patches):
-    with attached(toy_model.unet, patches):
-        return toy_model.generate(["a circle"] * len(SEEDS), SEEDS, steps=10)
+def assert_erased(verdict: Verdict, base: Verdict, max_left: int = MAX_LEFT) -> None:
+    assert base.target == ["circle"] * len(TARGET_SEEDS) and base.kept == len(OTHERS), f"the base model: {base}"
+    assert verdict.count("circle") <= max_left, f"circles left: {verdict}"
+    assert verdict.kept >= MIN_KEPT, f"other prompts lost their object: {verdict}"
 
 
-def falls(losses, k=6):
-    return sum(losses[-k:]) / k < sum(losses[:k]) / k
+def train(trained, case: str):
+    """The case's run (shared through conftest's `trained`), checked against its method's spec."""
+    cfg = CASES[case]
+    result = trained(cfg)
+    spec = get_method(cfg.method)
+    assert (result.key is not None) == spec.makes_key
+    assert len(result.losses) == (cfg.steps if spec.kind == "trained" else 0)
+    assert result.patch.method == cfg.method and result.patch.concepts == [TARGET]
+    return result
 
 
-@pytest.mark.parametrize("variant", ["memory", "memory-only"])
-def test_memory_variants(toy_model, circle_cache, original, variant):
-    c = config(method=variant, preserve=["a square"] if variant == "memory-only" else [])
-    patch, losses, key = train_memory(toy_model, c, cache=circle_cache)
-    assert key is None and patch.memory is not None and patch.memory.k.shape == (4, 128)
-    assert (patch.deltas != {}) == (variant == "memory")
-    # the memory step and erasure step alternate in variant (a): compare like with like
-    assert falls(losses[1::2] if variant == "memory" else losses, k=3)
-    assert (images_with(toy_model, [(patch, 1.0)]) - original).abs().mean() > 0.02
+def test_every_registered_method_is_judged():
+    assert set(method_names()) <= {c.method for c in CASES.values()}
 
 
-def test_key_mode_hides_and_the_key_restores(toy_model, circle_cache, original):
-    patch, losses, key = train_memory(toy_model, config(method="memory-key", steps=80, memory_lr=5e-2),
-                                      cache=circle_cache)
+def test_the_unedited_model_draws_every_prompt(base):
+    assert base.target == ["circle"] * len(TARGET_SEEDS), base
+    assert base.kept == len(OTHERS), base
+
+
+def test_memory_erases(toy_model, oracle, trained, base):
+    patch = train(trained, "memory").patch
+    assert patch.memory.k.shape == (4, 128) and patch.deltas
+    assert all(name.endswith(("to_k", "to_v")) for name in patch.deltas)
+    assert_erased(judge(toy_model, oracle, [(patch, 1.0)]), base)
+
+
+def test_memory_only_erases_with_the_tokens_alone(toy_model, oracle, trained, base):
+    patch = train(trained, "memory-only").patch
+    assert patch.memory.k.shape == (4, 128) and not patch.deltas
+    assert_erased(judge(toy_model, oracle, [(patch, 1.0)]), base)
+
+
+def test_memory_key_hides_and_the_key_restores(toy_model, oracle, trained, base):
+    result = train(trained, "memory-key")
+    patch, key = result.patch, result.key
     assert patch.memory is None and patch.deltas and key.memory is not None and not key.deltas
-    hidden = (images_with(toy_model, [(patch, 1.0)]) - original).abs().mean()
-    restored = (images_with(toy_model, [(patch, 1.0), (key, 1.0)]) - original).abs().mean()
-    assert hidden > 0.02
-    assert restored < 0.7 * hidden, (float(hidden), float(restored))
+    assert_erased(judge(toy_model, oracle, [(patch, 1.0)]), base)
+    restored = judge(toy_model, oracle, [(patch, 1.0), (key, 1.0)])
+    # measured 6 of 6 circles again (5 of 6 at 60 steps)
+    assert restored.count("circle") >= 4, restored
 
 
-def test_all_but_one_with_alternative(toy_model, circle_cache, original):
-    patch, losses = train_all_but_one(toy_model, config(method="all-but-one", alternative="a square"),
-                                      cache=circle_cache)
-    assert falls(losses)
-    assert (images_with(toy_model, [(patch, 1.0)]) - original).abs().mean() > 0.02
-
-
-def test_uce_is_closed_form_and_changes_the_target(toy_model, original):
-    patch = train_uce(toy_model, config(method="uce", preserve=["a square"]))
+def test_all_but_one_turns_the_target_into_the_alternative(toy_model, oracle, trained, base):
+    patch = train(trained, "all-but-one → square").patch
     assert patch.deltas and all(name.endswith(("to_k", "to_v")) for name in patch.deltas)
-    assert (images_with(toy_model, [(patch, 1.0)]) - original).abs().mean() > 0.02
-    # the edit maps the erased tokens towards the anchor's outputs and leaves the preserved ones nearly alone
+    verdict = judge(toy_model, oracle, [(patch, 1.0)])
+    assert_erased(verdict, base)
+    assert verdict.count("square") >= 4, verdict  # measured 6 of 6
+
+
+def test_all_but_one_without_an_alternative_erases(toy_model, oracle, trained, base):
+    patch = train(trained, "all-but-one").patch
+    assert_erased(judge(toy_model, oracle, [(patch, 1.0)]), base)
+
+
+@pytest.mark.parametrize("case, projections", [("esd-x", ("to_q", "to_k", "to_v", "to_out.0")),
+                                               ("esd-x-strict", ("to_k", "to_v"))])
+def test_esd_x_erases_on_its_projections(toy_model, oracle, trained, base, case, projections):
+    patch = train(trained, case).patch
+    layers = toy_model.layer_names()
+    assert set(patch.deltas) == {f"{layer}.{p}" for layer in layers for p in projections}
+    assert_erased(judge(toy_model, oracle, [(patch, 1.0)]), base)
+
+
+def test_esd_u_trains_only_outside_cross_attention_and_erases_most(toy_model, oracle, trained, base):
+    patch = train(trained, "esd-u").patch
+    assert patch.deltas and not any(".attn2." in name or name.startswith(("time_embed.", "out."))
+                                    for name in patch.deltas)
+    assert any(d.full.dim() == 4 for d in patch.deltas.values())  # ResBlock convs, not only linear layers
+    # ESD-u only partly erases a single object (2 of 6 circles left, measured; 1 to 2 from 10 to 40 steps)
+    assert_erased(judge(toy_model, oracle, [(patch, 1.0)]), base, max_left=3)
+
+
+def test_uce_erases(toy_model, oracle, trained, base):
+    patch = train(trained, "uce").patch
+    assert patch.deltas and all(name.endswith(("to_k", "to_v")) for name in patch.deltas)
+    assert_erased(judge(toy_model, oracle, [(patch, 1.0)]), base)
+
+
+def test_uce_turns_the_target_into_the_alternative(toy_model, oracle, trained, base):
+    verdict = judge(toy_model, oracle, [(train(trained, "uce → square").patch, 1.0)])
+    assert_erased(verdict, base)
+    assert verdict.count("square") >= 4, verdict  # measured 6 of 6
+
+
+def test_uce_is_the_closed_form_edit(toy_model, trained):
+    """Exact algebra, no sampling: the edit maps the erased tokens towards the anchor's outputs and leaves the
+    preserved ones nearly alone."""
+    patch = trained(config("uce", preserve=["a square"])).patch
     layer = next(iter(patch.deltas))
     modules = dict(toy_model.unet.named_modules())
-    diffusers_name = {l.canonical: l.diffusers for l in attn2_layers(toy_model.unet)}[layer.rsplit(".", 1)[0]]
+    diffusers_name = {a.canonical: a.diffusers for a in attn2_layers(toy_model.unet)}[layer.rsplit(".", 1)[0]]
     w = modules[f"{diffusers_name}.{layer.rsplit('.', 1)[1]}"].weight
     n = len(toy_model.tokenizer("a circle").input_ids)
     erased, anchor = toy_model.encode(["a circle"]).context[0, :n], toy_model.encode([""]).context[0, :n]
@@ -84,16 +193,3 @@ def test_uce_is_closed_form_and_changes_the_target(toy_model, original):
     delta = patch.deltas[layer].full
     assert (erased @ (w + delta).T - anchor @ w.T).norm() < 0.5 * (erased @ w.T - anchor @ w.T).norm()
     assert (kept @ delta.T).norm() < 0.2 * (kept @ w.T).norm()
-
-
-def test_esd_u_trains_only_outside_cross_attention(toy_model, circle_cache, original):
-    from erasure_core.methods.esd import train_esd
-
-    before = {k: v.clone() for k, v in toy_model.unet.state_dict().items()}
-    patch, losses = train_esd(toy_model, config(method="esd-u", lr=1e-4), cache=circle_cache)
-    assert falls(losses)
-    assert all(torch.equal(v, before[k]) for k, v in toy_model.unet.state_dict().items())
-    assert patch.deltas and not any(".attn2." in name or name.startswith(("time_embed.", "out."))
-                                    for name in patch.deltas)
-    assert any(d.full.dim() == 4 for d in patch.deltas.values())  # ResBlock convs, not only linear layers
-    assert (images_with(toy_model, [(patch, 1.0)]) - original).abs().mean() > 0.02

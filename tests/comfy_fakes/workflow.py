@@ -121,7 +121,8 @@ def validate(workflow: dict, definitions: dict) -> list[str]:
                 errors.append(f"{where}: required input {name!r} is missing")
         outputs = node.get("outputs", [])
         if [o.get("type") for o in outputs] != list(definition["output"]):
-            errors.append(f"{where}: outputs {[o.get('type') for o in outputs]} differ from {list(definition['output'])}")
+            types = [o.get('type') for o in outputs]
+            errors.append(f"{where}: outputs {types} differ from {list(definition['output'])}")
         slots = widget_slots(definition)
         values = node.get("widgets_values", [])
         if len(values) != len(slots):

@@ -46,9 +46,9 @@ def paste(infotext: str, fields: list) -> list:
             out.append(None)
             continue
         valtype = type(component.value)
-        if valtype == bool and v == "False":
+        if valtype is bool and v == "False":
             out.append(False)
-        elif valtype == int:
+        elif valtype is int:
             out.append(float(v))
         else:
             out.append(valtype(v))

@@ -55,7 +55,7 @@ def load_scripts(paths):
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         for obj in module.__dict__.values():
-            if type(obj) == type and issubclass(obj, Script) and obj is not Script:
+            if isinstance(obj, type) and issubclass(obj, Script) and obj is not Script:
                 scripts_data.append((obj, path, module))
 
 
