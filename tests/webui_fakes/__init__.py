@@ -6,8 +6,8 @@ attention optimisations call it, Forge's backend/patcher/base.py and backend/nn/
 - `LdmUNet` is an LDM-layout view of a diffusers UNet: every attn2 is an ldm-style `CrossAttention` registered
   under its LDM path (input_blocks.1.1.transformer_blocks.0.attn2) that calls `self.to_k(context)` and
   `self.to_v(value)`, sharing the diffusers layer's projection modules, and the diffusers UNet's forward runs
-  through it. So the same weights can be driven by erasure_core.injection (diffusers processors) and by the
-  ldm hooks, and the results compared.
+  through it. So the same weights can be driven through the diffusers module tree and through the LDM one (the
+  same hooks of erasure_core.injection either way), and the results compared.
 - `FakeLatentDiffusion` is A1111's `sd_model` (get_learned_conditioning, apply_model, alphas_cumprod,
   parameterization, decode_first_stage); `FakeForgeModel` is Forge's, with `forge_objects.unet` a
   `UnetPatcher` (clone deep-copies model_options, set_model_attn2_patch, keyword-only add_patches that keeps only
