@@ -20,9 +20,10 @@ from erasure_core.toy.demo import demo_alternative, run_demo
 from erasure_core.toy.model import load_toy_model
 
 VARIANTS = {  # name: (training request fields, sample_steps)
-    "200 steps, cache 8x25, 20 DDIM": (dict(steps=200), 20),
-    "60 steps, cache 4x10, 10 DDIM": (dict(steps=60, cache_seeds=4, cache_steps=10), 10),
-    "100 steps, batch 4, cache 4x10, 10 DDIM": (dict(steps=100, batch=4, cache_seeds=4, cache_steps=10), 10),
+    "full": (dict(steps=200), 20),  # the library's defaults: 200 steps, cache 8 x 25, batch 8; 20 DDIM steps
+    "s60-c4x10-d10": (dict(steps=60, cache_seeds=4, cache_steps=10), 10),
+    "s100-b4-c4x10-d10": (dict(steps=100, batch=4, cache_seeds=4, cache_steps=10), 10),
+    "s40-b4-c4x10-d10": (dict(steps=40, batch=4, cache_seeds=4, cache_steps=10), 10),
 }
 
 
