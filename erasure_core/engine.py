@@ -79,6 +79,7 @@ class TrajectoryCache:
         self.eps_uncond, self.eps_concept, self.eps_alternative = cat("eps_uncond"), cat("eps_concept"), \
             cat("eps_alternative")
         self.eps_preserve: torch.Tensor | None = None
+        self.preserved: list[str] = []  # the prompts eps_preserve was computed for, in order
 
     def __len__(self) -> int:
         return len(self.x_t)
@@ -298,8 +299,9 @@ def preserved_prompts(denoiser: Denoiser, config: TrainConfig, cache: Trajectory
     if not config.preserve:
         return None
     preserved = denoiser.encode(list(config.preserve))
-    if cache.eps_preserve is None or cache.eps_preserve.shape[1] != len(preserved):
+    if cache.eps_preserve is None or cache.preserved != list(config.preserve):  # other prompts: other anchors
         cache.add_preserved(denoiser, preserved)
+        cache.preserved = list(config.preserve)
     return preserved
 
 
