@@ -12,6 +12,7 @@ from unets import sd1_unet, toy_unet
 from comfy_fakes.host import one_thread  # noqa: F401  (autouse fixture)
 from comfy_fakes import (ComfyBasicTransformerBlock, FakeModelPatcher, ModelManagement, build_comfy_model,
                          calc_cond_batch)
+from conftest import random_patch
 from erasure_core.backends.comfy import (ComfyDenoiser, MemoryAttn2Patch, address_from_extra_options, apply_patches,
                                          attn2_modules, comfy_address)
 from erasure_core.injection import InjectionPlan, LayerInjection, attach_plan, attached
@@ -29,19 +30,9 @@ def checksum(module) -> str:
 
 def make_patch(unet, layers, seed, m=3, deltas=None, fingerprint=""):
     """Memory on `layers`; deltas {projection module: "full" | "lowrank"}."""
-    g = torch.Generator().manual_seed(seed)
-    dim = unet.config.cross_attention_dim
-    patch = ErasurePatch(layers=list(layers), base_fingerprint=fingerprint,
-                         memory=ConceptMemory(torch.randn(m, dim, generator=g), torch.randn(m, dim, generator=g)))
     names = attn2_layers(unet)
-    for module, kind in (deltas or {}).items():
-        out_dim, in_dim = unet.get_submodule(to_diffusers(module, names)).weight.shape
-        if kind == "full":
-            patch.deltas[module] = WeightDelta(full=0.1 * torch.randn(out_dim, in_dim, generator=g))
-        else:
-            patch.deltas[module] = WeightDelta(down=0.3 * torch.randn(2, in_dim, generator=g),
-                                               up=0.3 * torch.randn(out_dim, 2, generator=g), alpha=1.0)
-    return patch
+    return random_patch(layers, unet.config.cross_attention_dim, seed, m, deltas, fingerprint=fingerprint,
+                        weight_shape=lambda module: unet.get_submodule(to_diffusers(module, names)).weight.shape)
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import torch
 from diffusers.models.attention_processor import Attention
 from unets import sd1_unet, toy_unet
 
+from conftest import random_patch
 from erasure_core.injection import InjectionPlan, LayerInjection, attach, attach_plan, attached
 from erasure_core.layers import attn2_layers, select_layers, to_diffusers
 from erasure_core.patch import ConceptMemory, ErasurePatch, PatchError, WeightDelta
@@ -42,17 +43,7 @@ class Case:
         return self.unet.get_submodule(to_diffusers(module, self.layers)).weight.shape
 
     def patch(self, layers, seed, m=3, deltas=None):
-        g = torch.Generator().manual_seed(seed)
-        memory = ConceptMemory(torch.randn(m, self.dim, generator=g), torch.randn(m, self.dim, generator=g))
-        patch = ErasurePatch(layers=layers, memory=memory)
-        for module, kind in (deltas or {}).items():
-            out_dim, in_dim = self.weight_shape(module)
-            if kind == "full":
-                patch.deltas[module] = WeightDelta(full=0.1 * torch.randn(out_dim, in_dim, generator=g))
-            else:
-                patch.deltas[module] = WeightDelta(down=0.3 * torch.randn(2, in_dim, generator=g),
-                                                   up=0.3 * torch.randn(out_dim, 2, generator=g), alpha=1.0)
-        return patch
+        return random_patch(layers, self.dim, seed, m, deltas, weight_shape=self.weight_shape)
 
 
 @pytest.fixture(scope="module", params=["sd1", "toy"])
