@@ -147,10 +147,18 @@ class ErasureTarget:
         return item.obj if self.axis == "object" else item.style
 
 
-def erasure_items(target: ErasureTarget, seeds_per_cell: int) -> tuple[list[GridItem], list[GridItem]]:
-    """The canonical grid, and the synonym-only prompts of the target's cells."""
+def erasure_items(target: ErasureTarget, seeds_per_cell: int, other_cells_every: int = 1
+                  ) -> tuple[list[GridItem], list[GridItem]]:
+    """The canonical grid, and the synonym-only prompts of the target's cells.
+
+    `other_cells_every` n > 1 keeps every target cell but only the other cells (o, s) with (o + s) % n == 0: a
+    diagonal lattice that still spans every object and style, for a quick look (the demo)."""
+    if other_cells_every < 1:
+        raise ValueError(f"other_cells_every must be at least 1, got {other_cells_every}")
     synonyms = [i for i in grid_items(seeds_per_cell, synonym=True) if target.label(i) == target.index]
-    return grid_items(seeds_per_cell), synonyms
+    canonical = [i for i in grid_items(seeds_per_cell)
+                 if target.label(i) == target.index or (i.obj + i.style) % other_cells_every == 0]
+    return canonical, synonyms
 
 
 def erasure_metrics(oracle: Oracle, target: ErasureTarget, items: list[GridItem], images: torch.Tensor,
@@ -196,15 +204,15 @@ def unconditional_drift(denoiser, patches: list, n: int = 64, seed: int = 0) -> 
 
 def evaluate_erasure(denoiser, patches: list, oracle: Oracle, target: ErasureTarget, seeds_per_cell: int = 2,
                      steps: int = 25, guidance: float = 3.0, progress: Callable[[int, int], None] | None = None,
-                     base: dict | None = None) -> tuple[dict, torch.Tensor]:
+                     base: dict | None = None, other_cells_every: int = 1) -> tuple[dict, torch.Tensor]:
     """Metrics of the patched model with the base model's beside them, same prompts and seeds; and the
     patched model's canonical-grid images.
 
     `base` may carry images already generated for the base model (keys "images", "syn_images"), so that a
-    benchmark of several methods generates them once."""
+    benchmark of several methods generates them once. `other_cells_every`: see erasure_items."""
     from ..denoiser import patched
 
-    items, syn_items = erasure_items(target, seeds_per_cell)
+    items, syn_items = erasure_items(target, seeds_per_cell, other_cells_every)
     prompts = [i.prompt for i in items] + [i.prompt for i in syn_items]
     seeds = [i.seed for i in items] + [i.seed for i in syn_items]
 
@@ -223,4 +231,6 @@ def evaluate_erasure(denoiser, patches: list, oracle: Oracle, target: ErasureTar
     report = erasure_metrics(oracle, target, items, images, syn_items, syn_images, base_images,
                              unconditional_drift(denoiser, patches))
     report["base"] = erasure_metrics(oracle, target, items, base_images, syn_items, base_syn, base_images, 0.0)
+    report["image_counts"] = {"target": sum(target.label(i) == target.index for i in items), "synonym": len(syn_items),
+                        "other": sum(target.label(i) != target.index for i in items)}
     return report, images
