@@ -43,3 +43,20 @@ def save_grid(images: torch.Tensor, path: str | Path, ncols: int, **kwargs) -> P
     path.parent.mkdir(parents=True, exist_ok=True)
     grid(images, ncols, **kwargs).save(path)
     return path
+
+
+def save_side_by_side(panels: list[Image.Image], path: str | Path, title: str | None = None, gap: int = 12) -> Path:
+    """Panels next to each other, tops aligned, under an optional title."""
+    top = 16 if title else 0
+    width = sum(p.width for p in panels) + gap * (len(panels) - 1)
+    canvas = Image.new("RGB", (width, top + max(p.height for p in panels)), (255, 255, 255))
+    if title:
+        ImageDraw.Draw(canvas).text((4, 2), title, fill=(0, 0, 0), font=ImageFont.load_default())
+    x = 0
+    for panel in panels:
+        canvas.paste(panel, (x, top))
+        x += panel.width + gap
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+    return path

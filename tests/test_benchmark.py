@@ -3,7 +3,10 @@ import json
 
 import torch
 
+import pytest
+
 from erasure_core.toy.benchmark import markdown, run_benchmark
+from erasure_core.toy.evaluation import ErasureTarget, erasure_items
 from erasure_core.toy.vocabulary import ToyVocabulary
 from erasure_core.cli import main
 from erasure_core.engine import ResamplingSource, TrainConfig
@@ -27,6 +30,33 @@ def test_benchmark_writes_rows_with_base_values_and_resumes(toy_model, oracle, t
     again = run_benchmark(toy_model, oracle, ["uce"], ["stripes"], config, tmp_path, seeds_per_cell=1, sample_steps=2)
     assert again["rows"] == results["rows"] and not (tmp_path / "stripes-uce.safetensors").exists()
     assert markdown(again) + "\n" == table
+
+
+@pytest.mark.parametrize("target", ["circle", "stripes"])
+def test_a_sparse_evaluation_keeps_every_target_cell_and_spans_every_other_concept(target):
+    erased = ErasureTarget.from_names(target)
+    full, synonyms = erasure_items(erased, 1)
+    sparse, sparse_synonyms = erasure_items(erased, 1, other_cells_every=3)
+    on_target = lambda items: [i for i in items if erased.label(i) == erased.index]  # noqa: E731
+    assert on_target(sparse) == on_target(full) and len(on_target(full)) == 8 and sparse_synonyms == synonyms
+    others = [i for i in sparse if erased.label(i) != erased.index]
+    assert len(others) in (18, 19) and set(others) <= set(full)  # 18 or 19: as many lattice cells fall in the target row
+    same_axis = {erased.label(i) for i in others}
+    other_axis = {i.style if erased.axis == "object" else i.obj for i in others}
+    assert same_axis == set(range(8)) - {erased.index} and other_axis == set(range(8))
+    with pytest.raises(ValueError, match="at least 1"):
+        erasure_items(erased, 1, other_cells_every=0)
+
+
+def test_the_demo_grid_shows_every_target_cell_and_as_many_other_evaluated_cells():
+    from erasure_core.toy.demo import grid_rows
+
+    erased = ErasureTarget.from_names("circle")
+    items, _ = erasure_items(erased, 1, other_cells_every=3)
+    on, off = grid_rows(erased, items)
+    assert sorted(items[k].style for k in on) == list(range(8)) and all(items[k].obj == 0 for k in on)
+    assert len(off) == 8 and len(set(off)) == 8 and all(items[k].obj != 0 for k in off)
+    assert len({items[k].obj for k in off}) >= 5  # spread over the other objects, not the first few
 
 
 def test_preserved_concepts_are_every_other_concept_own_axis_first():
