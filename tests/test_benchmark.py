@@ -40,7 +40,7 @@ def test_a_sparse_evaluation_keeps_every_target_cell_and_spans_every_other_conce
     on_target = lambda items: [i for i in items if erased.label(i) == erased.index]  # noqa: E731
     assert on_target(sparse) == on_target(full) and len(on_target(full)) == 8 and sparse_synonyms == synonyms
     others = [i for i in sparse if erased.label(i) != erased.index]
-    assert len(others) in (18, 19) and set(others) <= set(full)  # 18 or 19: as many lattice cells fall in the target row
+    assert len(others) in (18, 19) and set(others) <= set(full)  # 18 or 19: the lattice cells off the target row
     same_axis = {erased.label(i) for i in others}
     other_axis = {i.style if erased.axis == "object" else i.obj for i in others}
     assert same_axis == set(range(8)) - {erased.index} and other_axis == set(range(8))

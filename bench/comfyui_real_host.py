@@ -1,0 +1,135 @@
+"""Drive a real ComfyUI through its HTTP API, as a user's graphs would: train (memory, all-but-one, uce), save,
+load, apply, strength 0, stacking, refused files. Prints a JSON report. Run it against a server you started:
+
+    # outside this repo: a ComfyUI checkout with its requirements in its own venv (CPU torch is enough),
+    # this pack cloned into custom_nodes/, and a random-weight SD1.5 diffusers folder in models/diffusers/NAME
+    # (with a model_index.json; text-encoder keys must start with "text_model.", which transformers 5's
+    # save_pretrained no longer writes: ComfyUI then leaves CLIP unloaded and every image is NaN/black)
+    python main.py --cpu --listen 127.0.0.1 --port 8188
+    python bench/comfyui_real_host.py --comfyui /path/to/ComfyUI --model NAME
+
+Sizes are tiny on purpose (64 px, 3 sampler steps, 3 training steps): it checks the host contract, not quality."""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import time
+import urllib.error
+import urllib.request
+import uuid
+
+import numpy as np
+from PIL import Image
+
+SERVER = "http://127.0.0.1:8188"
+
+
+def get(path: str):
+    return json.loads(urllib.request.urlopen(SERVER + path, timeout=600).read())
+
+
+def post(path: str, body: dict):
+    request = urllib.request.Request(SERVER + path, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    try:
+        return json.loads(urllib.request.urlopen(request, timeout=600).read())
+    except urllib.error.HTTPError as exc:
+        return {"http_error": exc.code, "body": json.loads(exc.read() or b"{}")}
+
+
+class Graph:
+    """An API-format prompt; inputs not given take the defaults the server's /object_info declares."""
+
+    info: dict | None = None
+
+    def __init__(self) -> None:
+        self.nodes: dict[str, dict] = {}
+        Graph.info = Graph.info or get("/object_info")
+
+    def add(self, cls: str, **inputs) -> str:
+        given = {}
+        for section in ("required", "optional"):
+            for name, spec in Graph.info[cls]["input"].get(section, {}).items():
+                if len(spec) > 1 and isinstance(spec[1], dict) and "default" in spec[1]:
+                    given[name] = spec[1]["default"]
+                elif isinstance(spec[0], list) and spec[0]:
+                    given[name] = spec[0][0]
+        key = str(len(self.nodes) + 1)
+        self.nodes[key] = {"class_type": cls, "inputs": {**given, **inputs}}
+        return key
+
+    def run(self, timeout: float = 1800) -> dict:
+        reply = post("/prompt", {"prompt": self.nodes, "client_id": str(uuid.uuid4())})
+        if "prompt_id" not in reply:
+            return {"refused": reply}
+        pid, start = reply["prompt_id"], time.time()
+        while time.time() - start < timeout:
+            history = get(f"/history/{pid}").get(pid)
+            if history and history.get("status", {}).get("status_str") in ("success", "error"):
+                status = history["status"]
+                errors = [{k: m[1].get(k) for k in ("node_type", "exception_message")}
+                          for m in status.get("messages", []) if m[0] in ("execution_error", "execution_interrupted")]
+                return {"seconds": round(time.time() - start, 1), "status": status["status_str"], "errors": errors}
+            time.sleep(1)
+        return {"timeout": pid}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--comfyui", required=True, help="the ComfyUI folder the server runs from")
+    parser.add_argument("--model", required=True, help="a folder name in models/diffusers")
+    args = parser.parse_args()
+    output, erasures = os.path.join(args.comfyui, "output"), os.path.join(args.comfyui, "models", "erasures")
+    report: dict = {}
+
+    def loader(g: Graph) -> str:
+        return g.add("DiffusersLoader", model_path=args.model)
+
+    for method, extra in (("memory", {}), ("all-but-one", {"alternative": "a dog"}), ("uce", {})):
+        g = Graph()
+        model = loader(g)
+        trained = g.add("ConceptErasureTrainPatch", model=[model, 0], clip=[model, 1], concept="a cat", method=method,
+                        preserve="", steps=3, seed=0, batch_size=1, resolution=64, cache_seeds=1, cache_steps=2,
+                        **extra)
+        g.add("ConceptErasureSavePatch", erasure_patch=[trained, 0], filename=f"real_{method}")
+        report[f"train {method}"] = g.run()
+    report["erasures folder"] = sorted(os.listdir(erasures)) if os.path.isdir(erasures) else []
+
+    def generate(prefix: str, patches: list[tuple[str, float]]) -> dict:
+        g = Graph()
+        model_node = loader(g)
+        model = [model_node, 0]
+        for name, strength in patches:
+            patch = g.add("ConceptErasureLoadPatch", patch_name=name)
+            model = [g.add("ConceptErasureApplyPatch", model=model, erasure_patch=[patch, 0], strength=strength), 0]
+        pos = g.add("CLIPTextEncode", clip=[model_node, 1], text="a cat in a garden")
+        neg = g.add("CLIPTextEncode", clip=[model_node, 1], text="")
+        latent = g.add("EmptyLatentImage", width=64, height=64, batch_size=1)
+        sampled = g.add("KSampler", model=model, positive=[pos, 0], negative=[neg, 0], latent_image=[latent, 0],
+                        seed=42, steps=3, cfg=7.0, sampler_name="euler", scheduler="normal", denoise=1.0)
+        decoded = g.add("VAEDecode", samples=[sampled, 0], vae=[model_node, 2])
+        g.add("SaveImage", images=[decoded, 0], filename_prefix=prefix)
+        return g.run()
+
+    def image(prefix: str) -> np.ndarray:
+        return np.asarray(Image.open(sorted(glob.glob(os.path.join(output, f"{prefix}_*.png")))[-1])).astype(np.int16)
+
+    runs = {"plain": [], "patched": [("real_memory.safetensors", 1.0)], "strength0": [("real_memory.safetensors", 0.0)],
+            "stacked": [("real_memory.safetensors", 1.0), ("real_uce.safetensors", 1.0)], "plain_after": []}
+    for prefix, patches in runs.items():
+        report[prefix] = generate(prefix, patches)
+    plain = image("plain")
+    report["max pixel difference from plain"] = {k: int(np.abs(image(k) - plain).max()) for k in runs if k != "plain"}
+    report["stacked vs patched"] = int(np.abs(image("stacked") - image("patched")).max())
+    os.makedirs(erasures, exist_ok=True)
+    for name, data in (("garbage.safetensors", b"\x00" * 64), ("pickle.safetensors", b"\x80\x04\x95" + b"x" * 100)):
+        with open(os.path.join(erasures, name), "wb") as f:
+            f.write(data)
+        report[f"refused {name}"] = generate(f"bad_{name[:4]}", [(name, 1.0)])
+    report["server alive afterwards"] = "system" in get("/system_stats")
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
