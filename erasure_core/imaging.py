@@ -38,11 +38,16 @@ def grid(images: torch.Tensor, ncols: int, scale: int = 4, row_labels: list[str]
     return canvas
 
 
-def save_grid(images: torch.Tensor, path: str | Path, ncols: int, **kwargs) -> Path:
+def save_image(image: Image.Image, path: str | Path) -> Path:
+    """Write a picture, making its folder if needed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    grid(images, ncols, **kwargs).save(path)
+    image.save(path)
     return path
+
+
+def save_grid(images: torch.Tensor, path: str | Path, ncols: int, **kwargs) -> Path:
+    return save_image(grid(images, ncols, **kwargs), path)
 
 
 def save_side_by_side(panels: list[Image.Image], path: str | Path, title: str | None = None, gap: int = 12) -> Path:
@@ -56,7 +61,4 @@ def save_side_by_side(panels: list[Image.Image], path: str | Path, title: str | 
     for panel in panels:
         canvas.paste(panel, (x, top))
         x += panel.width + gap
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path)
-    return path
+    return save_image(canvas, path)

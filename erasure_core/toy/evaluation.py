@@ -231,6 +231,6 @@ def evaluate_erasure(denoiser, patches: list, oracle: Oracle, target: ErasureTar
     report = erasure_metrics(oracle, target, items, images, syn_items, syn_images, base_images,
                              unconditional_drift(denoiser, patches))
     report["base"] = erasure_metrics(oracle, target, items, base_images, syn_items, base_syn, base_images, 0.0)
-    report["image_counts"] = {"target": sum(target.label(i) == target.index for i in items), "synonym": len(syn_items),
-                        "other": sum(target.label(i) != target.index for i in items)}
+    on_target = sum(target.label(i) == target.index for i in items)
+    report["image_counts"] = {"target": on_target, "synonym": len(syn_items), "other": len(items) - on_target}
     return report, images
