@@ -74,6 +74,36 @@ class DiffusersDenoiser:
             cond.extra = {"text_embeds": pooled.to(self.unet.dtype), "time_ids": ids.expand(len(prompts), 6)}
         return cond
 
+    # -- text access for attacks (erasure_core.attacks): token ids and embeddings in, conditioning out -----
+    def token_ids(self, prompts: list[str]) -> torch.Tensor:
+        """Padded token ids (B, max_length) of the first tokenizer, as `encode` feeds them to the text encoder."""
+        return self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
+                              truncation=True, return_tensors="pt").input_ids
+
+    def token_embeddings(self) -> torch.Tensor:
+        """The text encoder's input embedding table (V, d), read-only."""
+        return self._single_text_encoder().get_input_embeddings().weight.detach()
+
+    def encode_embeddings(self, ids: torch.Tensor, embeds: torch.Tensor) -> Conditioning:
+        """`encode` for token ids whose input embeddings (B, T, d) are given: differentiable in `embeds`, so an
+        attack can learn or search token embeddings. Position embeddings, masks and layers are the encoder's."""
+        encoder = self._single_text_encoder()
+        table = encoder.get_input_embeddings()
+        if embeds.shape[:2] != ids.shape or embeds.shape[-1] != table.embedding_dim:
+            raise ValueError(f"embeddings {tuple(embeds.shape)} do not match ids {tuple(ids.shape)} and width "
+                             f"{table.embedding_dim}")
+        hook = table.register_forward_hook(lambda _m, _i, out: embeds.to(out.device, out.dtype))
+        try:
+            context = encoder(ids.to(encoder.device))[0]
+        finally:
+            hook.remove()
+        return Conditioning(context.to(self.unet.dtype))
+
+    def _single_text_encoder(self):
+        if len(self.text_encoders) != 1:
+            raise ValueError("token-level text access needs a model with one text encoder (not SDXL)")
+        return self.text_encoders[0]
+
     def predict_noise(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         added = dict(cond.extra) if cond.extra else None
         out = self.unet(x, t, cond.context, added_cond_kwargs=added).sample

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import sys
 
-from . import bench, demo, evaluate, generate, inspect_patch, purify, toy, train, ui
+from . import attack, bench, demo, evaluate, generate, inspect_patch, purify, toy, train, ui
 from .common import Parser, UserError
 
-COMMANDS = (generate, purify, inspect_patch, evaluate, train, demo, bench, toy, ui)
+COMMANDS = (generate, purify, inspect_patch, evaluate, train, demo, bench, attack, toy, ui)
 
 
 def build_parser() -> Parser:

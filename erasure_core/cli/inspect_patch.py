@@ -33,4 +33,11 @@ def run(args) -> int:
     more = f", and {len(tensors) - 8} more ({sum(v.numel() for v in tensors.values()):,} values in all)" \
         if len(tensors) > 8 else ""
     print(f"  {'tensors':<{width}}  " + ", ".join(shown) + more)
+    card = patch.metrics.get("attacks")
+    if isinstance(card, dict) and card.get("target"):
+        from ..attacks import robustness_card
+
+        entries = {k: v for k, v in card.items() if isinstance(v, dict) and "asr" in v}
+        print(robustness_card(card["target"], entries, title="stored in this patch" +
+                              (" (quick budget)" if card.get("quick") else "")))
     return 0
