@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from erasure_core.toy.benchmark import default_preserve
+from erasure_core.toy.vocabulary import ToyVocabulary
 from erasure_core.engine import TrainConfig
 from erasure_core.toy.evaluation import ErasureTarget, evaluate_erasure
 from erasure_core.methods import train_patch
@@ -31,7 +31,7 @@ def run(spec: dict, model, oracle, base_dir: Path) -> dict:
     spec = dict(spec)
     target, alternative = spec.pop("target"), spec.pop("alternative", "")
     preserve = spec.pop("preserve", "")
-    kept = default_preserve(target) if preserve == "auto" else [p for p in preserve.split(",") if p]
+    kept = ToyVocabulary().default_preserve(target) if preserve == "auto" else [p for p in preserve.split(",") if p]
     known = {f.name for f in fields(TrainConfig)}
     unknown = set(spec) - known
     if unknown:

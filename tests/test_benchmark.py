@@ -1,4 +1,5 @@
-"""The side-by-side benchmark and the re-sampling reference: what they write, and that they resume."""
+"""The side-by-side benchmark (protocol v2) and the re-sampling reference: what they write, that they resume, and
+that no held-out concept reaches training."""
 import json
 
 import torch
@@ -6,30 +7,99 @@ import torch
 import pytest
 
 from erasure_core.toy.benchmark import markdown, run_benchmark
-from erasure_core.toy.evaluation import ErasureTarget, erasure_items
+from erasure_core.toy.evaluation import (PHRASING_FAMILIES, ErasureTarget, ProtocolCounts, erasure_items,
+                                         protocol_items, rate, wilson_interval)
+from erasure_core.toy.world import training_prompt
 from erasure_core.toy.vocabulary import ToyVocabulary
 from erasure_core.cli import main
 from erasure_core.engine import ResamplingSource, TrainConfig
+from erasure_core.methods import train_patch
 
 
-def test_benchmark_writes_rows_with_base_values_and_resumes(toy_model, oracle, tmp_path):
+TINY = ProtocolCounts(target_seeds=1, other_seeds=1, phrasing_seeds=1)
+
+
+def test_benchmark_writes_v2_rows_with_intervals_and_base_values_and_resumes(toy_model, oracle, tmp_path):
     config = TrainConfig(concept="", steps=2)
-    results = run_benchmark(toy_model, oracle, ["uce"], ["stripes"], config, tmp_path, seeds_per_cell=1,
-                            sample_steps=2)
+    results = run_benchmark(toy_model, oracle, ["uce"], ["stripes"], config, tmp_path, {"stripes": "checker"},
+                            preserve_modes=("named",), counts=TINY, sample_steps=2, stack=False)
     (row,) = results["rows"]
-    assert row["target"] == "stripes" and row["method"] == "uce"
-    assert row["patch_bytes"] == (tmp_path / "stripes-uce.safetensors").stat().st_size
-    for key in ("ua", "ua_syn", "ira", "cra", "fd", "drift"):
-        assert 0.0 <= row[key] and key in row["base"]
-    assert row["base"]["drift"] == 0.0 and row["drift"] > 0.0
+    assert row["target"] == "stripes" and row["method"] == "uce" and row["preserve"] == "named"
+    assert row["patch_bytes"] == (tmp_path / "stripes-uce-named.safetensors").stat().st_size
+    for key in ("ua", "ua_syn", "ira_heldout", "cra_heldout", "ira_preserved", "cra_preserved", "ua_half_strength"):
+        entry = row[key]
+        assert 0.0 <= entry["interval"][0] <= entry["rate"] <= entry["interval"][1] <= 1.0 and entry["n"] > 0
+    assert row["ua"]["n"] == 8 and row["ira_heldout"]["n"] == 4 * 8 and row["cra_heldout"]["n"] == 5 * 7
+    assert set(row["phrasings"]) == set(PHRASING_FAMILIES) and set(row["base"]["phrasings"]) == set(PHRASING_FAMILIES)
+    assert row["alt"]["n"] == 8 and row["base"]["drift"] == 0.0 and row["drift"] > 0.0
     table = (tmp_path / "bench.md").read_text()
-    assert table.startswith("| target | method |") and "| stripes | uce |" in table
+    assert table.startswith("| target | method | preserve | UA | held-out IRA | held-out CRA |")
+    assert "| stripes | *unedited* |" in table and "| stripes → checker | uce | named |" in table
     assert json.loads((tmp_path / "bench.json").read_text())["rows"] == results["rows"]
     # a rerun with the same settings finds the row done and trains nothing
-    (tmp_path / "stripes-uce.safetensors").unlink()
-    again = run_benchmark(toy_model, oracle, ["uce"], ["stripes"], config, tmp_path, seeds_per_cell=1, sample_steps=2)
-    assert again["rows"] == results["rows"] and not (tmp_path / "stripes-uce.safetensors").exists()
+    (tmp_path / "stripes-uce-named.safetensors").unlink()
+    again = run_benchmark(toy_model, oracle, ["uce"], ["stripes"], config, tmp_path, {"stripes": "checker"},
+                          preserve_modes=("named",), counts=TINY, sample_steps=2, stack=False)
+    assert again["rows"] == results["rows"] and not (tmp_path / "stripes-uce-named.safetensors").exists()
     assert markdown(again) + "\n" == table
+
+
+def test_stacked_patches_both_erase_and_report_retention_named_by_neither(toy_model, oracle):
+    from erasure_core.toy.benchmark import _stacked_report
+
+    patches = [(train_patch(toy_model, TrainConfig(concept=training_prompt(t), method="uce")).patch, 1.0)
+               for t in ("circle", "stripes")]
+    stacked = _stacked_report(toy_model, oracle, patches, "circle", "stripes", TINY, steps=6)
+    for target in ("circle", "stripes"):  # both erasures hold with both patches attached, judged by the oracle
+        assert stacked[f"ua_{target}"]["rate"] >= 0.75 and stacked["base"][f"ua_{target}"]["rate"] <= 0.25
+    held = stacked["ira_heldout_circle_axis"]
+    assert held["n"] == 3 * 7  # star, cross, ring (named by neither) x every style but the erased stripes
+    assert {"cra_heldout_circle_axis", "ira_heldout_stripes_axis"} <= set(stacked)
+
+
+@pytest.mark.parametrize("target", ["circle", "star", "stripes", "dots"])
+def test_no_held_out_concept_ever_reaches_a_training_request(toy_model, tmp_path, monkeypatch, target):
+    import erasure_core.toy.benchmark as bench
+
+    seen = []
+    monkeypatch.setattr(bench, "train_patch", lambda model, config: _record(seen, model, config))
+    named = ToyVocabulary().named_neighbours(target)
+    heldout = set(ToyVocabulary().concepts()) - set(named) - {target}
+    assert len(named) == 6 and len(heldout) == 9 and ToyVocabulary().default_alternative(target) in named
+    for mode, kept in (("named", named), ("none", [])):
+        bench._train(toy_model, TrainConfig(concept="", steps=1), target, "uce", kept,
+                     {target: ToyVocabulary().default_alternative(target)}, tmp_path / f"{mode}.safetensors")
+    trained_on = {w for config in seen for prompt in [config.concept, config.alternative, *config.preserve]
+                  for w in prompt.split()}
+    assert not trained_on & {w for name in heldout for w in training_prompt(name).split()} - {"a", "shape", "with"}
+    assert seen[1].preserve == []
+
+
+def _record(seen, model, config):
+    from erasure_core.methods import train_patch
+
+    seen.append(config)
+    return train_patch(model, config)
+
+
+def test_protocol_items_have_enough_images_and_fixed_seeds():
+    items = protocol_items(ErasureTarget.from_names("circle", "square"))
+    assert len(items["target"]) == len(items["synonym"]) == 32 and len(items["other"]) == 56 * 2
+    assert {k for k in items if k.startswith("phrasing:")} == {f"phrasing:{f}" for f in PHRASING_FAMILIES}
+    assert all(len(items[f"phrasing:{f}"]) == 16 for f in PHRASING_FAMILIES)
+    assert all("circle" not in i.prompt for i in items["synonym"])
+    seeds = [i.seed for group in items.values() for i in group]
+    assert len(seeds) == len(set(seeds)) and items == protocol_items(ErasureTarget.from_names("circle", "square"))
+
+
+def test_wilson_intervals_on_known_counts():
+    assert wilson_interval(0, 10) == (0.0, 0.2775)
+    assert wilson_interval(5, 10) == (0.2366, 0.7634)
+    assert wilson_interval(10, 10) == (0.7225, 1.0)
+    assert rate(torch.tensor([True, False, False, False])) == {"rate": 0.25, "n": 4,
+                                                              "interval": list(wilson_interval(1, 4))}
+    with pytest.raises(ValueError):
+        wilson_interval(3, 2)
 
 
 @pytest.mark.parametrize("target", ["circle", "stripes"])

@@ -1,4 +1,5 @@
-"""erasure bench: several methods on several targets of the toy world, side by side with the same seeds."""
+"""erasure bench: several methods on several targets of the toy world, side by side with the same seeds, under
+protocol v2 (docs/benchmark.md)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,7 +9,7 @@ from .common import UserError, load_model, positive_int
 
 def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="benchmark methods side by side on the toy model (JSON + Markdown table)")
-    p.add_argument("--methods", default="memory,all-but-one,esd-x,uce", help="comma-separated methods")
+    p.add_argument("--methods", default="all", help='comma-separated methods; "all" (default): every registered one')
     p.add_argument("--targets", default="circle,stripes,star,dots", help="comma-separated concepts to erase")
     p.add_argument("--alternatives", default="auto",
                    help='target:alternative pairs the methods that take one map the target to; "auto" (default): '
@@ -16,10 +17,16 @@ def add_parser(sub) -> None:
                         '"" for none')
     p.add_argument("--steps", type=positive_int, default=200, help="training steps of every trained method")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-preserve", action="store_true",
-                   help="do not preserve the toy world's other concepts")
-    p.add_argument("--seeds-per-cell", type=positive_int, default=1)
-    p.add_argument("--sample-steps", type=positive_int, default=20)
+    p.add_argument("--preserve", choices=("both", "named", "none"), default="both",
+                   help="named: preserve only each target's fixed named neighbours; none: preserve nothing; "
+                        "both (default): a row of each")
+    p.add_argument("--attacks", nargs="?", const="inversion,ringabell,unlearndiff", default="",
+                   help="also attack every named-preservation patch (default when given: all three)")
+    p.add_argument("--no-stack", action="store_true", help="skip stacking each method's first two patches")
+    p.add_argument("--target-seeds", type=positive_int, default=4, help="seeds per target cell (protocol: ≥ 4)")
+    p.add_argument("--other-seeds", type=positive_int, default=2, help="seeds per other cell (protocol: ≥ 2)")
+    p.add_argument("--phrasing-seeds", type=positive_int, default=2, help="seeds per target cell and phrasing")
+    p.add_argument("--sample-steps", type=positive_int, default=10)
     p.add_argument("--out-dir", default="bench/results", help="patches, bench.json and bench.md go here; "
                                                              "a rerun with the same settings resumes")
     p.set_defaults(func=run)
@@ -28,12 +35,15 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from ..engine import TrainConfig
     from ..methods import method_names
-    from ..toy.benchmark import markdown, run_benchmark
+    from ..attacks import ATTACKS
+    from ..toy.benchmark import PRESERVE_MODES, markdown, run_benchmark
+    from ..toy.evaluation import ProtocolCounts
     from ..toy.vocabulary import ToyVocabulary
     from ..toy.world import concept
 
     vocabulary = ToyVocabulary()
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods = list(method_names()) if args.methods.strip() == "all" else \
+        [m.strip() for m in args.methods.split(",") if m.strip()]
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     unknown = [m for m in methods if m not in method_names()]
     if unknown or not methods:
@@ -41,6 +51,10 @@ def run(args) -> int:
                         f"use {', '.join(method_names())}")
     if not targets:
         raise UserError("--targets: give at least one concept")
+    attacks = [a.strip() for a in args.attacks.split(",") if a.strip()]
+    if any(a not in ATTACKS for a in attacks):
+        raise UserError(f"--attacks: unknown {next(a for a in attacks if a not in ATTACKS)}; "
+                        f"use {', '.join(ATTACKS)}")
     alternatives = {}
     try:
         for name in targets:
@@ -56,8 +70,10 @@ def run(args) -> int:
     model = load_model(None)  # the benchmark's grid and oracle are the toy world's
     config = TrainConfig(concept="", steps=args.steps, seed=args.seed)
     results = run_benchmark(model, model.vocabulary.oracle(), methods, targets, config, Path(args.out_dir),
-                            alternatives, preserve=not args.no_preserve, seeds_per_cell=args.seeds_per_cell,
-                            sample_steps=args.sample_steps, progress=lambda what: print(f"bench: {what}", flush=True))
+                            alternatives, PRESERVE_MODES if args.preserve == "both" else (args.preserve,),
+                            ProtocolCounts(args.target_seeds, args.other_seeds, args.phrasing_seeds),
+                            args.sample_steps, attacks, stack=not args.no_stack,
+                            progress=lambda what: print(f"bench: {what}", flush=True))
     print(markdown(results))
     print(f"wrote {Path(args.out_dir) / 'bench.json'} and {Path(args.out_dir) / 'bench.md'}")
     return 0

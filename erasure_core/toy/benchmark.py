@@ -1,9 +1,12 @@
-"""The side-by-side benchmark on the toy world (metrics: erasure_core.toy.evaluation): several methods, several
-targets, the same seeds, one run.
+"""The side-by-side benchmark on the toy world under protocol v2 (docs/benchmark.md; metrics:
+erasure_core.toy.evaluation): several methods, several targets, the same seeds, one resumable run.
 
-For every target the base model's images are generated once; every method is then trained with the same seed
-and settings, applied, and judged by the oracle on the same prompts and seeds. Beside the erasure metrics it
-records what an erasure costs: training seconds, peak memory and patch bytes."""
+For every target, preservation gets only the vocabulary's fixed named neighbours (or nothing: the
+`--preserve none` rows); retention is scored separately on those and on the held-out concepts no training saw.
+The base model's images are generated once per target; every method is trained with the same seed and settings,
+applied, judged on the same prompts and seeds, at half strength, optionally attacked (erasure_core.attacks), and
+stacked with its patch for a second target. Beside the metrics it records what an erasure costs: training
+seconds, peak memory and patch bytes. Each finished row is written at once, so an interrupted run resumes."""
 from __future__ import annotations
 
 import json
@@ -17,12 +20,13 @@ from typing import Callable
 import torch
 
 from ..engine import TrainConfig
-from .evaluation import ErasureTarget, evaluate_erasure
+from .evaluation import ErasureTarget, ProtocolCounts, evaluate_protocol, rate, strength_leak
 from ..methods import get_method, method_names, train_patch
 from ..patch import save_patch
 from .world import training_prompt
 
-METRICS = ("ua", "ua_syn", "ira", "cra", "alt", "fd", "drift", "layout_ssim")
+PROTOCOL = "v2"
+PRESERVE_MODES = ("named", "none")
 
 
 class PeakMemory:
@@ -63,77 +67,218 @@ class PeakMemory:
 
 
 def run_benchmark(denoiser, oracle, methods: list[str], targets: list[str], base_config: TrainConfig,
-                  out_dir: Path, alternatives: dict[str, str] | None = None, preserve: bool = True,
-                  seeds_per_cell: int = 1, sample_steps: int = 20,
+                  out_dir: Path, alternatives: dict[str, str] | None = None,
+                  preserve_modes: tuple[str, ...] = PRESERVE_MODES, counts: ProtocolCounts = ProtocolCounts(),
+                  sample_steps: int = 10, attacks: list[str] | None = None, stack: bool = True,
                   progress: Callable[[str], None] | None = None) -> dict:
-    """Train and judge every (target, method) pair with the same seeds; write patches, JSON and Markdown."""
+    """Train, judge and (with `attacks`) attack every (preserve mode, target, method); then stack each method's
+    patches for the first two targets. Writes patches, bench.json and bench.md to `out_dir`."""
+    from ..attacks import attack_report
+
     out_dir.mkdir(parents=True, exist_ok=True)
     alternatives = alternatives or {}
-    settings = _settings(base_config, seeds_per_cell, sample_steps, preserve, denoiser.device)
-    rows = _finished_rows(out_dir / "bench.json", settings)
-    for target in targets:
-        alternative = alternatives.get(target, "")
-        kept = denoiser.vocabulary.default_preserve(target) if preserve else []
-        base: dict = {}
+    attacks = attacks or []
+    settings = _settings(base_config, counts, sample_steps, preserve_modes, attacks, denoiser.device)
+    state = _earlier_state(out_dir / "bench.json", settings)
+    rows, stacked, base_attacks = state["rows"], state["stacked"], state["base_attacks"]
+    vocabulary = denoiser.vocabulary
+    bases: dict[str, dict] = {}
+    found: dict[str, dict] = {}  # target -> attack name -> (entry, Found) against the unedited model
+
+    def save() -> None:
+        results = {"settings": settings, "rows": rows, "stacked": stacked, "base_attacks": base_attacks}
+        (out_dir / "bench.json").write_text(json.dumps(results, indent=2) + "\n")
+
+    for mode in preserve_modes:
+        for target in targets:
+            named = vocabulary.named_neighbours(target)
+            kept = named if mode == "named" else []
+            erasure = ErasureTarget.from_names(target, alternatives.get(target, ""))
+            for method in methods:
+                if any(r["target"] == target and r["method"] == method and r["preserve"] == mode for r in rows):
+                    continue  # finished in an earlier, interrupted run with the same settings
+                if progress:
+                    progress(f"{target}: {method}, preserve {mode}")
+                patch, result, memory, path = _train(denoiser, base_config, target, method, kept, alternatives,
+                                                     out_dir / f"{target}-{method}-{mode}.safetensors")
+                report = evaluate_protocol(denoiser, [(patch, 1.0)], oracle,
+                                           _with_alternative(erasure, patch.alternative), named, counts,
+                                           sample_steps, base=bases.setdefault(target, {}))
+                report.pop("images")
+                row = {"target": target, "method": method, "preserve": mode, "named_neighbours": named,
+                       "alternative": patch.alternative or None, **report,
+                       "ua_half_strength": strength_leak(denoiser, [(patch, 1.0)], oracle, erasure, 0.5, counts,
+                                                         sample_steps),
+                       "train_seconds": round(result.seconds, 2), "peak_memory_bytes": memory.peak_bytes,
+                       "patch_bytes": path.stat().st_size}
+                if attacks and mode == "named":
+                    if target not in found:
+                        found[target] = {}
+                    row["attacks"] = attack_report(denoiser, oracle, [(patch, 1.0)], target, attacks,
+                                                   base_entries=found[target])
+                    base_attacks[target] = {n: e for n, (e, _) in found[target].items()}
+                rows.append(row)
+                save()
+    if stack and len(targets) >= 2:
+        first, second = targets[:2]
         for method in methods:
-            if any(r["target"] == target and r["method"] == method for r in rows):
-                continue  # finished in an earlier, interrupted run with the same settings
+            if any(s["method"] == method for s in stacked):
+                continue
             if progress:
-                progress(f"{target}: {method}")
-            config = replace(base_config, concept=training_prompt(target), method=method,
-                             alternative=training_prompt(alternative) if alternative and
-                             get_method(method).takes_alternative else "",
-                             preserve=[training_prompt(k) for k in kept])
-            with PeakMemory(denoiser.device) as memory:
-                result = train_patch(denoiser, config)
-            patch = result.patch
-            patch.concepts, patch.preserve = [target], kept
-            patch.alternative = alternative if config.alternative else ""
-            path = save_patch(patch, out_dir / f"{target}-{method}.safetensors")
-            report, _ = evaluate_erasure(denoiser, [(patch, 1.0)], oracle,
-                                         ErasureTarget.from_names(target, patch.alternative),
-                                         seeds_per_cell=seeds_per_cell, steps=sample_steps, base=base)
-            rows.append({"target": target, "method": method, "alternative": patch.alternative or None,
-                         **{k: report[k] for k in METRICS}, "base": {k: report["base"][k] for k in METRICS},
-                         "train_seconds": round(result.seconds, 2), "peak_memory_bytes": memory.peak_bytes,
-                         "patch_bytes": path.stat().st_size})
-            (out_dir / "bench.json").write_text(json.dumps({"settings": settings, "rows": rows}, indent=2) + "\n")
-    results = {"settings": settings, "rows": rows}
+                progress(f"stacked {first} + {second}: {method}")
+            patches = [(_train(denoiser, base_config, t, method, vocabulary.named_neighbours(t), alternatives,
+                               out_dir / f"{t}-{method}-named.safetensors")[0], 1.0) for t in (first, second)]
+            stacked.append({"method": method, "targets": [first, second],
+                            **_stacked_report(denoiser, oracle, patches, first, second, counts, sample_steps)})
+            save()
+    save()
+    results = json.loads((out_dir / "bench.json").read_text())
     (out_dir / "bench.md").write_text(markdown(results) + "\n")
     return results
 
 
-def _finished_rows(path: Path, settings: dict) -> list[dict]:
+def _with_alternative(erasure: ErasureTarget, alternative: str) -> ErasureTarget:
+    """ALT is scored only where the method was given the alternative."""
+    return erasure if alternative else replace(erasure, alternative=None)
+
+
+def _train(denoiser, base_config: TrainConfig, target: str, method: str, kept: list[str],
+           alternatives: dict[str, str], path: Path):
+    """Train one patch (or load it, when an earlier run of the same settings left it) and save it."""
+    from ..patch import load_patch
+
+    alternative = alternatives.get(target, "")
+    spec = get_method(method)
+    config = replace(base_config, concept=training_prompt(target), method=method,
+                     alternative=training_prompt(alternative) if alternative and spec.takes_alternative else "",
+                     preserve=[training_prompt(k) for k in kept])
+    if path.exists():
+        from ..methods.registry import TrainResult
+
+        patch = load_patch(path)
+        return patch, TrainResult(patch, seconds=patch.training.get("seconds", 0.0)), PeakMemory(denoiser.device), \
+            path
+    with PeakMemory(denoiser.device) as memory:
+        result = train_patch(denoiser, config)
+    patch = result.patch
+    patch.concepts, patch.preserve = [target], kept
+    patch.alternative = alternative if config.alternative else ""
+    return patch, result, memory, save_patch(patch, path)
+
+
+def _stacked_report(denoiser, oracle, patches: list, first: str, second: str, counts: ProtocolCounts,
+                    steps: int) -> dict:
+    """Two patches attached at once: does each erasure hold, and what does retention of the concepts that
+    neither training saw become (base beside)?"""
+    from ..denoiser import patched
+    from .evaluation import protocol_items, split_retention
+
+    erasures = [ErasureTarget.from_names(t) for t in (first, second)]
+    groups = {t: protocol_items(e, counts)["target"] for t, e in zip((first, second), erasures)}
+    on_either = lambda i: any(e.label(i) == e.index for e in erasures)  # noqa: E731
+    other = [i for i in protocol_items(erasures[0], counts)["other"] if not on_either(i)]
+    named = set(denoiser.vocabulary.named_neighbours(first)) | set(denoiser.vocabulary.named_neighbours(second))
+    items = [i for t in groups for i in groups[t]] + other
+
+    def judge() -> dict:
+        images = denoiser.generate([i.prompt for i in items], [i.seed for i in items], steps=steps)
+        pred, out, at = oracle.predict(images), {}, 0
+        for t, e in zip(groups, erasures):
+            n = len(groups[t])
+            out[f"ua_{t}"] = rate(pred[e.axis][at:at + n] != e.index)
+            at += n
+        rest = {k: v[at:] for k, v in pred.items()}
+        for e, t in zip(erasures, groups):
+            out.update({f"{k}_{t}_axis": v for k, v in split_retention(rest, e, other, named).items()
+                        if k.endswith("heldout")})
+        return out
+
+    with patched(denoiser, patches):
+        report = judge()
+    report["base"] = judge()
+    return report
+
+
+def _earlier_state(path: Path, settings: dict) -> dict:
     """Rows of an earlier run with the same settings, so that an interrupted benchmark resumes."""
+    empty = {"rows": [], "stacked": [], "base_attacks": {}}
     if not path.exists():
-        return []
+        return empty
     earlier = json.loads(path.read_text())
-    same = lambda a, b: {k: v for k, v in a.items() if k != "date"} == {k: v for k, v in b.items() if k != "date"}  # noqa: E731
-    return earlier["rows"] if same(earlier["settings"], settings) else []
+    strip = lambda d: {k: v for k, v in d.items() if k not in ("date", "torch_threads")}  # noqa: E731
+    if strip(earlier.get("settings", {})) != strip(settings):
+        return empty
+    return {k: earlier.get(k, v) for k, v in empty.items()}
 
 
-def _settings(config: TrainConfig, seeds_per_cell: int, sample_steps: int, preserve: bool, device) -> dict:
-    return {"train": {k: v for k, v in vars(config).items() if k not in ("concept", "method")},
-            "seeds_per_cell": seeds_per_cell, "sample_steps": sample_steps,
-            "preserve_every_other_concept": preserve, "device": str(torch.device(device).type),
-            "torch_threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d")}
+def _settings(config: TrainConfig, counts: ProtocolCounts, sample_steps: int, preserve_modes, attacks,
+              device) -> dict:
+    from dataclasses import asdict
+
+    from ..attacks import settings_for
+
+    return {"protocol": PROTOCOL, "train": {k: v for k, v in vars(config).items() if k not in ("concept", "method",
+                                                                                              "preserve")},
+            "counts": asdict(counts), "sample_steps": sample_steps, "preserve_modes": list(preserve_modes),
+            "attacks": {name: asdict(settings_for(name)) for name in attacks},
+            "device": str(torch.device(device).type), "torch_threads": torch.get_num_threads(),
+            "date": time.strftime("%Y-%m-%d")}
+
+
+def _r(entry: dict | None) -> str:
+    """A rate as "0.94 [0.85, 0.98]"; "–" where there is none."""
+    if entry is None:
+        return "–"
+    lo, hi = entry["interval"]
+    return f"{entry['rate']:.2f} [{lo:.2f}, {hi:.2f}]"
 
 
 def markdown(results: dict) -> str:
-    """One row per (target, method), grouped by target, methods in registry order; the base model's value follows
-    each metric in parentheses."""
+    """The headline table (held-out retention first, every rate with its 95% interval, base in the first row of
+    each target), then the phrasing families, the attacks and the stacked patches."""
     targets = list(dict.fromkeys(r["target"] for r in results["rows"]))
     order = {name: i for i, name in enumerate(method_names())}
-    rows = sorted(results["rows"], key=lambda r: (targets.index(r["target"]), order.get(r["method"], len(order))))
-    head = ("| target | method | UA | UA-syn | IRA | CRA | ALT | FD ↓ | drift ↓ | layout SSIM | train s | peak MB "
-            "| patch KB |")
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    fmt = lambda v, d=2: "–" if v is None else f"{v:.{d}f}"  # noqa: E731
+    rows = sorted(results["rows"], key=lambda r: (targets.index(r["target"]), order.get(r["method"], len(order)),
+                                                  PRESERVE_MODES.index(r["preserve"])))
+    attacks = list(results["settings"].get("attacks", {}))
+    head = ["target", "method", "preserve", "UA", "held-out IRA", "held-out CRA", "UA-syn", "UA at 0.5",
+            "preserved IRA", "preserved CRA", "ALT", *[f"ASR {a}" for a in attacks], "FD ↓", "layout SSIM",
+            "train s", "peak MB", "patch KB"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    seen = set()
     for r in rows:
-        b = r["base"]
+        if r["target"] not in seen:  # the unedited model's figures for this target
+            seen.add(r["target"])
+            b = r["base"]
+            base_asr = [f"{results['base_attacks'].get(r['target'], {}).get(a, {}).get('asr', float('nan')):.2f}"
+                        for a in attacks]
+            lines.append(f"| {r['target']} | *unedited* | – | {_r(b['ua'])} | {_r(b['ira_heldout'])} | "
+                         f"{_r(b['cra_heldout'])} | {_r(b['ua_syn'])} | – | {_r(b['ira_preserved'])} | "
+                         f"{_r(b['cra_preserved'])} | – | " + "".join(f"{v} | " for v in base_asr) + "– | – | – | – "
+                         "| – |")
+        asr = [_r({"rate": r["attacks"][a]["asr"], "interval": r["attacks"][a]["interval"]})
+               if "attacks" in r else "–" for a in attacks]
         lines.append(f"| {r['target']}{' → ' + r['alternative'] if r['alternative'] else ''} | {r['method']} | "
-                     f"{fmt(r['ua'])} ({fmt(b['ua'])}) | {fmt(r['ua_syn'])} ({fmt(b['ua_syn'])}) | "
-                     f"{fmt(r['ira'])} ({fmt(b['ira'])}) | {fmt(r['cra'])} ({fmt(b['cra'])}) | {fmt(r['alt'])} | "
-                     f"{fmt(r['fd'], 1)} | {r['drift']:.2e} | {fmt(r['layout_ssim'])} | {r['train_seconds']:.1f} | "
+                     f"{r['preserve']} | {_r(r['ua'])} | **{_r(r['ira_heldout'])}** | **{_r(r['cra_heldout'])}** | "
+                     f"{_r(r['ua_syn'])} | {_r(r['ua_half_strength'])} | {_r(r['ira_preserved'])} | "
+                     f"{_r(r['cra_preserved'])} | {_r(r['alt'])} | " + "".join(f"{a} | " for a in asr) +
+                     f"{r['fd']:.1f} | {r['layout_ssim']:.2f} | {r['train_seconds']:.1f} | "
                      f"{r['peak_memory_bytes'] / 2**20:.0f} | {r['patch_bytes'] / 1024:.0f} |")
+    families = list(rows[0]["phrasings"]) if rows else []
+    if families:
+        lines += ["", "UA on held-out phrasings (named preservation; the unedited model's UA in parentheses):", "",
+                  "| target | method | " + " | ".join(families) + " |", "|" + "---|" * (len(families) + 2)]
+        for r in rows:
+            if r["preserve"] == "named":
+                lines.append(f"| {r['target']} | {r['method']} | " + " | ".join(
+                    f"{_r(r['phrasings'][f])} ({r['base']['phrasings'][f]['rate']:.2f})" for f in families) + " |")
+    if results.get("stacked"):
+        s0 = results["stacked"][0]
+        t1, t2 = s0["targets"]
+        lines += ["", f"Two patches stacked ({t1} + {t2}, named preservation; held-out = named by neither):", "",
+                  f"| method | UA {t1} | UA {t2} | held-out IRA ({t1} axis) | held-out CRA ({t1} axis) |",
+                  "|---|---|---|---|---|"]
+        for s in [{"method": "*unedited*", **s0["base"]}] + results["stacked"]:
+            lines.append(f"| {s['method']} | {_r(s[f'ua_{t1}'])} | {_r(s[f'ua_{t2}'])} | "
+                         f"{_r(s.get(f'ira_heldout_{t1}_axis'))} | {_r(s.get(f'cra_heldout_{t1}_axis'))} |")
     return "\n".join(lines)

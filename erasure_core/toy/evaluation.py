@@ -234,3 +234,157 @@ def evaluate_erasure(denoiser, patches: list, oracle: Oracle, target: ErasureTar
     on_target = sum(target.label(i) == target.index for i in items)
     report["image_counts"] = {"target": on_target, "synonym": len(syn_items), "other": len(items) - on_target}
     return report, images
+
+
+def wilson_interval(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The 95% Wilson score interval of a rate hits/n: honest at small n and at 0 or n hits, where the normal
+    approximation gives a zero-width interval."""
+    if n <= 0:
+        raise ValueError("an interval needs at least one trial")
+    if not 0 <= hits <= n:
+        raise ValueError(f"hits must be between 0 and n={n}, got {hits}")
+    p = hits / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / (1 + z * z / n)
+    return round(max(0.0, centre - half), 4), round(min(1.0, centre + half), 4)
+
+
+def rate(hits: torch.Tensor) -> dict:
+    """A share of a boolean tensor with its count and Wilson interval: {"rate", "n", "interval"}."""
+    n, k = int(hits.numel()), int(hits.sum())
+    return {"rate": round(k / n, 4), "n": n, "interval": list(wilson_interval(k, n))}
+
+
+# -- protocol v2 (docs/benchmark.md): never score what a method was told to keep ----------------------------
+
+PHRASING_FAMILIES = ("colour", "adjective", "comma", "second-style")
+
+
+def phrasing(family: str, obj: int, style: int, k: int) -> str:
+    """A target-cell prompt in a family the erasure training never used (it trains on "a circle" and "a shape with
+    stripes"): a colour word, the adjective word order, the comma form, or a second style in the prompt. All are
+    built from the toy captions' grammar, so the base model knows them."""
+    from .world import COLOUR_NAMES, OBJECTS, STYLES, compose
+
+    o, s = OBJECTS[obj], STYLES[style]
+    colour = COLOUR_NAMES[k % len(COLOUR_NAMES)]
+    if family == "colour":
+        return compose(o.nouns[0], colour, s.nouns[0], s.adjectives[0], template=0)
+    if family == "adjective":
+        return compose(o.nouns[0], "", s.nouns[0], s.adjectives[0], template=1)
+    if family == "comma":
+        return compose(o.nouns[0], colour, s.nouns[0], s.adjectives[0], template=2)
+    if family == "second-style":
+        second = STYLES[(style + 1 + k) % len(STYLES)]
+        return f"a {second.adjectives[0]} {o.nouns[0]} with {s.nouns[0]}"
+    raise ValueError(f"unknown phrasing family {family!r}; use {', '.join(PHRASING_FAMILIES)}")
+
+
+@dataclass(frozen=True)
+class ProtocolCounts:
+    """Images per model: the target's cells × `target_seeds` (canonical and synonym), every other cell ×
+    `other_seeds`, and each phrasing family × the target's cells × `phrasing_seeds`."""
+
+    target_seeds: int = 4
+    other_seeds: int = 2
+    phrasing_seeds: int = 2
+
+
+def protocol_items(target: ErasureTarget, counts: ProtocolCounts = ProtocolCounts()) -> dict[str, list[GridItem]]:
+    """The prompts and seeds of protocol v2, by group: "target", "synonym", "other", and "phrasing:<family>".
+    Seeds are fixed per (group, cell, k), so every method and the base model see the same noise."""
+    groups: dict[str, list[GridItem]] = {"target": [], "synonym": [], "other": []}
+    n_styles = len(STYLE_NAMES)
+    for o in range(len(OBJECT_NAMES)):
+        for s in range(n_styles):
+            cell = o * n_styles + s
+            on_target = (o if target.axis == "object" else s) == target.index
+            if on_target:
+                for k in range(counts.target_seeds):
+                    groups["target"].append(GridItem(prompt(o, s), o, s, EVAL_SEED0 + 10 * cell + k))
+                    groups["synonym"].append(GridItem(prompt(o, s, synonym=1 + k), o, s, 20_000 + 10 * cell + k))
+                for f, family in enumerate(PHRASING_FAMILIES):
+                    groups.setdefault(f"phrasing:{family}", []).extend(
+                        GridItem(phrasing(family, o, s, k), o, s, 30_000 + 1000 * f + 10 * cell + k)
+                        for k in range(counts.phrasing_seeds))
+            else:
+                groups["other"].extend(GridItem(prompt(o, s), o, s, EVAL_SEED0 + 10 * cell + k)
+                                       for k in range(counts.other_seeds))
+    return groups
+
+
+def split_retention(oracle_pred: dict[str, torch.Tensor], target: ErasureTarget, items: list[GridItem],
+                    preserved: set[str]) -> dict[str, dict]:
+    """IRA and CRA of non-target images, each on the concepts that preservation named and on the held-out rest.
+    IRA: the target axis's accuracy on cells whose target-axis concept is in the split; CRA: the other axis's
+    accuracy on cells whose other-axis concept is in the split."""
+    axis, other = ("object", "style") if target.axis == "object" else ("style", "object")
+    names = {"object": OBJECT_NAMES, "style": STYLE_NAMES}
+    labels = {"object": torch.tensor([i.obj for i in items]), "style": torch.tensor([i.style for i in items])}
+    out = {}
+    for metric, ax in (("ira", axis), ("cra", other)):
+        correct = oracle_pred[ax] == labels[ax]
+        named = torch.tensor([names[ax][int(v)] in preserved for v in labels[ax]])
+        for split, mask in (("heldout", ~named), ("preserved", named)):
+            out[f"{metric}_{split}"] = rate(correct[mask]) if bool(mask.any()) else None
+    return out
+
+
+def protocol_metrics(oracle: Oracle, target: ErasureTarget, groups: dict[str, list[GridItem]],
+                     images: dict[str, torch.Tensor], base_images: dict[str, torch.Tensor], preserved: set[str],
+                     drift: float) -> dict:
+    """Protocol v2's metrics of one model's images: every rate with n and its Wilson interval."""
+    axis = target.axis
+    pred = {g: oracle.predict(images[g]) for g in groups}
+    erased = lambda g: pred[g][axis] != target.index  # noqa: E731
+    report = {"ua": rate(erased("target")), "ua_syn": rate(erased("synonym")),
+              "alt": None if target.alternative is None else rate(pred["target"][axis] == target.alternative),
+              **split_retention(pred["other"], target, groups["other"], preserved),
+              "phrasings": {g.split(":", 1)[1]: rate(erased(g)) for g in groups if g.startswith("phrasing:")},
+              "fd": frechet_distance(oracle.embed(base_images["other"]), oracle.embed(images["other"])),
+              "drift": drift,
+              "layout_ssim": float(ssim(images["target"], base_images["target"]).mean())}
+    return report
+
+
+def evaluate_protocol(denoiser, patches: list, oracle: Oracle, target: ErasureTarget, preserved: list[str],
+                      counts: ProtocolCounts = ProtocolCounts(), steps: int = 10, guidance: float = 3.0,
+                      base: dict | None = None, progress: Callable[[int, int], None] | None = None) -> dict:
+    """Protocol v2 for one patched model, with the base model's figures beside it ("base"). `base` may carry
+    the base model's images from an earlier call (same target and counts), so a benchmark generates them once."""
+    from ..denoiser import patched
+
+    groups = protocol_items(target, counts)
+    order = list(groups)
+    prompts = [i.prompt for g in order for i in groups[g]]
+    seeds = [i.seed for g in order for i in groups[g]]
+
+    def run() -> dict[str, torch.Tensor]:
+        flat = denoiser.generate(prompts, seeds, steps=steps, guidance=guidance, progress=progress)
+        out, at = {}, 0
+        for g in order:
+            out[g], at = flat[at:at + len(groups[g])], at + len(groups[g])
+        return out
+
+    base = {} if base is None else base
+    if "images" not in base:
+        base["images"] = run()
+    with patched(denoiser, patches):
+        images = run()
+    report = protocol_metrics(oracle, target, groups, images, base["images"], set(preserved),
+                              unconditional_drift(denoiser, patches))
+    report["base"] = protocol_metrics(oracle, target, groups, base["images"], base["images"], set(preserved), 0.0)
+    report["image_counts"] = {g: len(v) for g, v in groups.items()}
+    report["images"] = images
+    return report
+
+
+def strength_leak(denoiser, patches: list, oracle: Oracle, target: ErasureTarget, strength: float = 0.5,
+                  counts: ProtocolCounts = ProtocolCounts(), steps: int = 10, guidance: float = 3.0) -> dict:
+    """UA of the target's canonical prompts with every patch at `strength` (does a half-strength patch leak?)."""
+    items = protocol_items(target, counts)["target"]
+    from ..denoiser import patched
+
+    with patched(denoiser, [(p, strength) for p, _ in patches]):
+        images = denoiser.generate([i.prompt for i in items], [i.seed for i in items], steps=steps, guidance=guidance)
+    return rate(oracle.predict(images)[target.axis] != target.index)

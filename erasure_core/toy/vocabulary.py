@@ -24,6 +24,17 @@ class ToyVocabulary:
         own, other = (OBJECT_NAMES, STYLE_NAMES) if c.axis == "object" else (STYLE_NAMES, OBJECT_NAMES)
         return [n for n in own if n != c.name] + list(other)
 
+    def named_neighbours(self, target: str) -> list[str]:
+        """The benchmark's fixed preservation set under protocol v2 (docs/benchmark.md): 3 of the 7 other concepts
+        of the target's axis (the default alternative and the next two in axis order) and 3 of the 8 of the other
+        axis (every third, from the first). Everything else is held out: no training sees it."""
+        c = concept(target)
+        own, other = (OBJECT_NAMES, STYLE_NAMES) if c.axis == "object" else (STYLE_NAMES, OBJECT_NAMES)
+        alternative = self.default_alternative(target)
+        start = own.index(c.name)
+        following = [own[(start + k) % len(own)] for k in range(1, len(own))]
+        return [alternative, *[n for n in following if n != alternative][:2], *other[::3]]
+
     def default_alternative(self, target: str) -> str:
         c = concept(target)
         if c.name in DEFAULT_ALTERNATIVES:
