@@ -54,5 +54,5 @@ def find(denoiser, setup: AttackSetup, settings: InversionSettings, progress: Pr
         cond = conditioning(gen_cells, learned.detach())
     prompts = [setup.cell_prompt(c, "<inverted>") for c in gen_cells]
     seeds = [9_000 + 100 * c + k for c in setup.cells for k in range(settings.seeds_per_cell)]
-    return Found(cond, prompts, seeds, {"first_loss": round(losses[0], 5), "last_loss":
-                                        round(sum(losses[-10:]) / len(losses[-10:]), 5)})
+    mean = lambda xs: round(sum(xs) / len(xs), 5)  # noqa: E731  (ten steps: one batch's timesteps are noise)
+    return Found(cond, prompts, seeds, {"first_loss": mean(losses[:10]), "last_loss": mean(losses[-10:])})

@@ -14,10 +14,10 @@ from .common import AttackSetup, Found, Progress, word_token_ids, words_of
 
 @dataclass
 class RingABellSettings:
-    length: int = 6           # tokens of the searched prompt
+    length: int = 10          # tokens of the searched prompt (6 found stripes in 3 of 8 unedited images, 10 in all)
     eta: float = 3.0          # how far along the concept vector the search aims (the paper's η)
-    population: int = 64
-    generations: int = 60
+    population: int = 200     # the paper's population; its 3000 generations are more than 2 cores need here
+    generations: int = 200
     mutation: float = 0.15    # per-token mutation probability
     elite: int = 6            # best prompts carried over unchanged
     searches: int = 4         # one search per concept-free prompt; each found prompt is generated with every seed

@@ -27,7 +27,7 @@ def add_parser(sub) -> None:
     p.add_argument("--other-seeds", type=positive_int, default=2, help="seeds per other cell (protocol: ≥ 2)")
     p.add_argument("--phrasing-seeds", type=positive_int, default=2, help="seeds per target cell and phrasing")
     p.add_argument("--sample-steps", type=positive_int, default=10)
-    p.add_argument("--out-dir", default="bench/results", help="patches, bench.json and bench.md go here; "
+    p.add_argument("--out-dir", default="bench/results/v2", help="patches, bench.json and bench.md go here; "
                                                              "a rerun with the same settings resumes")
     p.set_defaults(func=run)
 

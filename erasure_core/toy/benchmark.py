@@ -81,6 +81,10 @@ def run_benchmark(denoiser, oracle, methods: list[str], targets: list[str], base
     settings = _settings(base_config, counts, sample_steps, preserve_modes, attacks, denoiser.device)
     state = _earlier_state(out_dir / "bench.json", settings)
     rows, stacked, base_attacks = state["rows"], state["stacked"], state["base_attacks"]
+    if state["attacks"] != settings["attacks"]:  # the attacks changed, not the erasures: attack the rows again
+        base_attacks.clear()
+        for row in rows:
+            row.pop("attacks", None)
     vocabulary = denoiser.vocabulary
     bases: dict[str, dict] = {}
     found: dict[str, dict] = {}  # target -> attack name -> (entry, Found) against the unedited model
@@ -95,8 +99,19 @@ def run_benchmark(denoiser, oracle, methods: list[str], targets: list[str], base
             kept = named if mode == "named" else []
             erasure = ErasureTarget.from_names(target, alternatives.get(target, ""))
             for method in methods:
-                if any(r["target"] == target and r["method"] == method and r["preserve"] == mode for r in rows):
-                    continue  # finished in an earlier, interrupted run with the same settings
+                done = next((r for r in rows if r["target"] == target and r["method"] == method and
+                             r["preserve"] == mode), None)
+                if done is not None:  # finished in an earlier, interrupted run with the same settings
+                    if attacks and mode == "named" and "attacks" not in done:
+                        if progress:
+                            progress(f"{target}: {method}, preserve {mode}: attacks again")
+                        patch = _train(denoiser, base_config, target, method, kept, alternatives,
+                                       out_dir / f"{target}-{method}-{mode}.safetensors")[0]
+                        done["attacks"] = attack_report(denoiser, oracle, [(patch, 1.0)], target, attacks,
+                                                        base_entries=found.setdefault(target, {}))
+                        base_attacks[target] = {n: e for n, (e, _) in found[target].items()}
+                        save()
+                    continue
                 if progress:
                     progress(f"{target}: {method}, preserve {mode}")
                 patch, result, memory, path = _train(denoiser, base_config, target, method, kept, alternatives,
@@ -112,10 +127,8 @@ def run_benchmark(denoiser, oracle, methods: list[str], targets: list[str], base
                        "train_seconds": round(result.seconds, 2), "peak_memory_bytes": memory.peak_bytes,
                        "patch_bytes": path.stat().st_size}
                 if attacks and mode == "named":
-                    if target not in found:
-                        found[target] = {}
                     row["attacks"] = attack_report(denoiser, oracle, [(patch, 1.0)], target, attacks,
-                                                   base_entries=found[target])
+                                                   base_entries=found.setdefault(target, {}))
                     base_attacks[target] = {n: e for n, (e, _) in found[target].items()}
                 rows.append(row)
                 save()
@@ -200,15 +213,17 @@ def _stacked_report(denoiser, oracle, patches: list, first: str, second: str, co
 
 
 def _earlier_state(path: Path, settings: dict) -> dict:
-    """Rows of an earlier run with the same settings, so that an interrupted benchmark resumes."""
-    empty = {"rows": [], "stacked": [], "base_attacks": {}}
+    """Rows of an earlier run with the same erasure settings, so that an interrupted benchmark resumes, and the
+    attack settings they were attacked with ("attacks")."""
+    empty = {"rows": [], "stacked": [], "base_attacks": {}, "attacks": settings["attacks"]}
     if not path.exists():
         return empty
     earlier = json.loads(path.read_text())
-    strip = lambda d: {k: v for k, v in d.items() if k not in ("date", "torch_threads")}  # noqa: E731
+    strip = lambda d: {k: v for k, v in d.items() if k not in ("date", "torch_threads", "attacks")}  # noqa: E731
     if strip(earlier.get("settings", {})) != strip(settings):
         return empty
-    return {k: earlier.get(k, v) for k, v in empty.items()}
+    return {**{k: earlier.get(k, v) for k, v in empty.items() if k != "attacks"},
+            "attacks": earlier["settings"].get("attacks", {})}
 
 
 def _settings(config: TrainConfig, counts: ProtocolCounts, sample_steps: int, preserve_modes, attacks,
@@ -233,6 +248,16 @@ def _r(entry: dict | None) -> str:
     return f"{entry['rate']:.2f} [{lo:.2f}, {hi:.2f}]"
 
 
+VALID_ASR = 0.8  # an attack that finds the concept in fewer unedited images than this proves nothing by failing
+
+
+def _validity(entry: dict | None) -> str:
+    """The attack's ASR against the unedited model, with † where it failed its validity check."""
+    if entry is None:
+        return "–"
+    return f"{entry['asr']:.2f}" + ("†" if entry["asr"] < VALID_ASR else "")
+
+
 def markdown(results: dict) -> str:
     """The headline table (held-out retention first, every rate with its 95% interval, base in the first row of
     each target), then the phrasing families, the attacks and the stacked patches."""
@@ -250,20 +275,22 @@ def markdown(results: dict) -> str:
         if r["target"] not in seen:  # the unedited model's figures for this target
             seen.add(r["target"])
             b = r["base"]
-            base_asr = [f"{results['base_attacks'].get(r['target'], {}).get(a, {}).get('asr', float('nan')):.2f}"
-                        for a in attacks]
+            base_asr = [_validity(results["base_attacks"].get(r["target"], {}).get(a)) for a in attacks]
             lines.append(f"| {r['target']} | *unedited* | – | {_r(b['ua'])} | {_r(b['ira_heldout'])} | "
                          f"{_r(b['cra_heldout'])} | {_r(b['ua_syn'])} | – | {_r(b['ira_preserved'])} | "
                          f"{_r(b['cra_preserved'])} | – | " + "".join(f"{v} | " for v in base_asr) + "– | – | – | – "
                          "| – |")
-        asr = [_r({"rate": r["attacks"][a]["asr"], "interval": r["attacks"][a]["interval"]})
-               if "attacks" in r else "–" for a in attacks]
+        asr = [_r({"rate": r["attacks"][a]["asr"], "interval": r["attacks"][a]["interval"]}) +
+               ("†" if r["attacks"][a]["base_asr"] < VALID_ASR else "") if "attacks" in r else "–" for a in attacks]
         lines.append(f"| {r['target']}{' → ' + r['alternative'] if r['alternative'] else ''} | {r['method']} | "
                      f"{r['preserve']} | {_r(r['ua'])} | **{_r(r['ira_heldout'])}** | **{_r(r['cra_heldout'])}** | "
                      f"{_r(r['ua_syn'])} | {_r(r['ua_half_strength'])} | {_r(r['ira_preserved'])} | "
                      f"{_r(r['cra_preserved'])} | {_r(r['alt'])} | " + "".join(f"{a} | " for a in asr) +
                      f"{r['fd']:.1f} | {r['layout_ssim']:.2f} | {r['train_seconds']:.1f} | "
                      f"{r['peak_memory_bytes'] / 2**20:.0f} | {r['patch_bytes'] / 1024:.0f} |")
+    if any("†" in line for line in lines):
+        lines += ["", f"† the attack found the concept in fewer than {VALID_ASR:.0%} of the unedited model's images "
+                  "(its validity check), so a low ASR there does not show robustness."]
     families = list(rows[0]["phrasings"]) if rows else []
     if families:
         lines += ["", "UA on held-out phrasings (named preservation; the unedited model's UA in parentheses):", "",
