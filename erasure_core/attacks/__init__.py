@@ -74,7 +74,8 @@ def run_attack(denoiser, oracle, patches: list, target: str, name: str, settings
         if found is None:
             found = spec.find(denoiser, setup, settings, progress)
         attacked = generate_from(denoiser, found.cond, found.seeds, budget.sample_steps, budget.guidance)
-    unedited = generate_from(denoiser, found.cond, found.seeds, budget.sample_steps, budget.guidance)
+    unedited = attacked if not patches else \
+        generate_from(denoiser, found.cond, found.seeds, budget.sample_steps, budget.guidance)
     hit = lambda images: oracle.predict(images)[setup.axis] == setup.index  # noqa: E731
     success, base_same = rate(hit(attacked)), rate(hit(unedited))
     return {"asr": success["rate"], "n": success["n"], "interval": success["interval"],

@@ -1,8 +1,8 @@
 """What the three attacks share: the erased concept as an attacker sees it (its words, the prompts and images of
 its cells), token-level prompt building, generation from a conditioning, and judging by the oracle.
 
-An attack only needs a denoiser with text access (`token_ids`, `token_embeddings`, `encode_embeddings`: the
-diffusers backend, so the toy model and local pipeline folders) and, for its score, the model's oracle."""
+An attack only needs a denoiser with text access (`token_ids`, `token_embeddings`, `encode_embeddings`, `generate_from`:
+the diffusers backend, so the toy model and local pipeline folders) and, for its score, the model's oracle."""
 from __future__ import annotations
 
 import re
@@ -12,7 +12,6 @@ from typing import Callable
 import torch
 
 from ..denoiser import Conditioning
-from ..sampling import ddim_sample, seeded_noise
 
 Progress = Callable[[int, int], None]
 
@@ -140,18 +139,8 @@ def denoising_loss(denoiser, x0: torch.Tensor, cond: Conditioning, generator: to
     return (denoiser.predict_noise(x_t, t.to(x0.device), cond) - noise).square().mean()
 
 
-@torch.no_grad()
-def generate_from(denoiser, cond: Conditioning, seeds: list[int], steps: int, guidance: float,
-                  batch: int = 16) -> torch.Tensor:
-    """Images (N,3,H,W) in [0,1] for one conditioning per seed, as `generate` samples them (same noise, DDIM,
-    CFG against the empty prompt)."""
-    empty = denoiser.encode([""])
-    out = []
-    for i in range(0, len(seeds), batch):
-        part = Conditioning(cond.context[i:i + batch].detach(),
-                            {k: v[i:i + batch].detach() for k, v in cond.extra.items()})
-        noise = seeded_noise(seeds[i:i + batch], denoiser.sample_shape, denoiser.device).to(part.context.dtype)
-        x = ddim_sample(denoiser.predict_noise, part, empty.expand(len(part)), noise, denoiser.scheduler(), steps,
-                        guidance)
-        out.append(denoiser.decode(x))
-    return torch.cat(out)
+def generate_from(denoiser, cond: Conditioning, seeds: list[int], steps: int, guidance: float) -> torch.Tensor:
+    """Images (N,3,H,W) in [0,1] for one conditioning per seed, sampled as `generate` samples prompts."""
+    return denoiser.generate_from(lambda i, j: Conditioning(cond.context[i:j].detach(),
+                                                            {k: v[i:j].detach() for k, v in cond.extra.items()}),
+                                  seeds, steps, guidance)

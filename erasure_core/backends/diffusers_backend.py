@@ -153,11 +153,19 @@ class DiffusersDenoiser:
         per image than at 128, which leaves the caches)."""
         if len(prompts) != len(seeds):
             raise ValueError("one seed per prompt")
+        return self.generate_from(lambda i, j: self.encode(prompts[i:j]), seeds, steps, guidance, progress, batch)
+
+    @torch.no_grad()
+    def generate_from(self, conditioning: Callable[[int, int], Conditioning], seeds: list[int], steps: int = 25,
+                      guidance: float = 3.0, progress: Callable[[int, int], None] | None = None,
+                      batch: int = 16) -> torch.Tensor:
+        """`generate` for conditionings that are not prompts (an attack's learned embeddings):
+        `conditioning(i, j)` gives those of images i..j-1, one batch at a time."""
         empty = self.encode([""])
-        batches = range(0, len(prompts), batch)
+        batches = range(0, len(seeds), batch)
         total, out = steps * len(batches), []
         for b, i in enumerate(batches):
-            cond = self.encode(prompts[i:i + batch])
+            cond = conditioning(i, i + batch)
             noise = seeded_noise(seeds[i:i + batch], self.sample_shape, self.device).to(self.unet.dtype)
             report = (lambda k, _n, base=b * steps: progress(base + k, total)) if progress else None
             x = ddim_sample(self.predict_noise, cond, empty.expand(len(cond)), noise, self.scheduler(), steps,

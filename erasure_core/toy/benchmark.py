@@ -93,6 +93,13 @@ def run_benchmark(denoiser, oracle, methods: list[str], targets: list[str], base
         results = {"settings": settings, "rows": rows, "stacked": stacked, "base_attacks": base_attacks}
         (out_dir / "bench.json").write_text(json.dumps(results, indent=2) + "\n")
 
+    def attack(patch, target: str) -> dict:
+        """The attacks on one patch; the unedited model's runs are made once per target and recorded."""
+        report = attack_report(denoiser, oracle, [(patch, 1.0)], target, attacks,
+                               base_entries=found.setdefault(target, {}))
+        base_attacks[target] = {n: e for n, (e, _) in found[target].items()}
+        return report
+
     for mode in preserve_modes:
         for target in targets:
             named = vocabulary.named_neighbours(target)
@@ -107,9 +114,7 @@ def run_benchmark(denoiser, oracle, methods: list[str], targets: list[str], base
                             progress(f"{target}: {method}, preserve {mode}: attacks again")
                         patch = _train(denoiser, base_config, target, method, kept, alternatives,
                                        out_dir / f"{target}-{method}-{mode}.safetensors")[0]
-                        done["attacks"] = attack_report(denoiser, oracle, [(patch, 1.0)], target, attacks,
-                                                        base_entries=found.setdefault(target, {}))
-                        base_attacks[target] = {n: e for n, (e, _) in found[target].items()}
+                        done["attacks"] = attack(patch, target)
                         save()
                     continue
                 if progress:
@@ -127,13 +132,12 @@ def run_benchmark(denoiser, oracle, methods: list[str], targets: list[str], base
                        "train_seconds": round(result.seconds, 2), "peak_memory_bytes": memory.peak_bytes,
                        "patch_bytes": path.stat().st_size}
                 if attacks and mode == "named":
-                    row["attacks"] = attack_report(denoiser, oracle, [(patch, 1.0)], target, attacks,
-                                                   base_entries=found.setdefault(target, {}))
-                    base_attacks[target] = {n: e for n, (e, _) in found[target].items()}
+                    row["attacks"] = attack(patch, target)
                 rows.append(row)
                 save()
     if stack and len(targets) >= 2:
         first, second = targets[:2]
+        stacked_base: dict = {}  # the unedited model's side, the same for every method
         for method in methods:
             if any(s["method"] == method for s in stacked):
                 continue
@@ -142,7 +146,8 @@ def run_benchmark(denoiser, oracle, methods: list[str], targets: list[str], base
             patches = [(_train(denoiser, base_config, t, method, vocabulary.named_neighbours(t), alternatives,
                                out_dir / f"{t}-{method}-named.safetensors")[0], 1.0) for t in (first, second)]
             stacked.append({"method": method, "targets": [first, second],
-                            **_stacked_report(denoiser, oracle, patches, first, second, counts, sample_steps)})
+                            **_stacked_report(denoiser, oracle, patches, first, second, counts, sample_steps,
+                                              stacked_base)})
             save()
     save()
     results = json.loads((out_dir / "bench.json").read_text())
@@ -180,9 +185,9 @@ def _train(denoiser, base_config: TrainConfig, target: str, method: str, kept: l
 
 
 def _stacked_report(denoiser, oracle, patches: list, first: str, second: str, counts: ProtocolCounts,
-                    steps: int) -> dict:
+                    steps: int, base: dict | None = None) -> dict:
     """Two patches attached at once: does each erasure hold, and what does retention of the concepts that
-    neither training saw become (base beside)?"""
+    neither training saw become (base beside)? `base` keeps the unedited model's report between calls."""
     from ..denoiser import patched
     from .evaluation import protocol_items, split_retention
 
@@ -208,7 +213,10 @@ def _stacked_report(denoiser, oracle, patches: list, first: str, second: str, co
 
     with patched(denoiser, patches):
         report = judge()
-    report["base"] = judge()
+    base = {} if base is None else base
+    if "report" not in base:
+        base["report"] = judge()
+    report["base"] = base["report"]
     return report
 
 
