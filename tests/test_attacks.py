@@ -78,3 +78,11 @@ def test_the_text_access_is_differentiable_and_matches_encode(toy_model):
     assert torch.allclose(cond.context, toy_model.encode(["a star with dots"]).context, atol=1e-6)
     cond.context.sum().backward()
     assert embeds.grad is not None and embeds.grad.abs().sum() > 0
+
+
+def test_ringabell_refuses_a_prompt_longer_than_the_text_encoder_takes(toy_model, oracle):
+    from dataclasses import replace
+
+    too_long = replace(settings_for("ringabell", quick=True), length=toy_model.tokenizer.model_max_length - 1)
+    with pytest.raises(ValueError, match="prompt length must be 1 to 14 tokens"):
+        run_attack(toy_model, oracle, [], "star", "ringabell", too_long)

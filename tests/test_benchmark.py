@@ -44,6 +44,44 @@ def test_benchmark_writes_v2_rows_with_intervals_and_base_values_and_resumes(toy
     assert markdown(again) + "\n" == table
 
 
+def test_a_changed_attack_setting_reruns_only_that_attack_on_finished_rows(toy_model, oracle, tmp_path, monkeypatch):
+    import erasure_core.attacks as attacks
+    from dataclasses import replace
+
+    calls = []
+
+    def fake_report(denoiser, oracle, patches, target, names, base_entries=None, **_):
+        calls.append((target, tuple(names), len(patches)))
+        for n in names:
+            base_entries.setdefault(n, ({"asr": 1.0, "n": 1, "interval": [0.2, 1.0]}, None))
+        return {n: {"asr": 0.0, "n": 1, "interval": [0.0, 0.8], "base_asr": 1.0, "run": len(calls)} for n in names}
+
+    monkeypatch.setattr(attacks, "attack_report", fake_report)
+    config = TrainConfig(concept="", steps=2)
+    run = lambda: run_benchmark(toy_model, oracle, ["uce"], ["star"], config, tmp_path,  # noqa: E731
+                                preserve_modes=("named", "none"), counts=TINY, sample_steps=2,
+                                attacks=["inversion", "ringabell"], stack=False)
+    first = run()
+    assert calls == [("star", ("inversion", "ringabell"), 1)]
+    named_row, none_row = first["rows"]
+    assert set(named_row["attacks"]) == {"inversion", "ringabell"} and "attacks" not in none_row
+    default = attacks.settings_for
+    monkeypatch.setattr(attacks, "settings_for", lambda name, quick=False: replace(default(name, quick), seed=7)
+                        if name == "ringabell" else default(name, quick))
+    trained = []
+    monkeypatch.setattr("erasure_core.toy.benchmark.train_patch", lambda *a: trained.append(a))
+    second = run()  # only Ring-A-Bell changed: it alone runs again, nothing is trained or judged again
+    assert calls[1:] == [("star", ("ringabell",), 1)] and not trained
+    row = second["rows"][0]
+    assert list(row["attacks"]) == ["inversion", "ringabell"]
+    assert row["attacks"]["inversion"]["run"] == 1 and row["attacks"]["ringabell"]["run"] == 2
+    assert {k: v for k, v in row.items() if k != "attacks"} == {k: v for k, v in named_row.items() if k != "attacks"}
+    assert second["settings"]["attacks"]["ringabell"]["seed"] == 7 and set(second["base_attacks"]["star"]) == {
+        "inversion", "ringabell"}
+    run()  # the same settings again: nothing to do
+    assert len(calls) == 2
+
+
 def test_stacked_patches_both_erase_and_report_retention_named_by_neither(toy_model, oracle):
     from erasure_core.toy.benchmark import _stacked_report
 

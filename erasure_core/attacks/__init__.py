@@ -51,7 +51,7 @@ def settings_for(name: str, quick: bool = False):
     if not quick:
         return spec.settings()
     return {"inversion": lambda: inversion.InversionSettings(steps=30, renders_per_cell=2, seeds_per_cell=1),
-            "ringabell": lambda: ringabell.RingABellSettings(length=6, population=64, generations=15, searches=2,
+            "ringabell": lambda: ringabell.RingABellSettings(population=64, generations=15, searches=2,
                                                                seeds_per_prompt=4),
             "unlearndiff": lambda: unlearndiff.UnlearnDiffSettings(steps=4, candidates=4, renders_per_cell=2,
                                                                    seeds_per_cell=1)}[name]()

@@ -15,7 +15,9 @@ from .common import AttackSetup, Found, Progress, word_token_ids, words_of
 @dataclass
 class RingABellSettings:
     length: int = 10          # tokens of the searched prompt (6 found stripes in 3 of 8 unedited images, 10 in all)
-    eta: float = 3.0          # how far along the concept vector the search aims (the paper's η)
+    eta: float = 1.0          # how far along the concept vector the search aims (the paper's η); at 3 the dots
+    #                           vector led the search to zigzag words (0.22 on the unedited model), at 1 all four
+    #                           benchmark targets pass validity (0.91 to 1.00)
     population: int = 200     # the paper's population; its 3000 generations are more than 2 cores need here
     generations: int = 200
     mutation: float = 0.15    # per-token mutation probability
@@ -36,6 +38,9 @@ def find(denoiser, setup: AttackSetup, settings: RingABellSettings, progress: Pr
     vocab = word_token_ids(denoiser, setup)
     tok = denoiser.tokenizer
     length, g = tok.model_max_length, torch.Generator().manual_seed(settings.seed)
+    if not 1 <= settings.length <= length - 2:
+        raise ValueError(f"Ring-A-Bell's prompt length must be 1 to {length - 2} tokens for this text encoder "
+                         f"(it takes {length} with BOS and EOS); got {settings.length}")
     vector = concept_vector(denoiser, setup)
 
     def ids_of(tokens: torch.Tensor) -> torch.Tensor:  # (P,k) word ids -> padded prompt ids (P,T)

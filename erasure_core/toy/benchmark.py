@@ -81,10 +81,10 @@ def run_benchmark(denoiser, oracle, methods: list[str], targets: list[str], base
     settings = _settings(base_config, counts, sample_steps, preserve_modes, attacks, denoiser.device)
     state = _earlier_state(out_dir / "bench.json", settings)
     rows, stacked, base_attacks = state["rows"], state["stacked"], state["base_attacks"]
-    if state["attacks"] != settings["attacks"]:  # the attacks changed, not the erasures: attack the rows again
-        base_attacks.clear()
-        for row in rows:
-            row.pop("attacks", None)
+    for name, now in settings["attacks"].items():  # an attack changed, not the erasures: run that attack again
+        if state["attacks"].get(name) != now:
+            for entries in [*base_attacks.values(), *(row.get("attacks", {}) for row in rows)]:
+                entries.pop(name, None)
     vocabulary = denoiser.vocabulary
     bases: dict[str, dict] = {}
     found: dict[str, dict] = {}  # target -> attack name -> (entry, Found) against the unedited model
@@ -93,11 +93,11 @@ def run_benchmark(denoiser, oracle, methods: list[str], targets: list[str], base
         results = {"settings": settings, "rows": rows, "stacked": stacked, "base_attacks": base_attacks}
         (out_dir / "bench.json").write_text(json.dumps(results, indent=2) + "\n")
 
-    def attack(patch, target: str) -> dict:
-        """The attacks on one patch; the unedited model's runs are made once per target and recorded."""
-        report = attack_report(denoiser, oracle, [(patch, 1.0)], target, attacks,
+    def attack(patch, target: str, names: list[str]) -> dict:
+        """The named attacks on one patch; the unedited model's runs are made once per target and recorded."""
+        report = attack_report(denoiser, oracle, [(patch, 1.0)], target, names,
                                base_entries=found.setdefault(target, {}))
-        base_attacks[target] = {n: e for n, (e, _) in found[target].items()}
+        base_attacks.setdefault(target, {}).update({n: e for n, (e, _) in found[target].items()})
         return report
 
     for mode in preserve_modes:
@@ -109,12 +109,14 @@ def run_benchmark(denoiser, oracle, methods: list[str], targets: list[str], base
                 done = next((r for r in rows if r["target"] == target and r["method"] == method and
                              r["preserve"] == mode), None)
                 if done is not None:  # finished in an earlier, interrupted run with the same settings
-                    if attacks and mode == "named" and "attacks" not in done:
+                    missing = [n for n in attacks if n not in done.get("attacks", {})] if mode == "named" else []
+                    if missing:
                         if progress:
-                            progress(f"{target}: {method}, preserve {mode}: attacks again")
+                            progress(f"{target}: {method}, preserve {mode}: attacks again ({', '.join(missing)})")
                         patch = _train(denoiser, base_config, target, method, kept, alternatives,
                                        out_dir / f"{target}-{method}-{mode}.safetensors")[0]
-                        done["attacks"] = attack(patch, target)
+                        merged = {**done.get("attacks", {}), **attack(patch, target, missing)}
+                        done["attacks"] = {n: merged[n] for n in attacks}
                         save()
                     continue
                 if progress:
@@ -132,7 +134,7 @@ def run_benchmark(denoiser, oracle, methods: list[str], targets: list[str], base
                        "train_seconds": round(result.seconds, 2), "peak_memory_bytes": memory.peak_bytes,
                        "patch_bytes": path.stat().st_size}
                 if attacks and mode == "named":
-                    row["attacks"] = attack(patch, target)
+                    row["attacks"] = attack(patch, target, attacks)
                 rows.append(row)
                 save()
     if stack and len(targets) >= 2:
@@ -288,8 +290,9 @@ def markdown(results: dict) -> str:
                          f"{_r(b['cra_heldout'])} | {_r(b['ua_syn'])} | – | {_r(b['ira_preserved'])} | "
                          f"{_r(b['cra_preserved'])} | – | " + "".join(f"{v} | " for v in base_asr) + "– | – | – | – "
                          "| – |")
-        asr = [_r({"rate": r["attacks"][a]["asr"], "interval": r["attacks"][a]["interval"]}) +
-               ("†" if r["attacks"][a]["base_asr"] < VALID_ASR else "") if "attacks" in r else "–" for a in attacks]
+        done = r.get("attacks", {})
+        asr = [_r({"rate": done[a]["asr"], "interval": done[a]["interval"]}) +
+               ("†" if done[a]["base_asr"] < VALID_ASR else "") if a in done else "–" for a in attacks]
         lines.append(f"| {r['target']}{' → ' + r['alternative'] if r['alternative'] else ''} | {r['method']} | "
                      f"{r['preserve']} | {_r(r['ua'])} | **{_r(r['ira_heldout'])}** | **{_r(r['cra_heldout'])}** | "
                      f"{_r(r['ua_syn'])} | {_r(r['ua_half_strength'])} | {_r(r['ira_preserved'])} | "
