@@ -71,8 +71,8 @@ def run_benchmark(denoiser, oracle, methods: list[str], targets: list[str], base
                   preserve_modes: tuple[str, ...] = PRESERVE_MODES, counts: ProtocolCounts = ProtocolCounts(),
                   sample_steps: int = 10, attacks: list[str] | None = None, stack: bool = True,
                   progress: Callable[[str], None] | None = None) -> dict:
-    """Train, judge and (with `attacks`) attack every (preserve mode, target, method); then stack each method's
-    patches for the first two targets. Writes patches, bench.json and bench.md to `out_dir`."""
+    """Train, judge and (with `attacks`) attack every (preserve mode, target, method); once the first two targets
+    are done, stack each method's patches for them. Writes patches, bench.json and bench.md to `out_dir`."""
     from ..attacks import attack_report
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -99,6 +99,22 @@ def run_benchmark(denoiser, oracle, methods: list[str], targets: list[str], base
                                base_entries=found.setdefault(target, {}))
         base_attacks.setdefault(target, {}).update({n: e for n, (e, _) in found[target].items()})
         return report
+
+    def stack_first_two() -> None:
+        """Each method's named patches for the first two targets attached together."""
+        first, second = targets[:2]
+        stacked_base: dict = {}  # the unedited model's side, the same for every method
+        for method in methods:
+            if any(s["method"] == method for s in stacked):
+                continue
+            if progress:
+                progress(f"stacked {first} + {second}: {method}")
+            patches = [(_train(denoiser, base_config, t, method, vocabulary.named_neighbours(t), alternatives,
+                               out_dir / f"{t}-{method}-named.safetensors")[0], 1.0) for t in (first, second)]
+            stacked.append({"method": method, "targets": [first, second],
+                            **_stacked_report(denoiser, oracle, patches, first, second, counts, sample_steps,
+                                              stacked_base)})
+            save()
 
     for mode in preserve_modes:
         for target in targets:
@@ -137,20 +153,8 @@ def run_benchmark(denoiser, oracle, methods: list[str], targets: list[str], base
                     row["attacks"] = attack(patch, target, attacks)
                 rows.append(row)
                 save()
-    if stack and len(targets) >= 2:
-        first, second = targets[:2]
-        stacked_base: dict = {}  # the unedited model's side, the same for every method
-        for method in methods:
-            if any(s["method"] == method for s in stacked):
-                continue
-            if progress:
-                progress(f"stacked {first} + {second}: {method}")
-            patches = [(_train(denoiser, base_config, t, method, vocabulary.named_neighbours(t), alternatives,
-                               out_dir / f"{t}-{method}-named.safetensors")[0], 1.0) for t in (first, second)]
-            stacked.append({"method": method, "targets": [first, second],
-                            **_stacked_report(denoiser, oracle, patches, first, second, counts, sample_steps,
-                                              stacked_base)})
-            save()
+            if stack and len(targets) >= 2 and mode == preserve_modes[0] and target == targets[1]:
+                stack_first_two()  # now, while this run has both targets' patches at hand
     save()
     results = json.loads((out_dir / "bench.json").read_text())
     (out_dir / "bench.md").write_text(markdown(results) + "\n")
