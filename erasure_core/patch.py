@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import os
 import re
 import struct
 from dataclasses import dataclass, field
@@ -242,8 +243,15 @@ def save_patch(patch: ErasurePatch, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     save_file(patch.tensors(), str(tmp), metadata=patch.metadata())
+    tmp.chmod(0o666 & ~_umask())  # safetensors writes 0600; a WebUI running as another user must read it
     tmp.replace(path)
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _looks_pickled(head: bytes) -> bool:

@@ -46,6 +46,18 @@ def test_save_then_load_is_exact(tmp_path):
         (["circle"], "square", ["stripes", "dots"], 7, {"ua": 0.99})
 
 
+def test_patch_files_get_the_process_default_mode_so_another_user_can_read_them(tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        path = save_patch(make_patch(), tmp_path / "p.safetensors")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644  # safetensors alone writes 0600
+
+
 def test_file_holds_kohya_keys_and_every_tensor_bit_exactly(tmp_path):
     from safetensors import safe_open
 
