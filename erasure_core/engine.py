@@ -29,6 +29,13 @@ class Cancelled(Exception):
     """Raised when the caller's cancel check says stop; the last checkpoint stays usable."""
 
 
+# progress(done, total, loss, stage=...): every phase of a run reports, so a host's bar moves from the start
+Progress = Callable[..., None]
+CACHE_STAGE = "sampling the frozen model's trajectories"
+ANCHOR_STAGE = "the preserved prompts' anchors"
+TRAIN_STAGE = "training"
+
+
 @dataclass
 class TrainConfig:
     concept: str
@@ -84,6 +91,25 @@ class TrajectoryCache:
     def __len__(self) -> int:
         return len(self.x_t)
 
+    FIELDS = ("x_t", "t", "eps_uncond", "eps_concept", "eps_alternative", "eps_preserve")
+
+    def save(self, path: Path) -> None:
+        """Beside a run's checkpoint, so that a resumed run does not sample the trajectories again."""
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save({"tensors": {k: getattr(self, k).cpu() for k in self.FIELDS if getattr(self, k) is not None},
+                    "preserved": self.preserved}, tmp)
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: Path, device) -> "TrajectoryCache":
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        cache = cls.__new__(cls)
+        for k in cls.FIELDS:
+            value = state["tensors"].get(k)
+            setattr(cache, k, None if value is None else value.to(device))
+        cache.preserved = list(state["preserved"])
+        return cache
+
     @classmethod
     def build(cls, denoiser: Denoiser, concept: Conditioning, empty: Conditioning, seeds: list[int], steps: int,
               guidance: float, alternative: Conditioning | None = None,
@@ -92,16 +118,21 @@ class TrajectoryCache:
         return cls(list(sample_trajectories(denoiser, concept, empty, noise, steps, guidance, alternative, progress)))
 
     @torch.no_grad()
-    def add_preserved(self, denoiser: Denoiser, preserved: Conditioning, batch: int = 64) -> None:
+    def add_preserved(self, denoiser: Denoiser, preserved: Conditioning, batch: int = 64,
+                      progress: Progress | None = None) -> None:
         """Record the frozen model's ε*(x_t, c_r) for every preserved prompt at every cached x_t: the anchors of
         the preservation term, computed once like the rest of the cache."""
         per_prompt = []
         for r in range(len(preserved)):
+            if progress:
+                progress(r, len(preserved), None, stage=ANCHOR_STAGE)
             cond = Conditioning(preserved.context[r:r + 1], {k: v[r:r + 1] for k, v in preserved.extra.items()})
             per_prompt.append(torch.cat([denoiser.predict_noise(self.x_t[i:i + batch], self.t[i:i + batch],
                                                                 cond.expand(len(self.x_t[i:i + batch])))
                                          for i in range(0, len(self), batch)]))
         self.eps_preserve = torch.stack(per_prompt, dim=1)
+        if progress:
+            progress(len(preserved), len(preserved), None, stage=ANCHOR_STAGE)
 
     def draw(self, n: int, generator: torch.Generator) -> CacheRecord:
         idx = torch.randint(0, len(self), (n,), generator=generator)
@@ -212,7 +243,7 @@ def finish_patch(denoiser: Denoiser, parts: TrainableParts, config: TrainConfig,
 def run_training(denoiser: Denoiser, config: TrainConfig, parts: TrainableParts, cache: TrajectoryCache,
                  step_loss: Callable[[int, CacheRecord], torch.Tensor],
                  param_groups: list[dict], checkpoint: Path | None = None,
-                 progress: Callable[[int, int, float], None] | None = None,
+                 progress: Progress | None = None,
                  cancel: Callable[[], bool] | None = None, checkpoint_seconds: float = 60.0) -> list[float]:
     """The loop every method shares: draw from the cache, take a step, checkpoint, report, honour cancel.
 
@@ -234,6 +265,8 @@ def run_training(denoiser: Denoiser, config: TrainConfig, parts: TrainableParts,
         torch.save({"parts": parts.state(), "optimiser": optimiser.state_dict(), "generator": generator.get_state(),
                     "losses": losses, "step": step}, tmp)
         tmp.replace(checkpoint)
+        if step < config.steps and isinstance(cache, TrajectoryCache) and not cache_path(checkpoint).exists():
+            cache.save(cache_path(checkpoint))
 
     last_save = time.time()
     for step in range(start, config.steps):
@@ -248,7 +281,7 @@ def run_training(denoiser: Denoiser, config: TrainConfig, parts: TrainableParts,
         optimiser.step()
         losses.append(loss.item())
         if progress:
-            progress(step + 1, config.steps, losses[-1])
+            progress(step + 1, config.steps, losses[-1], stage=TRAIN_STAGE)
         if checkpoint is not None and (time.time() - last_save > checkpoint_seconds or step + 1 == config.steps):
             save(step + 1)
             last_save = time.time()
@@ -277,11 +310,31 @@ def setup(denoiser: Denoiser, config: TrainConfig, tokens: int, projections: tup
                           torch.Generator().manual_seed(config.seed + 1), denoiser.device)
 
 
+def cache_path(checkpoint: Path) -> Path:
+    """Where a run's trajectory cache waits beside its checkpoint."""
+    return checkpoint.with_name(checkpoint.stem + ".cache.pt")
+
+
+def discard_checkpoint(checkpoint: Path | None) -> None:
+    """A finished run's checkpoint and cache are no longer needed."""
+    if checkpoint is not None:
+        checkpoint.unlink(missing_ok=True)
+        cache_path(checkpoint).unlink(missing_ok=True)
+
+
 def concept_cache(denoiser: Denoiser, config: TrainConfig, concept: Conditioning, empty: Conditioning,
-                  alternative: Conditioning | None = None) -> TrajectoryCache:
+                  alternative: Conditioning | None = None, checkpoint: Path | None = None,
+                  progress: Progress | None = None) -> TrajectoryCache:
+    """The frozen model's trajectories for the run: the interrupted run's own cache when one waits beside
+    `checkpoint` (the checkpoint's name already fixes every setting the cache depends on), else sampled now."""
+    if checkpoint is not None and cache_path(checkpoint).exists():
+        return TrajectoryCache.load(cache_path(checkpoint), denoiser.device)
     seeds = list(range(config.seed, config.seed + config.cache_seeds))
+    bar = (lambda done, total: progress(done, total, None, stage=CACHE_STAGE)) if progress else None
+    if bar:
+        bar(0, config.cache_steps)
     return TrajectoryCache.build(denoiser, concept, empty, seeds, config.cache_steps, config.cache_guidance,
-                                 alternative)
+                                 alternative, bar)
 
 
 PROJECTION_SETS = {"all": ("to_q", "to_k", "to_v", "to_out.0"), "kv": ("to_k", "to_v")}
@@ -294,13 +347,14 @@ def projections_of(config: TrainConfig, default: str) -> tuple[str, ...]:
     return PROJECTION_SETS[name]
 
 
-def preserved_prompts(denoiser: Denoiser, config: TrainConfig, cache: TrajectoryCache) -> Conditioning | None:
+def preserved_prompts(denoiser: Denoiser, config: TrainConfig, cache: TrajectoryCache,
+                      progress: Progress | None = None) -> Conditioning | None:
     """The preserved prompts' conditioning, making sure the cache holds their anchors; None without any."""
     if not config.preserve:
         return None
     preserved = denoiser.encode(list(config.preserve))
     if cache.eps_preserve is None or cache.preserved != list(config.preserve):  # other prompts: other anchors
-        cache.add_preserved(denoiser, preserved)
+        cache.add_preserved(denoiser, preserved, progress=progress)
         cache.preserved = list(config.preserve)
     return preserved
 

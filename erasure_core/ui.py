@@ -229,15 +229,15 @@ class TrainJob:
         if self._thread is not None:
             self._thread.join(timeout)
 
-    def _progress(self, done: int, total: int, loss: float | None = None) -> None:
+    def _progress(self, done: int, total: int, loss: float | None = None, stage: str = "training") -> None:
         s = self.state
-        s.stage, s.done, s.total, s.loss = "training", done, total, loss
-        self.host.step(done, total, f"Concept Erasure: step {done}/{total}")
+        s.stage, s.done, s.total, s.loss = stage, done, total, loss
+        self.host.step(done, total, f"Concept Erasure: {stage} {done}/{total}")
 
     def _run(self) -> None:
         import torch
 
-        from .engine import Cancelled, checkpoint_path
+        from .engine import Cancelled, checkpoint_path, discard_checkpoint
         from .methods import train_patch
         from .patch import save_patch
         from .request import prepare
@@ -275,7 +275,7 @@ class TrainJob:
                 patch = result.patch
                 s.done = s.total
                 save_patch(patch, path)
-                checkpoint.unlink(missing_ok=True)
+                discard_checkpoint(checkpoint)
                 s.path = path
                 s.messages.append(f"wrote {path} ({path.stat().st_size / 1024:.1f} KB) in "
                                   f"{result.seconds:.1f} s")

@@ -2,13 +2,12 @@
 interrupt button. The MODEL is never modified (erasure_core.backends.comfy.ComfyDenoiser)."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 
 from erasure_core.backends.comfy import ComfyDenoiser
-from erasure_core.engine import Cancelled, TrainConfig, checkpoint_path
+from erasure_core.engine import Cancelled, TrainConfig, checkpoint_path, discard_checkpoint
 from erasure_core.layers import SELECTION_MODES
 from erasure_core.methods import DEFAULT_METHOD, get_method, method_names, methods_help, train_patch
 from erasure_core.request import TrainRequest, prepare
@@ -74,8 +73,9 @@ class ConceptErasureTrainPatch:
                 "layers": (list(SELECTION_MODES), {"default": _DEFAULTS.layers,
                                                    "tooltip": "Cross-attention layers to train: mid (middle block), "
                                                               "midout (middle + decoder) or all."}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF,
-                                 "tooltip": "Seed of the sampled training trajectories and of the initial memory."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF, "control_after_generate": False,
+                                 "tooltip": "Seed of the sampled training trajectories and of the initial memory "
+                                            "(fixed: a new seed would train again on every Queue)."}),
             },
             "optional": {
                 "memory_learning_rate": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 1e-6,
@@ -117,10 +117,17 @@ class ConceptErasureTrainPatch:
         bar = progress_bar(config.steps)
         interrupted: list[BaseException] = []
 
-        def progress(step, total, loss):
-            bar.update_absolute(step, total)
+        def progress(done, total, loss=None, stage=None):
+            if interrupted:
+                return
+            try:  # ComfyUI's progress hook raises the interrupt itself, from inside the update
+                bar.update_absolute(done, total)
+            except mm.InterruptProcessingException as exc:  # the engine's next cancel check saves a checkpoint
+                interrupted.append(exc)
 
         def cancel() -> bool:
+            if interrupted:
+                return True
             try:
                 mm.throw_exception_if_processing_interrupted()
             except mm.InterruptProcessingException as exc:  # let the engine save its checkpoint first
@@ -145,7 +152,6 @@ class ConceptErasureTrainPatch:
                                "applied to the model.") from None
         finally:
             denoiser.release()
-        if checkpoint.exists():
-            os.remove(checkpoint)
+        discard_checkpoint(checkpoint)
         result.patch.training.setdefault("resolution", resolution)
         return (result.patch, result.key)

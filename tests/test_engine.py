@@ -75,6 +75,41 @@ def test_resumed_run_equals_uninterrupted_run(toy_model, circle_cache, trained, 
         assert torch.equal(resumed.patch.deltas[name].full, delta.full)
 
 
+def test_a_cancelled_run_keeps_its_cache_and_the_resumed_run_samples_nothing(toy_model, tmp_path, monkeypatch):
+    import erasure_core.engine as engine
+
+    config = TrainConfig(concept="a circle", method="esd-x", steps=4, batch=2, cache_seeds=1, cache_steps=3,
+                         preserve=["a square"])
+    ckpt = tmp_path / "run.pt"
+    with pytest.raises(Cancelled):
+        train_patch(toy_model, config, checkpoint=ckpt, cancel=lambda: True)
+    assert engine.cache_path(ckpt).exists()
+    stored = engine.TrajectoryCache.load(engine.cache_path(ckpt), "cpu")
+    assert stored.preserved == ["a square"] and stored.eps_preserve.shape[1] == 1  # the anchors too
+    monkeypatch.setattr(engine, "sample_trajectories", lambda *a, **k: pytest.fail("sampled the cache again"))
+    monkeypatch.setattr(engine.TrajectoryCache, "add_preserved", lambda *a, **k: pytest.fail("anchors again"))
+    resumed = train_patch(toy_model, config, checkpoint=ckpt)
+    assert len(resumed.losses) == 4
+    engine.discard_checkpoint(ckpt)
+    assert not ckpt.exists() and not engine.cache_path(ckpt).exists()
+
+
+@pytest.mark.parametrize("method, stages", [
+    ("esd-x", ["sampling the frozen model's trajectories", "the preserved prompts' anchors", "training"]),
+    ("uce", ["closed-form edit of the projections"]),
+])
+def test_progress_moves_through_every_phase_of_a_run(toy_model, method, stages):
+    seen = []
+    config = TrainConfig(concept="a circle", method=method, steps=3, batch=2, cache_seeds=1, cache_steps=2,
+                         preserve=["a square"])
+    train_patch(toy_model, config, progress=lambda done, total, loss, stage: seen.append((stage, done, total)))
+    assert list(dict.fromkeys(s for s, _, _ in seen)) == stages
+    for stage in stages:
+        done = [d for s, d, _ in seen if s == stage]
+        totals = {t for s, _, t in seen if s == stage}
+        assert done == sorted(done) and len(totals) == 1 and done[-1] == totals.pop() and len(done) >= 2
+
+
 def test_preservation_keeps_the_preserved_prompt_closer_to_the_original(toy_model, circle_cache, trained):
     """The same ESD run with and without "a square" preserved: the square's prediction moves less with it, and
     the circle's as much as without (the term steers the edit, it does not just shrink it)."""

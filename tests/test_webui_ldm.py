@@ -266,8 +266,8 @@ def test_training_through_the_ldm_backend_leaves_the_model_bit_identical(toy_pai
     config = TrainConfig(concept="a circle", method="memory", steps=4, tokens=2, batch=2, cache_seeds=1,
                          cache_steps=3, seed=0)
     with model.frozen():
-        result = train_patch(model, config, progress=lambda *a: seen.append(hook_counts(sd_model)))
-    assert len(result.losses) == 4 and len(seen) == 4
+        result = train_patch(model, config, progress=lambda *a, stage: seen.append((stage, hook_counts(sd_model))))
+    assert len(result.losses) == 4 and [s for s, _ in seen].count("training") == 4
     assert checksum(sd_model) == before and [p.requires_grad for p in sd_model.parameters()] == grads
     assert all(p.grad is None for p in sd_model.parameters())
     assert hook_counts(sd_model) == (0, 0)

@@ -73,24 +73,33 @@ def test_cancel_stops_training_writes_no_patch_and_the_same_run_resumes(toy, tmp
         job = ui.TrainJob(lambda: toy, tmp_path, request).start()
         second = ui.TrainJob(lambda: toy, tmp_path, request).start()
         assert second.state.finished and "already in progress" in second.state.error
-        while job.state.done < 2 and not job.state.finished:
+        while (job.state.stage != "training" or job.state.done < 2) and not job.state.finished:
             time.sleep(0.02)
         job.cancel()
         job.join(60)
     assert job.state.stage == "cancelled" and "nothing was written" in job.state.error
     assert not list(tmp_path.glob("*.safetensors"))
-    (checkpoint,) = (tmp_path / ".checkpoints").iterdir()  # what the same settings resume from
+    checkpoint, cache = sorted((tmp_path / ".checkpoints").iterdir(), key=lambda p: len(p.name))
+    assert cache.name == checkpoint.stem + ".cache.pt"  # what the same settings resume from, without sampling
     assert "step" in ui.progress_html(job.state)
     stopped_at = job.state.done
     resumed = ui.TrainJob(lambda: toy, tmp_path, request)
-    first_step = []
+    first_step, stages = [], []
     report = resumed._progress
-    resumed._progress = lambda done, total, loss=None: first_step.append(done) or report(done, total, loss)
+
+    def progress(done, total, loss=None, stage="training"):
+        stages.append(stage)
+        if stage == "training":
+            first_step.append(done)
+        report(done, total, loss, stage)
+
+    resumed._progress = progress
     resumed.cancelled = lambda: bool(first_step)  # one step past the checkpoint is enough to see where it began
     with one_thread():
         resumed.start().join(60)
     assert any("resuming" in m for m in resumed.state.messages)
     assert first_step[0] == stopped_at + 1  # continued from the checkpoint, not from step 1
+    assert set(stages) == {"training"}  # and from the cache it left: nothing sampled again
 
 
 def test_existing_output_is_not_overwritten(toy, tmp_path):

@@ -80,13 +80,18 @@ def vocabulary_or_error(model, what: str):
 
 
 def progress_bar(desc: str):
-    """A tqdm bar driven by (done, total[, loss]) callbacks; created on first use, closed when done."""
+    """A tqdm bar driven by (done, total[, loss][, stage=]) callbacks; created on first use, closed when done; a
+    new stage of the run gets its own bar."""
     from tqdm import tqdm
 
     state: dict = {}
 
-    def update(done: int, total: int, loss: float | None = None) -> None:
-        bar = state.get("bar") or state.setdefault("bar", tqdm(total=total, desc=desc))
+    def update(done: int, total: int, loss: float | None = None, stage: str | None = None) -> None:
+        if state.get("stage") != stage and "bar" in state:
+            state.pop("bar").close()
+        state["stage"] = stage
+        bar = state.get("bar") or state.setdefault("bar", tqdm(total=total, desc=f"{desc}: {stage}" if stage
+                                                                else desc))
         bar.total, bar.n = total, done
         if loss is not None:
             bar.set_postfix(loss=f"{loss:.4f}", refresh=False)

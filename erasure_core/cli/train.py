@@ -57,7 +57,7 @@ def train_to_file(model, request, out: Path, resume: bool = False) -> Path:
 
     import torch
 
-    from ..engine import checkpoint_path
+    from ..engine import checkpoint_path, discard_checkpoint
     from ..methods import train_patch
     from ..patch import save_patch
     from ..request import RequestError, prepare
@@ -72,7 +72,7 @@ def train_to_file(model, request, out: Path, resume: bool = False) -> Path:
         print(f"erasure: note: {note}", file=sys.stderr)
     checkpoint = checkpoint_path(out.parent / ".erasure-checkpoints", plan.config, model.fingerprint())
     if checkpoint.exists() and not resume:
-        checkpoint.unlink()  # a fresh run was asked for
+        discard_checkpoint(checkpoint)  # a fresh run was asked for
     checkpoint.parent.mkdir(parents=True, exist_ok=True)
     if resume and checkpoint.exists():
         print(f"erasure: resuming from {checkpoint}", file=sys.stderr)
@@ -87,7 +87,7 @@ def train_to_file(model, request, out: Path, resume: bool = False) -> Path:
               f"checkpoint of the last minute ({checkpoint})", file=sys.stderr)
         raise
     save_patch(result.patch, out)
-    checkpoint.unlink(missing_ok=True)
+    discard_checkpoint(checkpoint)
     if not any(checkpoint.parent.iterdir()):
         checkpoint.parent.rmdir()
     print(f"wrote {out} ({out.stat().st_size / 1024:.1f} KB) in {result.seconds:.1f} s")

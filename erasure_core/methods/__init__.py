@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..denoiser import Denoiser
-from ..engine import TrainConfig
+from ..engine import Progress, TrainConfig
 from . import memory, all_but_one, esd, uce  # noqa: F401  (each registers its methods, in this order)
 from .registry import MethodSpec, TrainResult, get_method, method_names, methods_help, register, unregister
 
@@ -19,11 +19,12 @@ __all__ = ["DEFAULT_METHOD", "MethodSpec", "TrainResult", "get_method", "method_
 DEFAULT_METHOD = "memory"
 
 
-def train_patch(denoiser: Denoiser, config: TrainConfig, progress: Callable[[int, int, float], None] | None = None,
+def train_patch(denoiser: Denoiser, config: TrainConfig, progress: Progress | None = None,
                 cancel: Callable[[], bool] | None = None, checkpoint: Path | None = None,
                 cache=None) -> TrainResult:
     """Train `config.method` on `denoiser`. The model's weights are never modified; the result is a patch.
-    `cache` reuses frozen-model trajectories (engine.TrajectoryCache) built for the same concept."""
+    `cache` reuses frozen-model trajectories (engine.TrajectoryCache) built for the same concept. `progress` is
+    called as progress(done, total, loss, stage=...) through every phase (engine.Progress)."""
     spec = get_method(config.method)
     start = time.time()
     result = spec.train(denoiser, config, cache=cache, checkpoint=checkpoint, progress=progress, cancel=cancel)

@@ -28,10 +28,10 @@ def train_all_but_one(denoiser: Denoiser, config: TrainConfig, *, cache: Traject
                       cancel: Callable[[], bool] | None = None, drift_weight: float = DRIFT_WEIGHT) -> TrainResult:
     concept, empty = denoiser.encode([config.concept]), denoiser.encode([""])
     alternative = denoiser.encode([config.alternative]) if config.alternative else None
-    cache = cache or concept_cache(denoiser, config, concept, empty, alternative)
+    cache = cache or concept_cache(denoiser, config, concept, empty, alternative, checkpoint, progress)
     if alternative is not None and cache.eps_alternative is None:
         raise ValueError("the cache has no alternative predictions; build it with the alternative")
-    preserved = preserved_prompts(denoiser, config, cache)
+    preserved = preserved_prompts(denoiser, config, cache, progress)
     parts = setup(denoiser, config, tokens=0, projections=projections_of(config, PROJECTIONS),
                   delta_layers=config.layers)
     live = parts.patch()

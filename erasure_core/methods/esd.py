@@ -36,8 +36,8 @@ def train_esd(denoiser: Denoiser, config: TrainConfig, *, cache: TrajectoryCache
     if config.method not in PARAMETER_SETS:
         raise ValueError(f"unknown ESD variant {config.method!r}; use one of {', '.join(PARAMETER_SETS)}")
     concept, empty = denoiser.encode([config.concept]), denoiser.encode([""])
-    cache = cache or concept_cache(denoiser, config, concept, empty)
-    preserved = preserved_prompts(denoiser, config, cache)
+    cache = cache or concept_cache(denoiser, config, concept, empty, checkpoint=checkpoint, progress=progress)
+    preserved = preserved_prompts(denoiser, config, cache, progress)
     if PARAMETER_SETS[config.method] == "outside":
         parts = setup(denoiser, config, tokens=0, delta_modules=esd_u_modules(denoiser.weight_shapes()))
     else:

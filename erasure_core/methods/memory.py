@@ -42,10 +42,10 @@ def train_memory(denoiser: Denoiser, config: TrainConfig, *, cache: TrajectoryCa
         raise ValueError(f"unknown memory variant {config.method!r}; use one of {', '.join(VARIANTS)}")
     concept, empty = denoiser.encode([config.concept]), denoiser.encode([""])
     alternative = denoiser.encode([config.alternative]) if config.alternative else None
-    cache = cache or concept_cache(denoiser, config, concept, empty, alternative)
+    cache = cache or concept_cache(denoiser, config, concept, empty, alternative, checkpoint, progress)
     if alternative is not None and cache.eps_alternative is None:
         raise ValueError("the cache has no alternative predictions; build it with the alternative")
-    preserved = preserved_prompts(denoiser, config, cache)
+    preserved = preserved_prompts(denoiser, config, cache, progress)
     memory_only, key_mode = config.method == "memory-only", config.method == "memory-key"
     parts = setup(denoiser, config, tokens=config.tokens,
                   projections=() if memory_only else projections_of(config, PROJECTIONS))

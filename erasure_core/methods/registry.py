@@ -30,7 +30,7 @@ class TrainResult:
 
 class TrainFunction(Protocol):
     def __call__(self, denoiser: "Denoiser", config: "TrainConfig", *, cache=None, checkpoint: Path | None = None,
-                 progress: Callable[[int, int, float], None] | None = None,
+                 progress: Callable[..., None] | None = None,
                  cancel: Callable[[], bool] | None = None) -> TrainResult: ...
 
 

@@ -21,10 +21,13 @@ def _token_rows(denoiser: Denoiser, prompt: str, length: int) -> torch.Tensor:
     return denoiser.encode([prompt]).context[0, :length].double()
 
 
+STAGE = "closed-form edit of the projections"
+
+
 def train_uce(denoiser: Denoiser, config: TrainConfig, *, cache=None, checkpoint=None, progress=None, cancel=None,
               erase_scale: float = 1.0, preserve_scale: float = 1.0, ridge: float = RIDGE) -> TrainResult:
-    """Closed form: `cache`, `checkpoint`, `progress` and `cancel` are accepted for the common signature and unused
-    (there are no trajectories to sample and no steps to report)."""
+    """Closed form: `cache`, `checkpoint` and `cancel` are accepted for the common signature and unused (there
+    are no trajectories to sample); progress reports one step per edited projection."""
     anchor = config.alternative or ""
     n = max(denoiser.prompt_length(config.concept), denoiser.prompt_length(anchor))
     erased, anchors = _token_rows(denoiser, config.concept, n), _token_rows(denoiser, anchor, n)
@@ -34,11 +37,16 @@ def train_uce(denoiser: Denoiser, config: TrainConfig, *, cache=None, checkpoint
     weights = denoiser.projection_weights()
     eye = torch.eye(erased.shape[1], dtype=torch.float64)
     right = erase_scale * erased.T @ erased + preserve_scale * kept.T @ kept + ridge * eye
+    inverse = torch.linalg.inv(right)
     with torch.no_grad():
-        for name, delta in parts.deltas.items():
+        for i, (name, delta) in enumerate(parts.deltas.items()):
+            if progress:
+                progress(i, len(parts.deltas), None, stage=STAGE)
             w = weights[name].detach().double().cpu()
             left = erase_scale * (w @ anchors.T) @ erased + preserve_scale * w @ kept.T @ kept + ridge * w
-            delta.copy_((left @ torch.linalg.inv(right) - w).to(delta.dtype))
+            delta.copy_((left @ inverse - w).to(delta.dtype))
+    if progress:
+        progress(len(parts.deltas), len(parts.deltas), None, stage=STAGE)
     return TrainResult(finish_patch(denoiser, parts, config))
 
 

@@ -17,9 +17,11 @@ from .patcher import ModelManagement
 
 
 class ProgressBarLog:
-    """comfy.utils.ProgressBar, recording every update."""
+    """comfy.utils.ProgressBar, recording every update. As in ComfyUI, every update calls the global progress
+    hook, and the server's hook (main.py) raises the interrupt when the user has pressed Cancel."""
 
     updates: list[tuple[int, int]] = []
+    hook = None  # comfy.utils.set_progress_bar_global_hook sets it
 
     def __init__(self, total, node_id=None):
         self.total, self.current = total, 0
@@ -29,6 +31,8 @@ class ProgressBarLog:
             self.total = total
         self.current = value
         ProgressBarLog.updates.append((value, self.total))
+        if ProgressBarLog.hook is not None:
+            ProgressBarLog.hook(self.current, self.total, preview)
 
     def update(self, value):
         self.update_absolute(self.current + value, self.total)
@@ -106,6 +110,8 @@ class FakeHost:
         comfy.__path__ = []
         utils = types.ModuleType("comfy.utils")
         utils.ProgressBar = ProgressBarLog
+        ProgressBarLog.hook = lambda value, total, preview, node_id=None: \
+            self.management.throw_exception_if_processing_interrupted()
         mm = types.ModuleType("comfy.model_management")
         for name in ("load_models_gpu", "processing_interrupted", "throw_exception_if_processing_interrupted",
                      "interrupt_current_processing", "get_torch_device", "soft_empty_cache", "unload_all_models"):
