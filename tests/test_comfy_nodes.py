@@ -222,20 +222,30 @@ def test_training_inside_inference_mode_on_inference_weights(pack, host, toy_mod
     assert (plain - changed).abs().mean() > 1e-3
     assert checksum(model) == before
 
-    class InterruptAtStep5(ProgressBarLog):  # the user presses Cancel during step 6
+    class CancelDuringStep2(ProgressBarLog):  # the user presses Cancel while step 2 runs
         def update_absolute(self, value, total=None, preview=None):
-            super().update_absolute(value, total, preview)
-            if value == 5:
+            if (value, total) == (2, TRAIN["steps"]):
                 host.management.interrupt_current_processing()
+            super().update_absolute(value, total, preview)  # the host's hook raises the interrupt in here
 
-    host.modules["comfy.utils"].ProgressBar = InterruptAtStep5
+    import erasure_core.denoiser as core_denoiser
+
+    sampled = []
+    real_sampler = core_denoiser.sample_trajectories
+    monkeypatch.setattr("erasure_core.engine.sample_trajectories",
+                        lambda *a, **k: sampled.append(1) or real_sampler(*a, **k))
+    host.modules["comfy.utils"].ProgressBar = CancelDuringStep2
     with pytest.raises(host.management.InterruptProcessingException):
         execute(nodes["ConceptErasureTrainPatch"], model=patcher, clip=clip, **TRAIN)
-    saved = list((Path(host.folder_paths.temp_directory) / "concept_erasure").glob("train_*.pt"))
-    assert len(saved) == 1
+    folder = Path(host.folder_paths.temp_directory) / "concept_erasure"
+    saved = list(folder.glob("train_*.pt"))
+    assert len(saved) == 2 and len(sampled) == 1  # the checkpoint and the trajectory cache beside it
+    host.management.interrupt_current_processing(False)
     host.modules["comfy.utils"].ProgressBar = ProgressBarLog
+    ProgressBarLog.updates = []
     resumed, _ = execute(nodes["ConceptErasureTrainPatch"], model=patcher, clip=clip, **TRAIN)
-    assert not saved[0].exists()
+    assert ProgressBarLog.updates[0] == (3, TRAIN["steps"]) and len(sampled) == 1  # step 3, cache not rebuilt
+    assert not any(p.exists() for p in saved)
     assert resumed.deltas.keys() == patch.deltas.keys()
     assert all(torch.equal(resumed.deltas[k].full, patch.deltas[k].full) for k in patch.deltas)
     assert checksum(model) == before
@@ -282,3 +292,12 @@ def test_purify_inverts_and_regenerates_an_image(pack, host, toy_model, toy_comf
     assert kept.shape == purified.shape == (1, 32, 32, 3)
     assert "a circle" in clip.encoded  # empty prompt: the patch's concept
     assert (kept - purified).abs().mean() > 0.01
+
+
+def test_no_seed_input_of_the_pack_gets_the_front_ends_randomizer(pack, host):
+    """ComfyUI's front end adds "control after generate: randomize" to INT inputs named seed unless the input says
+    control_after_generate False; a randomised seed would retrain the Train node on every Queue."""
+    seeds = [(name, options) for cls in pack.NODE_CLASS_MAPPINGS.values()
+             for section in cls.INPUT_TYPES().values() for name, (kind, *rest) in section.items()
+             for options in [rest[0] if rest else {}] if kind == "INT" and name in ("seed", "noise_seed")]
+    assert len(seeds) >= 2 and all(options.get("control_after_generate") is False for _, options in seeds)

@@ -1,7 +1,9 @@
 """The WebUI extension (scripts/concept_erasure.py, install.py) loaded into contract fakes of AUTOMATIC1111's and
 Forge's modules.scripts, modules.script_callbacks, processing, infotext and settings."""
+import os
 import runpy
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -230,20 +232,42 @@ def test_the_tab_trains_on_the_loaded_model_through_shared_state(webui):
     script_callbacks.script_unloaded_callback()
 
 
+A1111_PINS = "GitPython==3.1.32\nPillow==9.5.0\nsafetensors==0.4.2\ntransformers==4.30.2\nbasicsr[x]==1.4.2  # ok\n" \
+    "-e git+https://example.invalid/x#egg=x\n"
+
+
 @pytest.mark.parametrize("missing, hub, expected", [
     (set(), "1.2.0", []),
     ({"diffusers"}, "1.2.0", ['install "diffusers>=0.30"']),
-    ({"diffusers", "transformers"}, "0.20.3", ['install "diffusers>=0.30" "huggingface_hub<1.0"',
-                                               'install "transformers"']),
+    ({"diffusers", "transformers"}, "0.20.3", ['install "diffusers>=0.30"', 'install "transformers"']),
 ])
-def test_install_py_pip_installs_only_what_is_missing(monkeypatch, missing, hub, expected):
+def test_install_py_installs_only_what_is_missing_and_moves_no_webui_pin(monkeypatch, tmp_path, missing, hub,
+                                                                         expected):
     import importlib.metadata
 
+    (tmp_path / "requirements_versions.txt").write_text(A1111_PINS)
     real = importlib.metadata.version
     monkeypatch.setattr(importlib.metadata, "version", lambda d: hub if d == "huggingface_hub" else real(d))
     with installed():
         import launch
 
-        launch.missing = set(missing)
+        monkeypatch.setattr(launch, "__file__", str(tmp_path / "launch.py"))
+        launch.missing, launch.pip_calls[:] = set(missing), []
+        constraints = []
+        monkeypatch.setattr(launch, "run_pip", lambda command, desc=None: constraints.append(
+            (command, Path(command.split(' -c "')[1].rstrip('"')).read_text().split())))
         runpy.run_path(str(ROOT / "install.py"))
-        assert [cmd for cmd, _ in launch.pip_calls] == expected
+    assert [command.split(" -c ")[0] for command, _ in constraints] == expected
+    for _, pins in constraints:  # every pip call keeps every pin of the WebUI, its torch, and its hub below 1.0
+        assert {"Pillow==9.5.0", "safetensors==0.4.2", "transformers==4.30.2", "basicsr==1.4.2",
+                f"torch=={real('torch')}"} <= set(pins) and not any("git+" in p for p in pins)
+        assert ("huggingface_hub<1.0" in pins) == (hub == "0.20.3")
+
+
+def test_install_py_exits_0_where_comfyui_managers_run_it(tmp_path):
+    """ComfyUI-Manager and comfy-cli run `python install.py` in the pack's folder after requirements.txt."""
+    import subprocess
+
+    done = subprocess.run([sys.executable, str(ROOT / "install.py")], cwd=tmp_path, capture_output=True, text=True,
+                          env={"PATH": os.environ.get("PATH", ""), "COMFYUI_PATH": str(tmp_path)})
+    assert done.returncode == 0 and "nothing more to install" in done.stdout

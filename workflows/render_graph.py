@@ -50,7 +50,7 @@ def _pack_widgets() -> tuple[dict[str, list[str]], dict[str, str]]:
                 for key, (kind, *opts) in cls.INPUT_TYPES().get(section, {}).items():
                     if isinstance(kind, list) or kind in ("INT", "FLOAT", "STRING", "BOOLEAN"):
                         names.append(key)
-                        if key == "seed":
+                        if key == "seed" and (opts[0] if opts else {}).get("control_after_generate", True):
                             names.append("control_after_generate")
             widgets[name] = names
     finally:

@@ -3,8 +3,9 @@
 How the ComfyUI frontend maps a node definition to a saved node:
 - inputs whose type is INT, FLOAT, STRING, BOOLEAN or a list (combo) are widgets; their values are stored in
   `widgets_values` in definition order (required, then optional);
-- an INT named `seed` / `noise_seed` (or declared with control_after_generate) is followed by its
-  "control after generate" value; a combo with image_upload is followed by the upload widget's value;
+- an INT with a "control after generate" widget is followed by its value: the frontend (1.27) adds one where
+  `control_after_generate ?? name in ["seed", "noise_seed"]` holds, so `control_after_generate: False` opts out;
+  a combo with image_upload is followed by the upload widget's value;
 - every other input is a socket in `inputs` ({name, type, link}); outputs list {name, type, links};
 - `links` holds [id, origin node, origin slot, target node, target slot, type].
 """
@@ -50,7 +51,8 @@ def widget_slots(definition: dict) -> list[tuple[str, object, dict]]:
         if not _is_widget(kind):
             continue
         slots.append((name, kind, options))
-        if kind == "INT" and (name in ("seed", "noise_seed") or options.get("control_after_generate")):
+        control = options.get("control_after_generate")
+        if kind == "INT" and (name in ("seed", "noise_seed") if control is None else control):
             slots.append((name + ":control", "CONTROL", {}))
         if options.get("image_upload"):
             slots.append((name + ":upload", "UPLOAD", {}))
