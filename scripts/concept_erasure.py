@@ -141,8 +141,7 @@ class ConceptErasure(scripts.Script):
                         print(f"{LOG} warning: {warning}")
         except (PatchError, ValueError, OSError) as exc:
             remove_hooks()
-            print(f"{LOG} {exc}. Nothing is generated without the erasure you selected.", file=sys.stderr)
-            shared.state.interrupted = True
+            refuse(p, str(exc))
             return
         entries = [erasure_ui.InfotextEntry(name, strength, erasure_ui.short_hash(path))
                    for (name, strength), ((_, path), _) in zip(chosen, loaded)]
@@ -156,6 +155,21 @@ class ConceptErasure(scripts.Script):
     def postprocess(self, p, processed, *args):
         remove_hooks()
         self.selected = []
+
+
+REFUSED_KEY = "Concept Erasure refused"
+
+
+def refuse(p, reason: str) -> None:
+    """Nothing is generated without the erasure the user selected. A1111 swallows an always-on script's
+    exceptions (console only, API 200), so the reason goes where people look: the comments under the gallery
+    and the response's info (extra_generation_params); no images are made (n_iter 0, as A1111's batch loop
+    reads it) and the progress state is left as it was, not interrupted."""
+    message = f"{reason}. Nothing was generated without the erasure you selected."
+    print(f"{LOG} {message}", file=sys.stderr)
+    p.comment(f"Concept Erasure: {message}")
+    p.extra_generation_params[REFUSED_KEY] = reason
+    p.n_iter = 0
 
 
 def on_infotext_pasted(infotext: str, params: dict) -> None:

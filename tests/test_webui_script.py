@@ -150,7 +150,7 @@ def test_a_failed_generation_leaves_hooks_only_until_the_next_one_or_unload(webu
     assert hook_counts(sd_model) == (0, 0)
 
 
-def test_a_broken_patch_stops_the_generation(webui, capsys):
+def test_a_broken_patch_stops_the_generation_and_says_why_where_users_look(webui, capsys):
     from modules import shared
 
     runner, folder, (toy, sd_model) = webui
@@ -158,8 +158,11 @@ def test_a_broken_patch_stops_the_generation(webui, capsys):
     (folder / "broken.safetensors").write_bytes(b"\x80\x04not a patch")
     before = checksum(sd_model)
     processed, seen = generate(runner, sd_model, args_for(runner, ("broken", 1.0)))
-    assert processed.images == [] and shared.state.interrupted and seen == []
+    assert processed.images == [] and seen == [] and not shared.state.interrupted  # progress state left clean
     assert "pickle" in capsys.readouterr().err
+    reason = processed.extra_generation_params["Concept Erasure refused"]  # the API's info
+    assert "pickle" in reason and "\n" not in reason and "Concept Erasure refused: " in processed.info
+    assert processed.comments.startswith("Concept Erasure: ") and "pickle" in processed.comments  # under the gallery
     assert hook_counts(sd_model) == (0, 0) and checksum(sd_model) == before
 
 

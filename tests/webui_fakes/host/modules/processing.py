@@ -15,12 +15,21 @@ class StableDiffusionProcessing:
         self.sd_model, self.prompt, self.seed, self.steps, self.cfg_scale = sd_model, prompt, seed, steps, cfg_scale
         self.n_iter, self.script_args, self.scripts, self.observe = n_iter, tuple(script_args), scripts, observe
         self.extra_generation_params: dict = {}
+        self.comments: dict = {}
+
+    def comment(self, text):
+        self.comments[text] = 1
 
 
 class Processed:
+    """`comments` is what the UI shows under the gallery; `info` goes into the API response (A1111's js()
+    carries extra_generation_params and infotexts, not comments)."""
+
     def __init__(self, p, images, infotexts):
         self.images, self.infotexts = images, infotexts
         self.info = infotexts[0] if infotexts else ""
+        self.comments = "".join(f"{comment}\n" for comment in p.comments)
+        self.extra_generation_params = p.extra_generation_params
 
 
 def _sample(p, model_call, shape):
@@ -56,8 +65,9 @@ def process_images(p, shape=(1, 3, 32, 32)):
         else:
             call = p.sd_model.apply_model
         images.append(_sample(p, call, shape))
+    # as A1111: an infotext even when no image was made
     infotexts = [infotext_utils.create_infotext(p.prompt, {"Steps": p.steps, "Seed": p.seed,
-                                                           **p.extra_generation_params})] if images else []
+                                                           **p.extra_generation_params})]
     processed = Processed(p, images, infotexts)
     p.scripts.postprocess(p, processed)
     return processed
