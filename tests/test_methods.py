@@ -193,3 +193,19 @@ def test_uce_is_the_closed_form_edit(toy_model, trained):
     delta = patch.deltas[layer].full
     assert (erased @ (w + delta).T - anchor @ w.T).norm() < 0.5 * (erased @ w.T - anchor @ w.T).norm()
     assert (kept @ delta.T).norm() < 0.2 * (kept @ w.T).norm()
+
+
+@pytest.mark.parametrize("method", [m for m in method_names() if m != "esd-u"])  # esd-u: outside attn2 by design
+def test_layers_limits_the_deltas_as_well_as_the_memory(toy_model, method):
+    from erasure_core.layers import select_layers
+    from erasure_core.methods import train_patch
+
+    mid = select_layers(toy_model.layer_names(), "mid")
+    assert 0 < len(mid) < len(toy_model.layer_names())
+    config = TrainConfig(concept="a circle", method=method, steps=2, batch=2, cache_seeds=1, cache_steps=2,
+                         layers="mid", alternative="a square" if get_method(method).needs_alternative else "")
+    result = train_patch(toy_model, config)
+    for patch in filter(None, (result.patch, result.key)):
+        assert all(any(name.startswith(layer + ".") for layer in mid) for name in patch.deltas), sorted(patch.deltas)
+        assert patch.memory is None or set(patch.layers) == set(mid)
+        assert patch.deltas or patch.memory is not None

@@ -48,7 +48,7 @@ def train_memory(denoiser: Denoiser, config: TrainConfig, *, cache: TrajectoryCa
     preserved = preserved_prompts(denoiser, config, cache, progress)
     memory_only, key_mode = config.method == "memory-only", config.method == "memory-key"
     parts = setup(denoiser, config, tokens=config.tokens,
-                  projections=() if memory_only else projections_of(config, PROJECTIONS))
+                  projections=() if memory_only else projections_of(config, PROJECTIONS), delta_layers=config.layers)
     train_memory_view = parts.patch(frozen=("deltas",))      # gradients reach P only
     deltas_only = parts.patch(with_memory=False)
     train_deltas_view = parts.patch(frozen=("memory",))      # gradients reach θ only
