@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from erasure_core.backends.comfy import apply_patches
 
-from .common import CATEGORY, patch_input, require_patch, strength_input, warn
+from .common import CATEGORY, HIDDEN_NODE_ID, patch_input, require_patch, strength_input, warn
 
 
 class ConceptErasureApplyPatch:
@@ -22,9 +22,9 @@ class ConceptErasureApplyPatch:
             "model": ("MODEL", {"tooltip": "The diffusion model (SD1.x, SD2.x or SDXL) to apply the patch to."}),
             "erasure_patch": patch_input(),
             "strength": strength_input(),
-        }}
+        }, **HIDDEN_NODE_ID}
 
-    def apply(self, model, erasure_patch, strength):
+    def apply(self, model, erasure_patch, strength, unique_id=None):
         patched, warnings = apply_patches(model, [(require_patch(erasure_patch), strength)])
-        warn(warnings)
+        warn(warnings, unique_id)
         return (patched,)

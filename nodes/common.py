@@ -69,9 +69,22 @@ def interrupt_check():
     return model_management().throw_exception_if_processing_interrupted
 
 
-def warn(messages: list[str]) -> None:
+def warn(messages: list[str], node_id: str | None = None) -> None:
+    """To the server log and, where ComfyUI can show text on the node (PromptServer.send_progress_text: the stock
+    front end draws it under the node, no JS of ours), to the user."""
     for message in messages:
         LOG.warning("[Concept Erasure] %s", message)
+    if not messages or node_id is None:
+        return
+    try:
+        from server import PromptServer
+
+        PromptServer.instance.send_progress_text("\n".join(f"⚠ {m}" for m in messages), node_id)
+    except (ImportError, AttributeError):  # an older ComfyUI: the log is all there is
+        pass
+
+
+HIDDEN_NODE_ID = {"hidden": {"unique_id": "UNIQUE_ID"}}  # ComfyUI passes the node's id as unique_id
 
 
 def patch_input(tooltip: str = "An erasure patch: from Load Erasure Patch or Train Erasure Patch."):

@@ -12,8 +12,8 @@ from erasure_core.layers import SELECTION_MODES
 from erasure_core.methods import DEFAULT_METHOD, get_method, method_names, methods_help, train_patch
 from erasure_core.request import TrainRequest, prepare
 
-from .common import (CATEGORY, PATCH_TYPE, folder_paths_module, interrupt_check, loader, model_management,
-                     progress_bar)
+from .common import (CATEGORY, HIDDEN_NODE_ID, PATCH_TYPE, folder_paths_module, interrupt_check, loader,
+                     model_management, progress_bar, warn)
 
 _DEFAULTS = TrainRequest(concept="")
 _ENGINE_DEFAULTS = TrainConfig(concept="")
@@ -95,6 +95,7 @@ class ConceptErasureTrainPatch:
                 "rerun": ("INT", {"default": 0, "min": 0, "max": 0xFFFF,
                                   "tooltip": "Change to train again with the same settings."}),
             },
+            **HIDDEN_NODE_ID,
         }
 
     @classmethod
@@ -104,14 +105,13 @@ class ConceptErasureTrainPatch:
 
     def train(self, model, clip, concept, method, alternative, preserve, steps, learning_rate, layers, seed,
               memory_learning_rate=None, memory_tokens=None, batch_size=1, resolution=512, cache_seeds=None,
-              cache_steps=None, rerun=0):
+              cache_steps=None, rerun=0, unique_id=None):
         denoiser = ComfyDenoiser(model, clip, width=resolution, height=resolution, load_model=loader(training=True),
                                  check_interrupt=interrupt_check())
         plan = prepare(make_request(concept, method, alternative, preserve, steps, learning_rate, layers, seed,
                                     memory_learning_rate, memory_tokens, batch_size, cache_seeds, cache_steps),
                        denoiser)
-        for note in plan.notes:
-            print(f"[Concept Erasure] note: {note}")
+        warn([f"note: {note}" for note in plan.notes], unique_id)
         config = plan.config
         mm = model_management()
         bar = progress_bar(config.steps)

@@ -120,7 +120,7 @@ def test_every_node_is_documented_and_categorised(pack, host):
         assert cls.CATEGORY == "conditioning/erasure"
         assert len(cls.DESCRIPTION) > 40 and callable(getattr(cls, cls.FUNCTION))
         spec = cls.INPUT_TYPES()
-        for section in spec.values():
+        for section in (spec.get("required", {}), spec.get("optional", {})):  # "hidden" is not shown to users
             for name, (kind, *options) in section.items():
                 assert options and options[0].get("tooltip"), f"{node_id}.{name} has no tooltip"
         assert len(getattr(cls, "OUTPUT_TOOLTIPS", ())) == len(cls.RETURN_TYPES)
@@ -179,6 +179,12 @@ def test_apply_nodes_chain_and_leave_the_input_model_alone(pack, host, toy_model
         assert (calc_cond_batch(two, [ctx], x, sigma, management)[0] - plain).abs().max() > 1e-3
         management.unload_all_models()
     assert checksum(model) == before
+    assert host.node_texts == []  # patches made for this model: nothing to warn about
+    other = toy_patch(toy_model, 1)
+    other.base_fingerprint = "0123456789abcdef"
+    execute(nodes["ConceptErasureApplyPatch"], model=patcher, erasure_patch=other, strength=1.0)
+    ((node, text),) = host.node_texts  # the warning reaches the user on the node, not only the server log
+    assert node == "7" and "fingerprint" in text
     with pytest.raises(ValueError, match="no erasure patch"):
         execute(nodes["ConceptErasureApplyPatch"], model=patcher, erasure_patch=None, strength=1.0)
 
@@ -298,6 +304,6 @@ def test_no_seed_input_of_the_pack_gets_the_front_ends_randomizer(pack, host):
     """ComfyUI's front end adds "control after generate: randomize" to INT inputs named seed unless the input says
     control_after_generate False; a randomised seed would retrain the Train node on every Queue."""
     seeds = [(name, options) for cls in pack.NODE_CLASS_MAPPINGS.values()
-             for section in cls.INPUT_TYPES().values() for name, (kind, *rest) in section.items()
+             for key, section in cls.INPUT_TYPES().items() if key != "hidden" for name, (kind, *rest) in section.items()
              for options in [rest[0] if rest else {}] if kind == "INT" and name in ("seed", "noise_seed")]
     assert len(seeds) >= 2 and all(options.get("control_after_generate") is False for _, options in seeds)

@@ -119,8 +119,28 @@ class FakeHost:
         mm.InterruptProcessingException = self.management.InterruptProcessingException
         mm.OOM_EXCEPTION = self.management.OOM_EXCEPTION
         comfy.utils, comfy.model_management = utils, mm
+        server = types.ModuleType("server")
+        server.PromptServer = FakePromptServer
+        FakePromptServer.instance = FakePromptServer()
         self.modules = {"comfy": comfy, "comfy.utils": utils, "comfy.model_management": mm,
-                        "folder_paths": self.folder_paths}
+                        "folder_paths": self.folder_paths, "server": server}
+
+    @property
+    def node_texts(self) -> list[tuple[str, str]]:
+        """What was shown on nodes: (node id, text)."""
+        return self.modules["server"].PromptServer.instance.texts
+
+
+class FakePromptServer:
+    """server.PromptServer: send_progress_text(text, node_id) draws text under the node in the stock front end."""
+
+    instance = None
+
+    def __init__(self):
+        self.texts: list[tuple[str, str]] = []
+
+    def send_progress_text(self, text, node_id, sid=None):
+        self.texts.append((node_id, text))
 
 
 @contextmanager
@@ -141,7 +161,10 @@ def installed(base: str):
 
 
 def execute(node_class, **inputs):
-    """Run a node as ComfyUI's executor does: a fresh instance, its FUNCTION, under inference mode."""
+    """Run a node as ComfyUI's executor does: a fresh instance, its FUNCTION, under inference mode, with the
+    hidden inputs it declares (UNIQUE_ID: the node's id in the graph)."""
+    hidden = node_class.INPUT_TYPES().get("hidden", {})
+    inputs = {**{name: "7" for name, kind in hidden.items() if kind == "UNIQUE_ID"}, **inputs}
     with torch.inference_mode():
         return getattr(node_class(), node_class.FUNCTION)(**inputs)
 
