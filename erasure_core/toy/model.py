@@ -85,6 +85,16 @@ def save_weights(unet: UNet2DConditionModel, text_encoder: CLIPTextModel, tokeni
     tokenizer.save_pretrained(str(folder / "tokenizer"))
 
 
+def _keys_for(module: torch.nn.Module, state: dict) -> dict:
+    """transformers 5 names CLIPTextModel's weights without the "text_model." prefix that 4.x uses (the WebUIs
+    pin 4.30 and 4.46): rename the shipped weights to whichever the installed version expects."""
+    expected = set(module.state_dict())
+    if set(state) <= expected:
+        return state
+    prefixed = {f"text_model.{k}": v for k, v in state.items()}
+    return prefixed if set(prefixed) <= expected else state
+
+
 def load_toy_model(folder: Path = ASSETS, device: str | torch.device = "cpu") -> DiffusersDenoiser:
     """Load the shipped toy model in fp32 behind the diffusers backend; nothing is downloaded."""
     tokenizer = load_tokenizer(folder / "tokenizer")
@@ -95,8 +105,11 @@ def load_toy_model(folder: Path = ASSETS, device: str | torch.device = "cpu") ->
                                                 bos_token_id=tokenizer.bos_token_id,
                                                 eos_token_id=tokenizer.eos_token_id, **text_cfg))
     for module, name in ((unet, "unet"), (text_encoder, "text_encoder")):
-        state = {k: v.float() for k, v in load_file(str(folder / f"{name}.safetensors")).items()}
-        module.load_state_dict(state, strict=True)
+        state = _keys_for(module, {k: v.float() for k, v in load_file(str(folder / f"{name}.safetensors")).items()})
+        missing, unexpected = module.load_state_dict(state, strict=False)
+        if unexpected or any(not k.endswith("position_ids") for k in missing):  # a buffer older versions keep
+            raise ValueError(f"{folder / name}.safetensors does not fit the model: missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]}")
         module.to(device)
     return DiffusersDenoiser(unet, text_encoder, tokenizer, SCHEDULER_CONFIG, name="toy", vocabulary=ToyVocabulary(),
                              default_guidance=3.0)  # the guidance the toy model was trained and measured at
