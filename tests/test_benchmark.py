@@ -42,6 +42,11 @@ def test_benchmark_writes_v2_rows_with_intervals_and_base_values_and_resumes(toy
                           preserve_modes=("named",), counts=TINY, sample_steps=2, stack=False)
     assert again["rows"] == results["rows"] and not (tmp_path / "stripes-uce-named.safetensors").exists()
     assert markdown(again) + "\n" == table
+    assert 0.0 < row["train_cpu_share"] <= 1.5
+    for share, marked in ((0.4, True), (0.95, False)):  # 0.4: something else had most of the CPU
+        again["rows"][0]["train_cpu_share"] = share
+        (line,) = [x for x in markdown(again).splitlines() if x.startswith("| stripes → checker | uce |")]
+        assert ("‡ |" in line) == marked == ("‡ trained while other work" in markdown(again))
 
 
 def test_a_changed_attack_setting_reruns_only_that_attack_on_finished_rows(toy_model, oracle, tmp_path, monkeypatch):

@@ -31,11 +31,14 @@ PRESERVE_MODES = ("named", "none")
 
 class PeakMemory:
     """Peak memory while a block runs: CUDA's allocator peak on a GPU, the process's resident set on the CPU
-    (sampled every 20 ms, reported above what was resident at the start)."""
+    (sampled every 20 ms, reported above what was resident at the start). Also the block's share of the CPU
+    it could have had (process CPU time / (wall time × torch threads)): near 1 when it ran alone, lower where
+    other work competed, so a contaminated wall time can be told from a clean one."""
 
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
         self.peak_bytes = 0
+        self.cpu_share = 1.0
 
     @staticmethod
     def _rss() -> int:
@@ -43,6 +46,7 @@ class PeakMemory:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
     def __enter__(self) -> "PeakMemory":
+        self._clock = (time.process_time(), time.perf_counter())
         if self.cuda:
             torch.cuda.reset_peak_memory_stats()
             self._start = torch.cuda.memory_allocated()
@@ -58,6 +62,8 @@ class PeakMemory:
         return self
 
     def __exit__(self, *exc) -> None:
+        cpu, wall = time.process_time() - self._clock[0], time.perf_counter() - self._clock[1]
+        self.cpu_share = cpu / max(wall * torch.get_num_threads(), 1e-9)
         if self.cuda:
             self.peak_bytes = torch.cuda.max_memory_allocated() - self._start
             return
@@ -147,7 +153,8 @@ def run_benchmark(denoiser, oracle, methods: list[str], targets: list[str], base
                        "alternative": patch.alternative or None, **report,
                        "ua_half_strength": strength_leak(denoiser, [(patch, 1.0)], oracle, erasure, 0.5, counts,
                                                          sample_steps),
-                       "train_seconds": round(result.seconds, 2), "peak_memory_bytes": memory.peak_bytes,
+                       "train_seconds": round(result.seconds, 2), "train_cpu_share": round(memory.cpu_share, 2),
+                       "peak_memory_bytes": memory.peak_bytes,
                        "patch_bytes": path.stat().st_size}
                 if attacks and mode == "named":
                     row["attacks"] = attack(patch, target, attacks)
@@ -265,6 +272,14 @@ def _r(entry: dict | None) -> str:
 VALID_ASR = 0.8  # an attack that finds the concept in fewer unedited images than this proves nothing by failing
 
 
+CLEAN_CPU_SHARE = 0.75
+
+
+def _shared(row: dict) -> str:
+    """‡ where training did not have the CPU to itself (rows from before the share was recorded: no mark)."""
+    return "‡" if row.get("train_cpu_share", 1.0) < CLEAN_CPU_SHARE else ""
+
+
 def _validity(entry: dict | None) -> str:
     """The attack's ASR against the unedited model, with † where it failed its validity check."""
     if entry is None:
@@ -301,11 +316,14 @@ def markdown(results: dict) -> str:
                      f"{r['preserve']} | {_r(r['ua'])} | **{_r(r['ira_heldout'])}** | **{_r(r['cra_heldout'])}** | "
                      f"{_r(r['ua_syn'])} | {_r(r['ua_half_strength'])} | {_r(r['ira_preserved'])} | "
                      f"{_r(r['cra_preserved'])} | {_r(r['alt'])} | " + "".join(f"{a} | " for a in asr) +
-                     f"{r['fd']:.1f} | {r['layout_ssim']:.2f} | {r['train_seconds']:.1f} | "
+                     f"{r['fd']:.1f} | {r['layout_ssim']:.2f} | {r['train_seconds']:.1f}{_shared(r)} | "
                      f"{r['peak_memory_bytes'] / 2**20:.0f} | {r['patch_bytes'] / 1024:.0f} |")
     if any("†" in line for line in lines):
         lines += ["", f"† the attack found the concept in fewer than {VALID_ASR:.0%} of the unedited model's images "
                   "(its validity check), so a low ASR there does not show robustness."]
+    if any(_shared(r) for r in rows):
+        lines += ["", f"‡ trained while other work shared the CPU (the run had under {CLEAN_CPU_SHARE:.0%} of the "
+                  "CPU time it could use): that wall time is inflated; compare the others."]
     families = list(rows[0]["phrasings"]) if rows else []
     if families:
         lines += ["", "UA on held-out phrasings (named preservation; the unedited model's UA in parentheses):", "",
