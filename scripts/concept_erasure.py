@@ -14,7 +14,7 @@ if _ROOT not in sys.path:  # the WebUI loads this file by path; erasure_core sit
     sys.path.insert(0, _ROOT)
 
 import gradio as gr  # noqa: E402
-from modules import script_callbacks, scripts, shared  # noqa: E402
+from modules import extra_networks, script_callbacks, scripts, shared  # noqa: E402
 
 from erasure_core import ui as erasure_ui  # noqa: E402
 from erasure_core.backends import ldm  # noqa: E402
@@ -120,6 +120,16 @@ class ConceptErasure(scripts.Script):
         remove_hooks()  # a generation that failed never reached postprocess
         self.selected = []
         chosen = self.chosen(args)
+        try:  # the prompt's <erasure:name:w> tags are checked now, before anything is drawn, and applied by
+            # ErasureNetwork.activate on every batch (A1111 only prints what goes wrong in there)
+            tagged = [(_load(name), strength) for name, strength in prompt_patches(p.prompt)]
+        except (PatchError, ValueError, OSError) as exc:
+            refuse(p, str(exc))
+            return
+        if tagged:  # the tags stay in the infotext's prompt; the hashes say which files they were
+            p.extra_generation_params[PROMPT_INFOTEXT_KEY] = erasure_ui.format_infotext(
+                [erasure_ui.InfotextEntry(name, strength, erasure_ui.short_hash(path))
+                 for (name, _), ((_, path), strength) in zip(prompt_patches(p.prompt), tagged)])
         if not chosen:
             return
         try:
@@ -148,13 +158,68 @@ class ConceptErasure(scripts.Script):
         p.extra_generation_params[erasure_ui.INFOTEXT_KEY] = erasure_ui.format_infotext(entries)
 
     def process_before_every_sampling(self, p, *args, **kwargs):
-        if self.selected and is_forge(p.sd_model):  # Forge hands out a fresh patcher before every pass
+        chosen = self.selected + (_prompt_active if is_forge(p.sd_model) else [])
+        if chosen and is_forge(p.sd_model):  # Forge hands out a fresh patcher before every pass
             objects = p.sd_model.forge_objects
-            objects.unet = ldm.apply_forge(objects.unet, self.selected, filename="concept-erasure")
+            objects.unet = ldm.apply_forge(objects.unet, chosen, filename="concept-erasure")
 
     def postprocess(self, p, processed, *args):
         remove_hooks()
         self.selected = []
+
+
+PROMPT_NETWORK = "erasure"
+PROMPT_INFOTEXT_KEY = "Erasure in prompt"
+_prompt_active: list = []     # what ErasureNetwork.activate applied for the current batch
+_prompt_attached: list = []   # its A1111 hooks
+
+
+def prompt_patches(prompt: str) -> list[tuple[str, float]]:
+    """The `<erasure:name>` / `<erasure:name:0.8>` tags of a prompt, as (name, strength)."""
+    _, data = extra_networks.parse_prompt(prompt or "")
+    out = []
+    for params in data.get(PROMPT_NETWORK, []):
+        if not params.positional or not str(params.positional[0]).strip():
+            raise ValueError("<erasure:...> needs a patch name, as in <erasure:van_gogh:0.8>")
+        name, weight = str(params.positional[0]).strip(), params.positional[1] if len(params.positional) > 1 else 1
+        try:
+            strength = float(weight)
+        except ValueError:
+            raise ValueError(f"<erasure:{name}:{weight}>: the strength must be a number") from None
+        out.append((name, strength))
+    return out
+
+
+class ErasureNetwork(extra_networks.ExtraNetwork):
+    """`<erasure:name:w>` in a prompt, a style or an X/Y/Z plot, as the built-in Lora's `<lora:name:w>`: the same
+    patches and hooks as the accordion. The tags are validated in Script.process (a bad one stops the generation
+    there); here the checked patches are attached for the batch."""
+
+    def __init__(self) -> None:
+        super().__init__(PROMPT_NETWORK)
+
+    def activate(self, p, params_list) -> None:
+        self.deactivate(p)  # activate may run again (hires pass) before deactivate
+        if not params_list:
+            return
+        wanted = [pair for params in params_list
+                  for pair in prompt_patches(f"<{PROMPT_NETWORK}:{':'.join(map(str, params.items))}>")]
+        _prompt_active[:] = [(_load(name)[0], strength) for name, strength in wanted]  # checked in process()
+        if not is_forge(p.sd_model):
+            unet = p.sd_model.model.diffusion_model
+            modules = ldm.attn2_modules(unet)
+            _prompt_attached.append(ldm.attach_hooks(modules, _prompt_active, lambda: _fingerprint(p.sd_model,
+                                                                                                   modules),
+                                                     weight_modules(unet)))
+
+    def deactivate(self, p) -> None:
+        while _prompt_attached:
+            _prompt_attached.pop().detach()
+        _prompt_active.clear()
+
+
+def on_before_ui() -> None:
+    extra_networks.register_extra_network(ErasureNetwork())
 
 
 REFUSED_KEY = "Concept Erasure refused"
@@ -239,6 +304,7 @@ def on_ui_tabs():
     return [(tab, "Concept Erasure", "concept_erasure")]
 
 
+script_callbacks.on_before_ui(on_before_ui)
 script_callbacks.on_ui_settings(on_ui_settings)
 script_callbacks.on_ui_tabs(on_ui_tabs)
 script_callbacks.on_infotext_pasted(on_infotext_pasted)

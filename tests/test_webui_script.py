@@ -37,6 +37,7 @@ def webui(tmp_path, toy_ldm):
         paths.models_path = str(tmp_path / "models")
         shared.sd_model = toy_ldm[1]
         scripts.load_scripts([str(SCRIPT)])
+        script_callbacks.before_ui_callback()
         runner = scripts.ScriptRunner()
         runner.initialize_scripts(is_img2img=False)
         with gr.Blocks():
@@ -74,12 +75,12 @@ def args_for(runner, *slots):
     return args
 
 
-def generate(runner, sd_model, args, seed=3):
+def generate(runner, sd_model, args, seed=3, prompt="a circle"):
     from modules import processing, shared
 
     seen = []
     watched = sd_model.ldm if hasattr(sd_model, "ldm") else sd_model
-    p = processing.StableDiffusionProcessing(sd_model, prompt="a circle", seed=seed, steps=3, script_args=args,
+    p = processing.StableDiffusionProcessing(sd_model, prompt=prompt, seed=seed, steps=3, script_args=args,
                                              scripts=runner, observe=lambda p: seen.append(hook_counts(watched)))
     shared.state.begin(job="txt2img")
     return processing.process_images(p), seen
@@ -148,6 +149,35 @@ def test_a_failed_generation_leaves_hooks_only_until_the_next_one_or_unload(webu
     runner.process(p)
     script_callbacks.script_unloaded_callback()
     assert hook_counts(sd_model) == (0, 0)
+
+
+@pytest.mark.parametrize("forge", [False, True])
+def test_a_prompt_tag_applies_a_patch_exactly_as_the_accordion_does(webui, forge):
+    from modules import extra_networks
+
+    runner, folder, (toy, sd_model) = webui
+    assert isinstance(extra_networks.extra_network_registry.get("erasure"), extra_networks.ExtraNetwork)
+    save_patch(make_patch(toy), folder / "circle.safetensors")
+    model, before = FakeForgeModel(sd_model) if forge else sd_model, checksum(sd_model)
+    by_accordion, _ = generate(runner, model, args_for(runner, ("circle", 1.0)))
+    by_tag, seen = generate(runner, model, args_for(runner), prompt="a circle <erasure:circle:1>")
+    plain, _ = generate(runner, model, args_for(runner))
+    zero, _ = generate(runner, model, args_for(runner), prompt="a circle <erasure:circle:0>")
+    assert torch.equal(by_tag.images[0], by_accordion.images[0])
+    assert not torch.equal(by_tag.images[0], plain.images[0]) and torch.equal(zero.images[0], plain.images[0])
+    assert "<erasure:circle:1>" in by_tag.info and 'Erasure in prompt: "circle: 1' in by_tag.info
+    assert forge or (seen and all(c != (0, 0) for c in seen))
+    assert hook_counts(sd_model) == (0, 0) and checksum(sd_model) == before
+
+
+@pytest.mark.parametrize("tag, reason", [("<erasure:nothere:1>", "no patch 'nothere'"),
+                                         ("<erasure:circle:strong>", "the strength must be a number")])
+def test_a_bad_prompt_tag_stops_the_generation_and_says_why(webui, tag, reason):
+    runner, folder, (toy, sd_model) = webui
+    save_patch(make_patch(toy), folder / "circle.safetensors")
+    processed, seen = generate(runner, sd_model, args_for(runner), prompt=f"a circle {tag}")
+    assert processed.images == [] and seen == [] and reason in processed.comments
+    assert reason in processed.extra_generation_params["Concept Erasure refused"]
 
 
 def test_a_broken_patch_stops_the_generation_and_says_why_where_users_look(webui, capsys):

@@ -6,7 +6,7 @@ patcher. Sampling is DDIM with CFG; `observe(p)` runs before every model call, s
 looked like during generation."""
 import torch
 
-from modules import infotext_utils, shared
+from modules import extra_networks, infotext_utils, shared
 
 
 class StableDiffusionProcessing:
@@ -16,6 +16,7 @@ class StableDiffusionProcessing:
         self.n_iter, self.script_args, self.scripts, self.observe = n_iter, tuple(script_args), scripts, observe
         self.extra_generation_params: dict = {}
         self.comments: dict = {}
+        self.prompts, self.extra_network_data = [prompt], None
 
     def comment(self, text):
         self.comments[text] = 1
@@ -40,7 +41,7 @@ def _sample(p, model_call, shape):
     sched = DDIMScheduler(num_train_timesteps=len(a), trained_betas=betas.numpy(), clip_sample=False,
                           set_alpha_to_one=False, steps_offset=1)
     sched.set_timesteps(p.steps)
-    c = p.sd_model.get_learned_conditioning([p.prompt]).clone()
+    c = p.sd_model.get_learned_conditioning(p.prompts).clone()
     uc = p.sd_model.get_learned_conditioning([""]).clone()
     x = torch.randn(shape, generator=torch.Generator().manual_seed(p.seed))
     with torch.no_grad():
@@ -58,6 +59,9 @@ def process_images(p, shape=(1, 3, 32, 32)):
     for _ in range(p.n_iter):
         if shared.state.interrupted or shared.state.stopping_generation:
             break
+        # as A1111, per batch: the prompt's <network:args> tags come out of the text and are activated
+        p.prompts, p.extra_network_data = extra_networks.parse_prompts([p.prompt])
+        extra_networks.activate(p, p.extra_network_data)
         if hasattr(p.sd_model, "forge_objects"):
             p.sd_model.forge_objects = p.sd_model.forge_objects_after_applying_lora.shallow_copy()
             p.scripts.process_before_every_sampling(p, x=None, noise=None, c=None, uc=None)
@@ -65,6 +69,8 @@ def process_images(p, shape=(1, 3, 32, 32)):
         else:
             call = p.sd_model.apply_model
         images.append(_sample(p, call, shape))
+    if p.extra_network_data:
+        extra_networks.deactivate(p, p.extra_network_data)
     # as A1111: an infotext even when no image was made
     infotexts = [infotext_utils.create_infotext(p.prompt, {"Steps": p.steps, "Seed": p.seed,
                                                            **p.extra_generation_params})]

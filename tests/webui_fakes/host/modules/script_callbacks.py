@@ -24,6 +24,15 @@ def on_infotext_pasted(callback, *, name=None):
     _add("infotext_pasted", callback)
 
 
+def on_before_ui(callback, *, name=None):
+    _add("before_ui", callback)
+
+
+def before_ui_callback():
+    for c in callbacks["before_ui"]:
+        c()
+
+
 def ui_tabs_callback():
     res = []
     for c in callbacks["ui_tabs"]:
