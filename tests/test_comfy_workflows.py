@@ -32,7 +32,10 @@ def test_the_three_example_workflows_are_there():
     uses = {p.stem: {n["type"] for n in json.loads(p.read_text())["nodes"]} for p in WORKFLOWS}
     assert {"ConceptErasureLoadPatch", "ConceptErasureApplyPatch", "KSampler"} <= uses["apply_shared_patch"]
     assert {"ConceptErasureTrainPatch", "ConceptErasureSavePatch", "ConceptErasurePreview"} <= uses["train_patch"]
-    assert {"LoadImage", "ConceptErasurePurifyImage", "SaveImage"} <= uses["purify_image"]
+    assert {"LoadImage", "ImageScale", "ConceptErasurePurifyImage", "SaveImage"} <= uses["purify_image"]
+    (scale,) = [n for n in json.loads((ROOT / "workflows" / "purify_image.json").read_text())["nodes"]
+                if n["type"] == "ImageScale"]
+    assert scale["widgets_values"][1:3] == [512, 512]  # purified at SD1.5's own resolution
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])

@@ -59,6 +59,14 @@ CORE_NODES = {
         "input": {"required": {"images": ("IMAGE", {})}},
         "output": (),
     },
+    "ImageScale": {
+        "input": {"required": {"image": ("IMAGE", {}),
+                               "upscale_method": (["nearest-exact", "bilinear", "area", "bicubic", "lanczos"], {}),
+                               "width": ("INT", {"default": 512, "min": 0, "max": MAX_RESOLUTION, "step": 1}),
+                               "height": ("INT", {"default": 512, "min": 0, "max": MAX_RESOLUTION, "step": 1}),
+                               "crop": (["disabled", "center"], {})}},
+        "output": ("IMAGE",),
+    },
     "LoadImage": {
         "input": {"required": {"image": (FILES, {"image_upload": True})}},
         "output": ("IMAGE", "MASK"),
