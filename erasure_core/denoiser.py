@@ -173,3 +173,13 @@ def sample_trajectories(denoiser: Denoiser, concept: Conditioning, empty: Condit
         x = sched.step(cfg(eps[0], eps[1], guidance), t, x).prev_sample
         if progress:
             progress(i + 1, steps)
+
+
+def at_resolution(model, pixels: int):
+    """`model` trained and sampled at `pixels` × `pixels` (0: as it is): backends that can offer
+    `at_resolution` (diffusers, A1111); one that cannot says so."""
+    if not pixels:
+        return model
+    if not hasattr(model, "at_resolution"):
+        raise ValueError(f"{getattr(model, 'name', 'this model')} trains at its own resolution only")
+    return model.at_resolution(pixels)

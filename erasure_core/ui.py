@@ -150,6 +150,8 @@ class TabRequest:
     tokens: int = 8
     cache_seeds: int = 8
     cache_steps: int = 25
+    batch: int = 0          # images per training step (0: the engine's, as the CLI and the node); lower it first
+    resolution: int = 0     # training size in pixels; 0: the model's own (512 for SD1.5)
     preview_images: int = 2
     preview_steps: int = 20
 
@@ -158,8 +160,8 @@ class TabRequest:
 
         return TrainRequest(concept=self.concept, method=self.method, alternative=self.alternative,
                             preserve=self.preserve, steps=self.steps, lr=self.lr, memory_lr=self.memory_lr,
-                            tokens=self.tokens, layers=self.layers, seed=self.seed, cache_seeds=self.cache_seeds,
-                            cache_steps=self.cache_steps)
+                            tokens=self.tokens, layers=self.layers, seed=self.seed, batch=self.batch or None,
+                            cache_seeds=self.cache_seeds, cache_steps=self.cache_steps)
 
 
 def output_name(request: TabRequest) -> str:
@@ -175,9 +177,10 @@ def output_name(request: TabRequest) -> str:
     return name
 
 
-def _check_preview(request: TabRequest) -> None:
+def _check_tab_numbers(request: TabRequest) -> None:
+    """The tab's own numbers (the training request's are checked by request.prepare)."""
     for label, value, low in (("preview images", request.preview_images, 0),
-                              ("preview steps", request.preview_steps, 1)):
+                              ("preview steps", request.preview_steps, 1), ("resolution", request.resolution, 0)):
         if value is None or int(value) != value or value < low:
             raise ValueError(f"{label} must be a whole number of at least {low}, got {value}")
 
@@ -237,6 +240,7 @@ class TrainJob:
     def _run(self) -> None:
         import torch
 
+        from .denoiser import at_resolution
         from .engine import Cancelled, checkpoint_path, discard_checkpoint
         from .methods import train_patch
         from .patch import save_patch
@@ -246,7 +250,7 @@ class TrainJob:
         begun = False
         try:
             request = self.request
-            _check_preview(request)
+            _check_tab_numbers(request)
             name = output_name(request)
             folder = Path(self.patch_folder())
             path = patch_path(folder, name)
@@ -257,6 +261,7 @@ class TrainJob:
                 model = self.get_model()
                 if model is None:
                     raise ValueError("no model is loaded")
+                model = at_resolution(model, int(request.resolution or 0))
                 plan = prepare(request.training(), model)
                 config = plan.config
                 s.messages.extend(f"note: {note}" for note in plan.notes)
@@ -295,7 +300,8 @@ class TrainJob:
             if s.path is not None:
                 s.stage, s.error = "failed", f"out of GPU memory while drawing the preview; the patch is at {s.path}"
             else:
-                s.stage, s.error = "failed", ("out of GPU memory: lower the memory tokens, train fewer layers or "
+                s.stage, s.error = "failed", ("out of GPU memory: lower the batch, the resolution or the memory "
+                                              "tokens, train fewer layers or "
                                               "lower the trajectory seeds; nothing was written")
         except (ValueError, KeyError) as exc:
             s.stage, s.error = "failed", str(exc.args[0] if exc.args else exc)
@@ -396,6 +402,12 @@ def build_tab(get_model: Callable[[], object], patch_folder: Callable[[], Path] 
                         memory_lr = gr.Number(label="Memory learning rate (0: the method's default)",
                                               value=d.memory_lr, minimum=0, elem_id="erasure_memory_lr")
                     with gr.Row():
+                        batch = gr.Number(label="Batch: images per step (0: the default, 8; lower: less memory)",
+                                          value=d.batch, precision=0, minimum=0, elem_id="erasure_batch")
+                        resolution = gr.Number(label="Resolution in pixels (0: the model's own; 256 or 384 need "
+                                                     "far less memory)", value=d.resolution, precision=0,
+                                               minimum=0, elem_id="erasure_resolution")
+                    with gr.Row():
                         preview_images = gr.Number(label="Preview images", value=d.preview_images, precision=0,
                                                    elem_id="erasure_preview_images")
                         preview_steps = gr.Number(label="Preview DDIM steps", value=d.preview_steps, precision=0,
@@ -412,8 +424,8 @@ def build_tab(get_model: Callable[[], object], patch_folder: Callable[[], Path] 
 
         fields = {"concept": concept, "method": method, "alternative": alternative, "preserve": preserve,
                   "steps": steps, "lr": lr, "memory_lr": memory_lr, "layers": layers, "seed": seed, "output": output,
-                  "tokens": tokens, "cache_seeds": cache_seeds, "cache_steps": cache_steps,
-                  "preview_images": preview_images, "preview_steps": preview_steps}
+                  "tokens": tokens, "cache_seeds": cache_seeds, "cache_steps": cache_steps, "batch": batch,
+                  "resolution": resolution, "preview_images": preview_images, "preview_steps": preview_steps}
 
         def run(*values):
             job = TrainJob(get_model, folder, TabRequest(**dict(zip(fields, values))), host)

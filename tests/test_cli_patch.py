@@ -108,6 +108,28 @@ def test_train_refuses_unknown_concepts_and_layers(tmp_path, capsys):
     assert not list(tmp_path.iterdir())
 
 
+def test_train_takes_batch_and_resolution_and_refuses_a_resolution_the_model_cannot(tmp_path, capsys, monkeypatch):
+    import json
+
+    import erasure_core.engine as engine
+
+    shapes, real = [], engine.sample_trajectories
+    monkeypatch.setattr(engine, "sample_trajectories",
+                        lambda d, c, e, noise, *a, **k: shapes.append(tuple(noise.shape)) or real(d, c, e, noise, *a,
+                                                                                               **k))
+    out = tmp_path / "small.safetensors"
+    assert main(["train", "--concept", "circle", "--method", "esd-x", "--preserve", "none", "--steps", "2",
+                 "--batch", "2", "--resolution", "64", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(out), "--json"]) == 0
+    assert json.loads(json.loads(capsys.readouterr().out)["erasure.training"])["batch"] == 2
+    assert shapes and all(shape[-2:] == (64, 64) for shape in shapes)
+    assert main(["train", "--concept", "circle", "--resolution", "50", "--out", str(tmp_path / "x.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "multiple of 4 pixels" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x.safetensors").exists()
+
+
 def test_demo_writes_the_before_after_grid_and_metrics(tmp_path):
     import json
 

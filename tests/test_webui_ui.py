@@ -123,3 +123,23 @@ def test_erasure_ui_binds_loopback_by_default_and_checks_the_port(capsys):
     assert (args.host, args.port, args.model, args.patch_dir) == ("127.0.0.1", 7861, None, "erasures")
     assert main(["ui", "--port", "70000"]) == 2
     assert "--port must be between 1 and 65535" in capsys.readouterr().err
+
+
+def test_the_tab_trains_at_the_batch_and_resolution_asked_for(toy, tmp_path, monkeypatch):
+    import erasure_core.engine as engine
+    from erasure_core.patch import load_patch
+
+    noise_shapes, real = [], engine.sample_trajectories
+    monkeypatch.setattr(engine, "sample_trajectories",
+                        lambda d, c, e, noise, *a, **k: noise_shapes.append(tuple(noise.shape)) or real(d, c, e, noise,
+                                                                                                     *a, **k))
+    request = ui.TabRequest(concept="circle", method="esd-x", steps=2, cache_seeds=1, cache_steps=2, batch=2,
+                            resolution=64, preview_images=0)
+    with one_thread():
+        job = ui.TrainJob(lambda: toy, tmp_path, request).start()
+        job.join(120)
+    assert not job.state.error and noise_shapes == [(1, 3, 64, 64)]  # the toy model draws 32 px by itself
+    assert load_patch(job.state.path).training["batch"] == 2 and toy.sample_shape == (3, 32, 32)
+    bad = ui.TrainJob(lambda: toy, tmp_path, ui.TabRequest(concept="circle", resolution=50, output="b")).start()
+    bad.join(30)
+    assert "multiple of 4 pixels" in bad.state.error and not (tmp_path / "b.safetensors").exists()

@@ -5,6 +5,7 @@ pipeline folders, loaded with `local_files_only` so that nothing is downloaded.
 """
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Callable
 
@@ -43,8 +44,22 @@ class DiffusersDenoiser:
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:
-        size = self.unet.config.sample_size
+        size = getattr(self, "_sample_size", None) or self.unet.config.sample_size
         return (self.unet.config.in_channels, size, size)
+
+    def at_resolution(self, pixels: int) -> "DiffusersDenoiser":
+        """The same model, trained on and sampled at `pixels` × `pixels` (lower: less memory); shares every
+        module, changes nothing of them."""
+        factor = self._vae_scale() * self._down_factor()
+        if pixels <= 0 or pixels % factor:
+            raise ValueError(f"the resolution must be a positive multiple of {factor} pixels for this model, "
+                             f"got {pixels}")
+        other = copy.copy(self)
+        other._sample_size = pixels // self._vae_scale()
+        return other
+
+    def _down_factor(self) -> int:
+        return 2 ** (len(self.unet.config.block_out_channels) - 1)
 
     @property
     def image_size(self) -> int:

@@ -32,6 +32,7 @@ patcher; duplicating every key and value alike leaves attention exactly as it wa
 from __future__ import annotations
 
 import contextlib
+import copy
 from typing import Callable
 
 import torch
@@ -122,11 +123,24 @@ class LdmDenoiser:
         self.alphas_cumprod = torch.as_tensor(sd_model.alphas_cumprod).detach().float().cpu()
         if resolution is None:
             resolution = {2048: 1024}.get(self.context_dim, 768 if self.parameterization == "v" else 512)
+        if resolution <= 0 or resolution % (8 * latent_scale):
+            raise ValueError(f"the resolution must be a positive multiple of {8 * latent_scale} pixels, "
+                             f"got {resolution}")
         channels = getattr(self.unet, "out_channels", None) or getattr(self.unet, "in_channels", 4)
+        self.latent_scale = latent_scale
         self.sample_shape = (int(channels), resolution // latent_scale, resolution // latent_scale)
         self.autocast = autocast or contextlib.nullcontext
         info = getattr(sd_model, "sd_checkpoint_info", None)
         self.name = name or getattr(info, "name_for_extra", None) or getattr(info, "model_name", None) or "model"
+
+    def at_resolution(self, pixels: int) -> "LdmDenoiser":
+        """The same model, trained on and sampled at `pixels` × `pixels` (lower: less memory)."""
+        if pixels <= 0 or pixels % (8 * self.latent_scale):
+            raise ValueError(f"the resolution must be a positive multiple of {8 * self.latent_scale} pixels, "
+                             f"got {pixels}")
+        other = copy.copy(self)
+        other.sample_shape = (self.sample_shape[0], pixels // self.latent_scale, pixels // self.latent_scale)
+        return other
 
     # -- the denoiser protocol -------------------------------------------------------------
     @property

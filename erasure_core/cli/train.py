@@ -29,6 +29,11 @@ def add_parser(sub) -> None:
     p.add_argument("--tokens", type=positive_int, default=defaults.tokens, help="memory tokens m")
     p.add_argument("--layers", default=defaults.layers, help="mid, midout, all, or comma-separated layer names")
     p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--batch", type=positive_int, default=None,
+                   help="images per training step (default: the engine's, 8; lower it first when memory is short)")
+    p.add_argument("--resolution", type=positive_int, default=None,
+                   help="train at this many pixels square (default: the model's own, 512 for SD1.5; 256 or 384 "
+                        "need far less memory)")
     p.add_argument("--out", required=True, help="output .safetensors")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run with the same settings from its checkpoint (kept beside --out)")
@@ -48,7 +53,7 @@ def request_from_args(args):
 
     return TrainRequest(concept=args.concept, method=args.method, alternative=args.alternative,
                         preserve=args.preserve, steps=args.steps, lr=args.lr, memory_lr=args.memory_lr,
-                        tokens=args.tokens, layers=args.layers, seed=args.seed)
+                        tokens=args.tokens, layers=args.layers, seed=args.seed, batch=args.batch)
 
 
 def train_to_file(model, request, out: Path, resume: bool = False) -> Path:
@@ -80,7 +85,8 @@ def train_to_file(model, request, out: Path, resume: bool = False) -> Path:
         result = plan.label(train_patch(model, plan.config, progress=progress_bar(f"train {plan.config.method}"),
                                         checkpoint=checkpoint))
     except torch.cuda.OutOfMemoryError:
-        raise UserError("out of GPU memory: lower --tokens, train fewer --layers, or use a smaller model; "
+        raise UserError("out of GPU memory: lower --batch, --resolution or --tokens, train fewer --layers, or use "
+                        "a smaller model; "
                         "nothing was written") from None
     except KeyboardInterrupt:
         print(f"erasure: interrupted; `erasure train ... --resume` with the same settings continues from the "
@@ -98,5 +104,11 @@ def train_to_file(model, request, out: Path, resume: bool = False) -> Path:
 
 
 def run(args) -> int:
-    train_to_file(load_model(args.model), request_from_args(args), Path(args.out), resume=args.resume)
+    from ..denoiser import at_resolution
+
+    try:
+        model = at_resolution(load_model(args.model), args.resolution or 0)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    train_to_file(model, request_from_args(args), Path(args.out), resume=args.resume)
     return 0
