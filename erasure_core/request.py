@@ -38,9 +38,15 @@ class TrainRequest:
     tokens: int = 8
     layers: str = "all"             # mid, midout, all, or attn2 layer names separated by commas
     seed: int = 0
-    batch: int | None = None        # None: the engine's defaults (TrainConfig)
+    batch: int | None = None        # None: CHECKPOINT_BATCH for a real checkpoint, the engine's 8 for the toy
     cache_seeds: int | None = None
     cache_steps: int | None = None
+
+
+# The default batch for real checkpoints (the engine's 8 is the toy model's): one concept with `memory` at SD1.5
+# size, 512 px, rose 3.7 GB above the loaded model at batch 1 and 14.2 GB at batch 4 (CPU, fp32;
+# bench/train_memory.py), so 8 would need about 28 GB.
+CHECKPOINT_BATCH = 1
 
 
 @dataclass
@@ -126,6 +132,8 @@ def prepare(request: TrainRequest, model) -> TrainPlan:
     optional = {name: _whole(label, value, 1) for name, label, value in (
         ("batch", "batch size", request.batch), ("cache_seeds", "trajectory seeds", request.cache_seeds),
         ("cache_steps", "trajectory steps", request.cache_steps)) if value is not None}
+    if "batch" not in optional and vocabulary is None:  # a real checkpoint, not the toy world
+        optional["batch"] = CHECKPOINT_BATCH
     config = TrainConfig(concept=concept_prompt, method=spec.name,
                          alternative=prompt(alternative) if alternative else "",
                          preserve=[prompt(p) for p in preserve], steps=_whole("steps", request.steps, 1),

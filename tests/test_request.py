@@ -66,6 +66,16 @@ def test_a_model_without_vocabulary_takes_the_text_as_it_is(toy_model, monkeypat
     assert (plan.config.concept, plan.config.alternative, plan.config.preserve) == ("Van Gogh", "dry brushing", [])
 
 
+def test_a_checkpoint_trains_at_batch_1_by_default_and_the_toy_at_the_engines_8(toy_model, monkeypatch):
+    from erasure_core.engine import TrainConfig
+    from erasure_core.request import CHECKPOINT_BATCH
+
+    assert prepare(TrainRequest(concept="circle"), toy_model).config.batch == TrainConfig.batch == 8
+    monkeypatch.setattr(toy_model, "vocabulary", None)  # as a real checkpoint: no toy world
+    assert prepare(TrainRequest(concept="Van Gogh"), toy_model).config.batch == CHECKPOINT_BATCH == 1
+    assert prepare(TrainRequest(concept="Van Gogh", batch=4), toy_model).config.batch == 4
+
+
 def test_a_method_that_needs_an_alternative_asks_for_it(toy_model):
     register(MethodSpec("needs-alt-test", "", "", False, "closed-form", "", lambda *a, **k: TrainResult(None),
                         takes_alternative=True, needs_alternative=True))
