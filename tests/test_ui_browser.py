@@ -89,9 +89,14 @@ def test_train_a_patch_in_the_browser(app, chromium, tmp_path):
             page.locator("#erasure_concept textarea, #erasure_concept input").first.fill("circle")
             page.locator("#erasure_steps input").fill(str(STEPS))
             page.get_by_text("Advanced").first.click()
-            for field, value in (("tokens", 2), ("cache_seeds", 1), ("cache_steps", 4), ("preview_images", 2),
-                                 ("preview_steps", 10)):
-                page.locator(f"#erasure_{field} input").fill(str(value))
+            advanced = (("tokens", 2), ("cache_seeds", 1), ("cache_steps", 4), ("preview_images", 2),
+                        ("preview_steps", 10))
+            for _ in range(3):  # on a loaded machine the accordion may render its fields again after the first fill
+                for field, value in advanced:
+                    page.locator(f"#erasure_{field} input").fill(str(value))
+                page.wait_for_timeout(300)
+                if all(page.locator(f"#erasure_{f} input").input_value() == str(v) for f, v in advanced):
+                    break
             page.locator("#erasure_train").click()
             text = page.locator("#erasure_progress .erasure-progress-text")
             expect(text).to_contain_text(f"done: step {STEPS}/{STEPS}", timeout=120_000)
