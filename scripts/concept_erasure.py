@@ -177,17 +177,18 @@ _prompt_attached: list = []   # its A1111 hooks
 def prompt_patches(prompt: str) -> list[tuple[str, float]]:
     """The `<erasure:name>` / `<erasure:name:0.8>` tags of a prompt, as (name, strength)."""
     _, data = extra_networks.parse_prompt(prompt or "")
-    out = []
-    for params in data.get(PROMPT_NETWORK, []):
-        if not params.positional or not str(params.positional[0]).strip():
-            raise ValueError("<erasure:...> needs a patch name, as in <erasure:van_gogh:0.8>")
-        name, weight = str(params.positional[0]).strip(), params.positional[1] if len(params.positional) > 1 else 1
-        try:
-            strength = float(weight)
-        except ValueError:
-            raise ValueError(f"<erasure:{name}:{weight}>: the strength must be a number") from None
-        out.append((name, strength))
-    return out
+    return [_tag_patch(params) for params in data.get(PROMPT_NETWORK, [])]
+
+
+def _tag_patch(params) -> tuple[str, float]:
+    """One tag's parsed parameters (A1111's ExtraNetworkParams) as (name, strength)."""
+    if not params.positional or not str(params.positional[0]).strip():
+        raise ValueError("<erasure:...> needs a patch name, as in <erasure:van_gogh:0.8>")
+    name, weight = str(params.positional[0]).strip(), params.positional[1] if len(params.positional) > 1 else 1
+    try:
+        return name, float(weight)
+    except ValueError:
+        raise ValueError(f"<erasure:{name}:{weight}>: the strength must be a number") from None
 
 
 class ErasureNetwork(extra_networks.ExtraNetwork):
@@ -202,8 +203,7 @@ class ErasureNetwork(extra_networks.ExtraNetwork):
         self.deactivate(p)  # activate may run again (hires pass) before deactivate
         if not params_list:
             return
-        wanted = [pair for params in params_list
-                  for pair in prompt_patches(f"<{PROMPT_NETWORK}:{':'.join(map(str, params.items))}>")]
+        wanted = [_tag_patch(params) for params in params_list]
         _prompt_active[:] = [(_load(name)[0], strength) for name, strength in wanted]  # checked in process()
         if not is_forge(p.sd_model):
             unet = p.sd_model.model.diffusion_model

@@ -29,6 +29,7 @@ class DiffusersDenoiser:
         self.tokenizers = [t for t in (tokenizer, tokenizer_2) if t is not None]
         self.scheduler_config = dict(scheduler_config)
         self.is_sdxl = text_encoder_2 is not None
+        self._sample_size: int | None = None  # latent side set by at_resolution; None: the UNet's own
         for module in [unet, vae, *self.text_encoders]:
             if module is not None:
                 module.eval().requires_grad_(False)
@@ -44,7 +45,7 @@ class DiffusersDenoiser:
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:
-        size = getattr(self, "_sample_size", None) or self.unet.config.sample_size
+        size = self._sample_size or self.unet.config.sample_size
         return (self.unet.config.in_channels, size, size)
 
     def at_resolution(self, pixels: int) -> "DiffusersDenoiser":
