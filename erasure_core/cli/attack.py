@@ -41,7 +41,7 @@ def run(args) -> int:
         raise UserError(f"--target: {exc.args[0]}") from None
     if args.json and Path(args.json).is_dir():
         raise UserError(f"--json: {args.json} is a folder")
-    model = load_model(args.model)
+    model = load_model(args.model, args.prediction_type)
     oracle = vocabulary_or_error(model, "attack").oracle()
     from .common import check_patches
 

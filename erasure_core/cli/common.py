@@ -46,15 +46,28 @@ def png_path(text: str, option: str) -> Path:
 
 
 def add_model_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="model folder: a diffusers pipeline or a toy-model folder "
-                                   "(default: the embedded toy model)")
+    p.add_argument("--model", help="a single-file SD1.x/SD2.x/SDXL checkpoint (.safetensors), a diffusers pipeline "
+                                   "folder or a toy-model folder (default: the embedded toy model)")
+    p.add_argument("--prediction-type", choices=("epsilon", "v_prediction"),
+                   help="what a single-file checkpoint predicts, which its weights cannot tell (default: "
+                        "v_prediction for SD2.x, the 768 px models; epsilon for SD1.x, SDXL and SD2.x base)")
 
 
-def load_model(path: str | None):
-    """The toy model by default; otherwise a toy-model folder or a local diffusers pipeline folder."""
+def load_model(path: str | None, prediction_type: str | None = None):
+    """The toy model by default; otherwise a single-file checkpoint, a toy-model folder or a local diffusers
+    pipeline folder."""
     from ..toy.model import ASSETS, load_toy_model
 
     folder = Path(path) if path else ASSETS
+    if folder.is_file() or folder.suffix.lower() in (".safetensors", ".ckpt", ".pt", ".pth", ".bin"):
+        from ..backends.single_file import CheckpointError, load_single_file
+
+        if not folder.is_file():
+            raise UserError(f"no checkpoint file {folder}")
+        try:
+            return load_single_file(folder, prediction_type=prediction_type)
+        except CheckpointError as exc:
+            raise UserError(f"cannot load {folder}: {exc}") from None
     if (folder / "model_index.json").is_file():
         from ..backends.diffusers_backend import load_pipeline_folder
 

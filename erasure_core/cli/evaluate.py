@@ -36,7 +36,7 @@ def run(args) -> int:
     from ..toy.evaluation import evaluate_base, markdown_table
 
     grid_png = png_path(args.grid, "--grid") if args.grid else None
-    model = load_model(args.model)
+    model = load_model(args.model, args.prediction_type)
     oracle = vocabulary_or_error(model, "evaluate").oracle()
     guidance = guidance_of(model, args.guidance)
     start = time.time()
@@ -69,7 +69,7 @@ def _evaluate_patches(args) -> int:
         target = ErasureTarget.from_names(target_name, alternative)
     except (KeyError, ValueError) as exc:
         raise UserError(f"--target: {exc.args[0]}") from None
-    model = load_model(args.model)
+    model = load_model(args.model, args.prediction_type)
     oracle = vocabulary_or_error(model, "evaluate").oracle()
     check_patches(model, patches)
     report, _ = evaluate_erasure(model, patches, oracle, target, args.seeds_per_cell, args.steps,

@@ -38,7 +38,7 @@ def run(args) -> int:
     if args.n > 256:
         raise UserError(f"--n is at most 256, got {args.n}")
     patches = load_patches(args.patch, args.strength)
-    model = load_model(args.model)
+    model = load_model(args.model, args.prediction_type)
     seeds = list(range(args.seed, args.seed + args.n))
     with attached_or_error(model, patches):
         images = model.generate([args.prompt] * args.n, seeds, steps=args.steps,

@@ -36,7 +36,7 @@ def run(args) -> int:
         picture = Image.open(args.image).convert("RGB")
     except (OSError, UnidentifiedImageError) as exc:
         raise UserError(f"cannot read --image {args.image}: {exc}") from None
-    model = load_model(args.model)
+    model = load_model(args.model, args.prediction_type)
     check_patches(model, patches)
     size = model.image_size
     picture = picture.resize((size, size), Image.BICUBIC)

@@ -108,7 +108,7 @@ def run(args) -> int:
     from ..denoiser import at_resolution
 
     try:
-        model = at_resolution(load_model(args.model), args.resolution or 0)
+        model = at_resolution(load_model(args.model, args.prediction_type), args.resolution or 0)
     except ValueError as exc:
         raise UserError(str(exc)) from None
     train_to_file(model, request_from_args(args), Path(args.out), resume=args.resume)

@@ -24,5 +24,5 @@ def run(args) -> int:
         raise UserError("erasure ui needs gradio: pip install 'concept-erasure[ui]'")
     from ..ui import launch
 
-    launch(load_model(args.model), Path(args.patch_dir), host=args.host, port=args.port)
+    launch(load_model(args.model, args.prediction_type), Path(args.patch_dir), host=args.host, port=args.port)
     return 0
