@@ -70,16 +70,22 @@ def interrupt_check():
 
 
 def warn(messages: list[str], node_id: str | None = None) -> None:
-    """To the server log and, where ComfyUI can show text on the node (PromptServer.send_progress_text: the stock
-    front end draws it under the node, no JS of ours), to the user."""
+    """To the server log and, where ComfyUI can show text on the node, to the user."""
     for message in messages:
         LOG.warning("[Concept Erasure] %s", message)
-    if not messages or node_id is None:
+    if messages:
+        show_text([f"⚠ {m}" for m in messages], node_id)
+
+
+def show_text(lines: list[str], node_id: str | None) -> None:
+    """Text under the node (PromptServer.send_progress_text: the stock front end draws it, no JS of ours); each
+    call replaces the node's earlier text."""
+    if node_id is None:
         return
     try:
         from server import PromptServer
 
-        PromptServer.instance.send_progress_text("\n".join(f"⚠ {m}" for m in messages), node_id)
+        PromptServer.instance.send_progress_text("\n".join(lines), node_id)
     except (ImportError, AttributeError):  # an older ComfyUI: the log is all there is
         pass
 

@@ -13,7 +13,7 @@ from erasure_core.methods import DEFAULT_METHOD, get_method, method_names, metho
 from erasure_core.request import TrainRequest, prepare
 
 from .common import (CATEGORY, HIDDEN_NODE_ID, PATCH_TYPE, folder_paths_module, interrupt_check, loader,
-                     model_management, progress_bar, warn)
+                     model_management, progress_bar, show_text, warn)
 
 _DEFAULTS = TrainRequest(concept="")
 _ENGINE_DEFAULTS = TrainConfig(concept="")
@@ -111,15 +111,20 @@ class ConceptErasureTrainPatch:
         plan = prepare(make_request(concept, method, alternative, preserve, steps, learning_rate, layers, seed,
                                     memory_learning_rate, memory_tokens, batch_size, cache_seeds, cache_steps),
                        denoiser)
+        notes = [f"⚠ note: {note}" for note in plan.notes]
         warn([f"note: {note}" for note in plan.notes], unique_id)
         config = plan.config
         mm = model_management()
         bar = progress_bar(config.steps)
         interrupted: list[BaseException] = []
+        shown_stage: list[str | None] = [None]
 
         def progress(done, total, loss=None, stage=None):
             if interrupted:
                 return
+            if stage != shown_stage[0]:  # the bar alone cannot say which phase it is measuring
+                shown_stage[0] = stage
+                show_text([*notes, f"{stage}…"], unique_id)
             try:  # ComfyUI's progress hook raises the interrupt itself, from inside the update
                 bar.update_absolute(done, total)
             except mm.InterruptProcessingException as exc:  # the engine's next cancel check saves a checkpoint
@@ -153,5 +158,6 @@ class ConceptErasureTrainPatch:
         finally:
             denoiser.release()
         discard_checkpoint(checkpoint)
+        show_text([*notes, f"trained: {result.patch.method}, {config.steps} steps"], unique_id)
         result.patch.training.setdefault("resolution", resolution)
         return (result.patch, result.key)

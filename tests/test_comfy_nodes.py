@@ -15,6 +15,7 @@ from safetensors import safe_open
 from comfy_fakes import FakeModelPatcher, ModelManagement, build_comfy_model, calc_cond_batch
 from comfy_fakes.host import FakeCLIP, FakeVAE, ProgressBarLog, execute, installed, load_pack
 from comfy_fakes.host import one_thread  # noqa: F401  (autouse fixture)
+from erasure_core.engine import CACHE_STAGE, TRAIN_STAGE
 from erasure_core.patch import ConceptMemory, ErasurePatch, WeightDelta, save_patch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -209,8 +210,12 @@ def test_training_inside_inference_mode_on_inference_weights(pack, host, toy_mod
     real = train_module.train_patch
     monkeypatch.setattr(train_module, "train_patch", lambda *a, **k: results.append(real(*a, **k)) or results[-1])
 
+    shown = len(host.node_texts)
     patch, key = execute(nodes["ConceptErasureTrainPatch"], model=patcher, clip=clip, **TRAIN)
     losses = results[-1].losses
+    texts = [text for _, text in host.node_texts[shown:]]  # the node says which phase its bar measures
+    assert texts[0] == f"{CACHE_STAGE}…" and f"{TRAIN_STAGE}…" in texts
+    assert texts[-1] == f"trained: esd-x, {TRAIN['steps']} steps"
     assert len(losses) == TRAIN["steps"] and sum(losses[-4:]) < sum(losses[:4])
     assert key is None and patch.deltas and patch.concepts == ["a circle"] and patch.base_fingerprint
     assert ProgressBarLog.updates[-1] == (TRAIN["steps"], TRAIN["steps"])
