@@ -1,20 +1,22 @@
-"""Drive a real ComfyUI through its HTTP API, as a user's graphs would: train (memory, all-but-one, uce), save,
-load, apply, strength 0, stacking, refused files. Prints a JSON report. Run it against a server you started:
+"""Drive a real ComfyUI through its HTTP API and websocket, as a user's graphs would: train (memory, all-but-one,
+uce), save, load, apply, strength 0, stacking, refused files, and a Train node cancelled during step 2 of 5 then
+queued again. Prints a JSON report. Run it against a server you started:
 
     # outside this repo: a ComfyUI checkout with its requirements in its own venv (CPU torch is enough),
-    # this pack cloned into custom_nodes/, and a random-weight SD1.5 diffusers folder in models/diffusers/NAME
-    # (with a model_index.json; text-encoder keys must start with "text_model.", which transformers 5's
-    # save_pretrained no longer writes: ComfyUI then leaves CLIP unloaded and every image is NaN/black)
+    # this pack cloned into custom_nodes/, websocket-client in that venv, and a random-weight SD1.5 checkpoint:
+    python bench/random_checkpoint.py /path/to/ComfyUI/models/checkpoints/random-sd15.safetensors
     python main.py --cpu --listen 127.0.0.1 --port 8188
-    python bench/comfyui_real_host.py --comfyui /path/to/ComfyUI --model NAME
+    python bench/comfyui_real_host.py --comfyui /path/to/ComfyUI --checkpoint random-sd15.safetensors
 
-Sizes are tiny on purpose (64 px, 3 sampler steps, 3 training steps): it checks the host contract, not quality."""
+Sizes are tiny on purpose (64 px, 3 sampler steps, 3 to 5 training steps): it checks the host contract, not
+quality."""
 from __future__ import annotations
 
 import argparse
 import glob
 import json
 import os
+import shutil
 import time
 import urllib.error
 import urllib.request
@@ -33,7 +35,8 @@ def get(path: str):
 def post(path: str, body: dict):
     request = urllib.request.Request(SERVER + path, json.dumps(body).encode(), {"Content-Type": "application/json"})
     try:
-        return json.loads(urllib.request.urlopen(request, timeout=600).read())
+        body = urllib.request.urlopen(request, timeout=600).read()
+        return json.loads(body) if body else {}
     except urllib.error.HTTPError as exc:
         return {"http_error": exc.code, "body": json.loads(exc.read() or b"{}")}
 
@@ -59,32 +62,83 @@ class Graph:
         self.nodes[key] = {"class_type": cls, "inputs": {**given, **inputs}}
         return key
 
-    def run(self, timeout: float = 1800) -> dict:
-        reply = post("/prompt", {"prompt": self.nodes, "client_id": str(uuid.uuid4())})
-        if "prompt_id" not in reply:
-            return {"refused": reply}
-        pid, start = reply["prompt_id"], time.time()
-        while time.time() - start < timeout:
-            history = get(f"/history/{pid}").get(pid)
-            if history and history.get("status", {}).get("status_str") in ("success", "error"):
-                status = history["status"]
-                errors = [{k: m[1].get(k) for k in ("node_type", "exception_message")}
-                          for m in status.get("messages", []) if m[0] in ("execution_error", "execution_interrupted")]
-                return {"seconds": round(time.time() - start, 1), "status": status["status_str"], "errors": errors}
-            time.sleep(1)
-        return {"timeout": pid}
+    def run(self, timeout: float = 1800, client_id: str | None = None) -> dict:
+        return wait(self.queue(client_id), timeout)
+
+    def queue(self, client_id: str | None = None) -> dict:
+        return post("/prompt", {"prompt": self.nodes, "client_id": client_id or str(uuid.uuid4())})
+
+
+def wait(reply: dict, timeout: float = 1800) -> dict:
+    """The queued prompt's outcome, from /history."""
+    if "prompt_id" not in reply:
+        return {"refused": reply}
+    pid, start = reply["prompt_id"], time.time()
+    while time.time() - start < timeout:
+        history = get(f"/history/{pid}").get(pid)
+        if history and history.get("status", {}).get("status_str") in ("success", "error"):
+            status = history["status"]
+            errors = [{k: m[1].get(k) for k in ("node_type", "exception_message")}
+                      for m in status.get("messages", []) if m[0] in ("execution_error", "execution_interrupted")]
+            return {"seconds": round(time.time() - start, 1), "status": status["status_str"], "errors": errors}
+        time.sleep(1)
+    return {"timeout": pid}
+
+
+def progress_of(node: str, graph: Graph, interrupt_after: int | None = None) -> tuple[list, dict]:
+    """Queue the graph and record the progress ComfyUI reports for one node over its websocket: [(value, max)].
+    With interrupt_after, press Cancel (POST /interrupt) as soon as that many training steps are reported, that
+    is while the next step runs."""
+    import websocket  # websocket-client
+
+    client_id = str(uuid.uuid4())
+    ws = websocket.create_connection(f"ws://{SERVER.split('://')[1]}/ws?clientId={client_id}", timeout=1800)
+    reply, seen, steps = graph.queue(client_id), [], graph.nodes[node]["inputs"]["steps"]
+    try:
+        while "prompt_id" in reply:
+            message = ws.recv()
+            if not isinstance(message, str):
+                continue  # previews and progress text
+            event = json.loads(message)
+            data = event.get("data", {})
+            if event["type"] == "progress" and data.get("node") == node:
+                seen.append((data["value"], data["max"]))
+                if interrupt_after is not None and (data["value"], data["max"]) == (interrupt_after, steps):
+                    post("/interrupt", {})
+            if event["type"] in ("execution_success", "execution_error", "execution_interrupted") \
+                    and data.get("prompt_id") == reply["prompt_id"]:
+                break
+    finally:
+        ws.close()
+    return seen, wait(reply)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--comfyui", required=True, help="the ComfyUI folder the server runs from")
-    parser.add_argument("--model", required=True, help="a folder name in models/diffusers")
+    parser.add_argument("--checkpoint", required=True, help="a file name in models/checkpoints")
     args = parser.parse_args()
     output, erasures = os.path.join(args.comfyui, "output"), os.path.join(args.comfyui, "models", "erasures")
     report: dict = {}
 
     def loader(g: Graph) -> str:
-        return g.add("DiffusersLoader", model_path=args.model)
+        return g.add("CheckpointLoaderSimple", ckpt_name=args.checkpoint)
+
+    # Cancel during step 2 of 5, queue the same graph again: it resumes at step 3 from the checkpoint, with the
+    # trajectory cache saved beside it (a rebuilt cache would report its own progress first)
+    g = Graph()
+    model = loader(g)
+    train = g.add("ConceptErasureTrainPatch", model=[model, 0], clip=[model, 1], concept="a cat", method="memory",
+                  preserve="", steps=5, seed=0, batch_size=1, resolution=64, cache_seeds=1, cache_steps=3)
+    g.add("ConceptErasureSavePatch", erasure_patch=[train, 0], filename="real_resumed")
+    temp = os.path.join(args.comfyui, "temp", "concept_erasure")
+    shutil.rmtree(temp, ignore_errors=True)  # a checkpoint of an earlier run of this script would be resumed
+    first, outcome = progress_of(train, g, interrupt_after=1)
+    saved = sorted(os.listdir(temp)) if os.path.isdir(temp) else []
+    second, resumed = progress_of(train, g)
+    report["cancel during step 2 of 5"] = {"progress": first, "outcome": outcome, "saved in temp": saved}
+    report["queued again"] = {"progress": second, "outcome": resumed,
+                              "left in temp": sorted(os.listdir(temp)) if os.path.isdir(temp) else []}
 
     for method, extra in (("memory", {}), ("all-but-one", {"alternative": "a dog"}), ("uce", {})):
         g = Graph()

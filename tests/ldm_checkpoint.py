@@ -164,6 +164,15 @@ class _Writer:
         self.state[f"{p}logit_scale"] = torch.tensor(4.6)
 
 
+def sd15_ldm_checkpoint(seed: int = 0) -> dict[str, torch.Tensor]:
+    """SD1.5's own architecture, random weights in float16 (1.1 B parameters, 2.1 GB): for the real hosts."""
+    w = _Writer(seed)
+    w.clip("cond_stage_model.transformer.", 768, 12)
+    w.unet(320, (1, 2, 4, 4), (True, True, True, False), (1, 1, 1, 1), 768, heads_linear=False)
+    w.vae(128, (1, 2, 4, 4))
+    return {k: v.half() for k, v in w.state.items()}
+
+
 def tiny_ldm_checkpoint(family: str, seed: int = 0) -> dict[str, torch.Tensor]:
     """A random-weight checkpoint of the family's layout at toy widths: "sd1", "sd2" or "sdxl"."""
     w = _Writer(seed)
