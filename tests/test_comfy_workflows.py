@@ -3,7 +3,6 @@ NODE_CLASS_MAPPINGS, ComfyUI's core nodes from a table of their real INPUT_TYPES
 (tests/comfy_fakes/core_nodes.py). Each node type exists, each link joins matching types, widget values fit."""
 import copy
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -83,23 +82,3 @@ def test_the_validator_catches_broken_workflows(definitions, how):
     assert validate(workflow, definitions) == []
     errors = validate(_break(workflow, how), definitions)
     assert errors, how
-
-
-def test_the_docs_picture_is_drawn_from_the_workflow(tmp_path):
-    """workflows/render_graph.py draws a workflow JSON (docs/images/comfyui_*.png come from it)."""
-    import importlib.util
-
-    from PIL import Image
-
-    before = sys.modules.get("folder_paths")
-    spec = importlib.util.spec_from_file_location("render_graph", ROOT / "workflows" / "render_graph.py")
-    render_graph = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(render_graph)
-    out = render_graph.render(ROOT / "workflows" / "purify_image.json", tmp_path / "purify.png", "purify")
-    image = Image.open(out).convert("RGB")
-    assert image.size[0] > 1000 and image.size[1] > 500
-    colours = {c for _, c in image.getcolors(1 << 20)}
-    assert {(0x4D, 0xD0, 0xE1), (0x64, 0xB5, 0xF6)} <= colours  # an ERASURE_PATCH link and an IMAGE link
-    assert sys.modules.get("folder_paths") is before  # a stand-in the renderer needed is gone again
-    for name in ("comfyui_train_workflow.png", "comfyui_apply_workflow.png"):
-        assert (ROOT / "docs" / "images" / name).is_file()
