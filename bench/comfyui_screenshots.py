@@ -5,7 +5,9 @@ serves), shot with headless Chromium through Playwright: the pictures in README.
     python bench/comfyui_screenshots.py OUT_DIR [--server http://127.0.0.1:8188]
 
 Each workflow JSON is loaded as the user's browser would load it (the front end's app.loadGraphData), fitted to
-the window, and shot at 1600 × 900."""
+the window, and shot at 1600 × 900. With --run-warning COMFYUI_FOLDER it also runs, from the browser, the apply
+example at 64 px with a patch that says it was trained on another base model, and shoots the warning the pack puts
+under the node (PromptServer.send_progress_text, drawn by the stock front end)."""
 from __future__ import annotations
 
 import argparse
@@ -26,6 +28,10 @@ def main() -> None:
     parser.add_argument("out_dir")
     parser.add_argument("--server", default="http://127.0.0.1:8188")
     parser.add_argument("--chromium", default="/usr/bin/chromium")
+    parser.add_argument("--run-warning", metavar="COMFYUI_FOLDER",
+                        help="also run the apply example with a patch from another base model (needs "
+                             "models/erasures/real_memory.safetensors, from bench/comfyui_real_host.py)")
+    parser.add_argument("--checkpoint", default="random-sd15.safetensors", help="for --run-warning")
     args = parser.parse_args()
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -52,7 +58,39 @@ def main() -> None:
             page.wait_for_timeout(1500)
             page.screenshot(path=str(out / picture))
             print(f"wrote {out / picture}")
+        if args.run_warning:
+            run_warning(page, Path(args.run_warning), args.checkpoint, out / "comfyui_warning_run.png")
         browser.close()
+
+
+def run_warning(page, comfyui: Path, checkpoint: str, picture: Path) -> None:
+    from erasure_core.patch import load_patch, save_patch
+
+    erasures = comfyui / "models" / "erasures"
+    patch = load_patch(erasures / "real_memory.safetensors")
+    patch.base_fingerprint = "0" * len(patch.base_fingerprint)  # as if trained on another checkpoint
+    save_patch(patch, erasures / "other_base.safetensors")
+    graph = json.loads((WORKFLOWS / "apply_shared_patch.json").read_text())
+    for node in graph["nodes"]:
+        values = node.get("widgets_values")
+        if node["type"] == "CheckpointLoaderSimple":
+            values[0] = checkpoint
+        elif node["type"] == "ConceptErasureLoadPatch":
+            values[0] = "other_base.safetensors"
+        elif node["type"] == "EmptyLatentImage":
+            values[:2] = [64, 64]
+        elif node["type"] == "KSampler":
+            values[2] = 3
+    page.evaluate("async (g) => { await window.app.loadGraphData(g); }", graph)
+    page.evaluate("async () => { await window.app.queuePrompt(0, 1); }")
+    for _ in range(600):  # until the server's queue is empty
+        page.wait_for_timeout(1000)
+        if page.evaluate("async () => { const q = await (await fetch('/queue')).json(); "
+                         "return q.queue_running.length + q.queue_pending.length === 0; }"):
+            break
+    page.wait_for_timeout(2000)
+    page.screenshot(path=str(picture))
+    print(f"wrote {picture}")
 
 
 if __name__ == "__main__":
