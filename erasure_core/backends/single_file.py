@@ -203,16 +203,23 @@ def clip_tokenizer(pad: str = "<|endoftext|>"):
     SD2.x and SDXL's OpenCLIP encoder pads with "!"."""
     from transformers import CLIPTokenizer
 
+    with tempfile.TemporaryDirectory() as folder:
+        vocab_file, merges_file = write_clip_vocabulary(Path(folder))
+        return CLIPTokenizer(str(vocab_file), str(merges_file), pad_token=pad, model_max_length=77)
+
+
+def write_clip_vocabulary(folder: Path) -> tuple[Path, Path]:
+    """vocab.json and merges.txt of CLIP's tokenizer, built from OpenAI's merges the way CLIP builds them: the 256
+    byte symbols, the same with the end-of-word mark, one token per merge, then the two special tokens."""
     lines = gzip.decompress(CLIP_BPE.read_bytes()).decode("utf-8").split("\n")
     merges = lines[1:49152 - 256 - 2 + 1]  # the merges CLIP was trained with: 49408 tokens in all
     symbols = list(_byte_symbols().values())
     vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in merges]
     vocab += ["<|startoftext|>", "<|endoftext|>"]
-    with tempfile.TemporaryDirectory() as folder:
-        vocab_file, merges_file = Path(folder) / "vocab.json", Path(folder) / "merges.txt"
-        vocab_file.write_text(json.dumps({token: i for i, token in enumerate(vocab)}), encoding="utf-8")
-        merges_file.write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-        return CLIPTokenizer(str(vocab_file), str(merges_file), pad_token=pad, model_max_length=77)
+    vocab_file, merges_file = folder / "vocab.json", folder / "merges.txt"
+    vocab_file.write_text(json.dumps({token: i for i, token in enumerate(vocab)}), encoding="utf-8")
+    merges_file.write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    return vocab_file, merges_file
 
 
 def _byte_symbols() -> dict[int, str]:
