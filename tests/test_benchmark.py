@@ -49,6 +49,33 @@ def test_benchmark_writes_v2_rows_with_intervals_and_base_values_and_resumes(toy
         assert ("‡ |" in line) == marked == ("‡ trained while other work" in markdown(again))
 
 
+def test_a_patch_left_by_an_interrupted_run_is_reused_only_with_its_measurements(toy_model, oracle, tmp_path,
+                                                                                 monkeypatch):
+    """A run killed after a patch was saved but before its row: the patch is reused with the time, CPU share and
+    memory measured when it was trained; one that recorded none of them is trained again, not timed as a load."""
+    from erasure_core.patch import load_patch, save_patch
+    import erasure_core.toy.benchmark as benchmark
+
+    run = lambda: run_benchmark(toy_model, oracle, ["uce"], ["stripes"], TrainConfig(concept="", steps=2),  # noqa
+                                tmp_path, {"stripes": "checker"}, preserve_modes=("named",), counts=TINY,
+                                sample_steps=2, stack=False)
+    (first,) = run()["rows"]
+    path = tmp_path / "stripes-uce-named.safetensors"
+    trained, real = [], benchmark.train_patch
+    monkeypatch.setattr(benchmark, "train_patch", lambda *a, **k: trained.append(1) or real(*a, **k))
+    (tmp_path / "bench.json").unlink()  # the row was never written
+    (again,) = run()["rows"]
+    assert not trained
+    for key in ("train_seconds", "train_cpu_share", "peak_memory_bytes"):
+        assert again[key] == first[key]
+    patch = load_patch(path)
+    del patch.training["cpu_share"]  # as written before the measurements were recorded
+    save_patch(patch, path)
+    (tmp_path / "bench.json").unlink()
+    run()
+    assert trained == [1]
+
+
 def test_a_changed_attack_setting_reruns_only_that_attack_on_finished_rows(toy_model, oracle, tmp_path, monkeypatch):
     import erasure_core.attacks as attacks
     from dataclasses import replace

@@ -183,15 +183,18 @@ def _train(denoiser, base_config: TrainConfig, target: str, method: str, kept: l
     config = replace(base_config, concept=training_prompt(target), method=method,
                      alternative=training_prompt(alternative) if alternative and spec.takes_alternative else "",
                      preserve=[training_prompt(k) for k in kept])
-    if path.exists():
+    if path.exists():  # left by an interrupted run: reused with the measurements it recorded, retrained without
         from ..methods.registry import TrainResult
 
         patch = load_patch(path)
-        return patch, TrainResult(patch, seconds=patch.training.get("seconds", 0.0)), PeakMemory(denoiser.device), \
-            path
+        if "cpu_share" in patch.training and "peak_memory_bytes" in patch.training:
+            memory = PeakMemory(denoiser.device)
+            memory.cpu_share, memory.peak_bytes = patch.training["cpu_share"], patch.training["peak_memory_bytes"]
+            return patch, TrainResult(patch, seconds=patch.training.get("seconds", 0.0)), memory, path
     with PeakMemory(denoiser.device) as memory:
         result = train_patch(denoiser, config)
     patch = result.patch
+    patch.training.update(cpu_share=round(memory.cpu_share, 2), peak_memory_bytes=memory.peak_bytes)
     patch.concepts, patch.preserve = [target], kept
     patch.alternative = alternative if config.alternative else ""
     return patch, result, memory, save_patch(patch, path)
