@@ -1,0 +1,158 @@
+"""Drive a real AUTOMATIC1111 WebUI (or Forge) as a user would: train a patch from the Concept Erasure tab in the
+browser at the tab's defaults for batch and resolution (sampling the WebUI process's resident memory throughout),
+then through the API apply it from the accordion and as `<erasure:name:1>` in the prompt, strength 0, and a
+refused file, whose reason must reach the API's info and the page. Prints a JSON report.
+
+    # outside this repo: the WebUI with its requirements in its venv, this extension cloned into extensions/,
+    # a random-weight SD1.5 checkpoint (bench/random_checkpoint.py) and, offline, bench/hf_clip_cache.py
+    HF_HUB_OFFLINE=1 python launch.py --skip-torch-cuda-test --use-cpu all --no-half --precision full --api
+    python bench/a1111_real_host.py --webui /path/to/stable-diffusion-webui --pid $(pgrep -f launch.py)
+
+Training is 2 steps on 1 trajectory of 2 steps and generation 64 px with 3 steps: it checks the host contract and
+the memory of one training run at 512 px, not quality."""
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+SERVER = "http://127.0.0.1:7860"
+CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def api(path: str, body: dict | None = None):
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(SERVER + path, data, {"Content-Type": "application/json"})
+    return json.loads(urllib.request.urlopen(request, timeout=3600).read())
+
+
+class ResidentMemory:
+    """Peak resident set size of one process, sampled every 0.2 s in a thread."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid, self.peak, self.stop = pid, 0, threading.Event()
+        self.start = self.read()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def read(self) -> int:
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        return 0
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            self.peak = max(self.peak, self.read())
+            time.sleep(0.2)
+
+    def done(self) -> dict:
+        self.stop.set()
+        self.thread.join()
+        return {"before_gb": round(self.start / 1e9, 2), "peak_gb": round(self.peak / 1e9, 2),
+                "rise_gb": round((self.peak - self.start) / 1e9, 2)}
+
+
+def train_in_tab(page, name: str, pid: int) -> dict:
+    page.goto(SERVER)
+    page.get_by_role("button", name="Concept Erasure", exact=True).first.click()  # the tab (before the accordion)
+    fields = {"#erasure_concept textarea": "a cat", "#erasure_steps input": "2", "#erasure_output textarea": name,
+              "#erasure_cache_seeds input": "1", "#erasure_cache_steps input": "2",
+              "#erasure_preview_images input": "0"}
+    for selector, value in fields.items():
+        box = page.locator(selector).first
+        if not box.is_visible():  # the advanced fields sit in a closed accordion
+            page.locator("#tab_concept_erasure").get_by_text("Advanced", exact=True).first.click()
+        box.fill(value)
+        box.press("Tab")
+    memory = ResidentMemory(pid)
+    start = time.time()
+    page.locator("#erasure_train").click()
+    page.wait_for_function("() => /wrote .*\\.safetensors|error|refused|out of memory/i.test("
+                           "document.querySelector('#erasure_status')?.innerText || '')", timeout=3_600_000,
+                           polling=1000)
+    return {"status": page.locator("#erasure_status").first.inner_text().strip()[:600],
+            "seconds": round(time.time() - start, 1), "memory": memory.done()}
+
+
+def txt2img(prompt: str, slots: list[tuple[str, float]]) -> tuple[np.ndarray | None, dict]:
+    args: list = []
+    for name, strength in slots + [("None", 1.0)] * (4 - len(slots)):
+        args += [name, strength]
+    reply = api("/sdapi/v1/txt2img", {"prompt": prompt, "negative_prompt": "", "seed": 42, "steps": 3,
+                                      "width": 64, "height": 64, "cfg_scale": 7, "sampler_name": "Euler",
+                                      "alwayson_scripts": {"concept erasure": {"args": args}}})
+    info = json.loads(reply.get("info") or "{}")
+    images = reply.get("images") or []
+    pixels = np.asarray(Image.open(io.BytesIO(base64.b64decode(images[0])))).astype(np.int16) if images else None
+    return pixels, info
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--webui", required=True, help="the WebUI folder")
+    parser.add_argument("--pid", type=int, required=True, help="the WebUI process, for its memory")
+    parser.add_argument("--chromium", default="/usr/bin/chromium")
+    args = parser.parse_args()
+    report: dict = {}
+    name = "real_tab_memory"
+    erasures = Path(args.webui) / "models" / "erasures"
+    try:
+        drive(report, name, erasures, args)
+    finally:
+        print(json.dumps(report, indent=1))
+
+
+def drive(report: dict, name: str, erasures: Path, args) -> None:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=args.chromium, args=CHROMIUM_FLAGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.set_default_timeout(120_000)
+        for old in [erasures / f"{name}.safetensors", erasures / "garbage.safetensors"]:  # an earlier run's
+            old.unlink(missing_ok=True)
+        report["tab: train memory at the tab's batch and resolution"] = train_in_tab(page, name, args.pid)
+        report["patch file"] = sorted(f.name for f in erasures.glob("*.safetensors"))
+
+        plain, _ = txt2img("a cat in a garden", [])
+        accordion, info_accordion = txt2img("a cat in a garden", [(name, 1.0)])
+        tagged, info_tagged = txt2img(f"a cat in a garden <erasure:{name}:1>", [])
+        zero, _ = txt2img("a cat in a garden", [(name, 0.0)])
+        plain_after, _ = txt2img("a cat in a garden", [])
+        report["max pixel difference"] = {
+            "accordion vs plain": int(np.abs(accordion - plain).max()),
+            "accordion vs <erasure:name:1>": int(np.abs(accordion - tagged).max()),
+            "strength 0 vs plain": int(np.abs(zero - plain).max()),
+            "plain after vs plain": int(np.abs(plain_after - plain).max())}
+        report["infotext"] = {"accordion": info_accordion.get("extra_generation_params", {}),
+                              "tagged": info_tagged.get("extra_generation_params", {})}
+
+        (erasures / "garbage.safetensors").write_bytes(b"\x00" * 64)
+        refused, info = txt2img("a cat <erasure:garbage:1>", [])
+        report["refused file, API"] = {"images": refused is not None,
+                                       "extra_generation_params": info.get("extra_generation_params", {}),
+                                       "comments": info.get("comments"),
+                                       "progress interrupted": api("/sdapi/v1/progress")["state"]["interrupted"]}
+        page.goto(SERVER)
+        page.locator("#txt2img_prompt textarea").fill("a cat <erasure:garbage:1>")
+        page.locator("#txt2img_generate").click()
+        page.wait_for_function("() => /Concept Erasure/.test(document.querySelector('#html_info_txt2img')?.innerText"
+                               " || '')", timeout=600_000, polling=1000)
+        report["refused file, page"] = page.locator("#html_info_txt2img").first.inner_text().strip()[:400]
+        page.screenshot(path="/tmp/a1111_refused.png")
+        browser.close()
+    report["server alive afterwards"] = "state" in api("/sdapi/v1/progress")
+
+
+if __name__ == "__main__":
+    main()
