@@ -1,10 +1,12 @@
 """Peak memory of one training run at SD1.5 size, with random weights (nothing downloaded).
 
-    python bench/train_memory.py [--batch 1 4] [--resolution 512] [--method memory] [--steps 2] [--device cpu]
+    python bench/train_memory.py [--batch 1 4] [--checkpointing on off] [--resolution 512] [--method memory]
+                                 [--steps 2] [--device cpu]
 
 Builds an SD1.5-architecture UNet (diffusers' SD1.5 config, 860M parameters) and a 12-layer, 768-wide CLIP text
 encoder (the toy tokenizer's vocabulary: the text side is under 2% of the memory), then trains one patch per batch
-size in a fresh process, so that one run's peak does not hide the next. CPU: the rise of the resident set above
+size, with and without gradient checkpointing (the default for a checkpoint: on), in a fresh process each, so
+that one run's peak does not hide the next. CPU: the rise of the resident set above
 what the loaded model already holds; GPU: the allocator's peak above the loaded model. Writes one JSON line per
 run to stdout and the whole list to bench/results/train_memory.json (or --out)."""
 from __future__ import annotations
@@ -43,7 +45,7 @@ def build(device: str):
     return DiffusersDenoiser(unet, text, tokenizer, SCHEDULER_CONFIG, name="sd15-random")
 
 
-def one(batch: int, resolution: int, method: str, steps: int, device: str) -> dict:
+def one(batch: int, resolution: int, method: str, steps: int, device: str, checkpointing: bool) -> dict:
     import torch
 
     from erasure_core.engine import TrainConfig
@@ -52,11 +54,12 @@ def one(batch: int, resolution: int, method: str, steps: int, device: str) -> di
 
     model = build(device).at_resolution(resolution // 8)  # no VAE here: the UNet works on 64 x 64 latents
     config = TrainConfig(concept="a circle", method=method, steps=steps, batch=batch, tokens=8, cache_seeds=1,
-                         cache_steps=2)
+                         cache_steps=2, gradient_checkpointing=checkpointing)
     start = time.time()
     with PeakMemory(torch.device(device)) as peak:
         train_patch(model, config)
-    return {"method": method, "batch": batch, "resolution": resolution, "steps": steps, "device": device,
+    return {"method": method, "batch": batch, "gradient_checkpointing": checkpointing, "resolution": resolution,
+            "steps": steps, "device": device,
             "peak_rise_gb": round(peak.peak_bytes / 2**30, 2), "seconds": round(time.time() - start, 1),
             "unet_parameters_m": round(sum(p.numel() for p in model.unet.parameters()) / 1e6),
             "torch_threads": torch.get_num_threads()}
@@ -65,6 +68,7 @@ def one(batch: int, resolution: int, method: str, steps: int, device: str) -> di
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--checkpointing", nargs="+", choices=("on", "off"), default=["on", "off"])
     parser.add_argument("--resolution", type=int, default=512)
     parser.add_argument("--method", default="memory")
     parser.add_argument("--steps", type=int, default=2)
@@ -73,18 +77,20 @@ def main() -> None:
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(one(args.batch[0], args.resolution, args.method, args.steps, args.device)), flush=True)
+        print(json.dumps(one(args.batch[0], args.resolution, args.method, args.steps, args.device,
+                             args.checkpointing[0] == "on")), flush=True)
         return
     runs = []
-    for batch in args.batch:
-        done = subprocess.run([sys.executable, __file__, "--one", "--batch", str(batch), "--resolution",
-                               str(args.resolution), "--method", args.method, "--steps", str(args.steps),
-                               "--device", args.device], capture_output=True, text=True)
-        line = done.stdout.strip().splitlines()[-1] if done.returncode == 0 else json.dumps(
-            {"batch": batch, "failed": (done.stderr.strip().splitlines() or ["killed"])[-1],
-             "returncode": done.returncode})
-        print(line, flush=True)
-        runs.append(json.loads(line))
+    for mode in args.checkpointing:
+        for batch in args.batch:
+            done = subprocess.run([sys.executable, __file__, "--one", "--batch", str(batch), "--checkpointing", mode,
+                                   "--resolution", str(args.resolution), "--method", args.method, "--steps",
+                                   str(args.steps), "--device", args.device], capture_output=True, text=True)
+            line = done.stdout.strip().splitlines()[-1] if done.returncode == 0 else json.dumps(
+                {"batch": batch, "gradient_checkpointing": mode == "on",
+                 "failed": (done.stderr.strip().splitlines() or ["killed"])[-1], "returncode": done.returncode})
+            print(line, flush=True)
+            runs.append(json.loads(line))
     Path(args.out).write_text(json.dumps(runs, indent=1) + "\n")
 
 

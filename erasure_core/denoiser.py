@@ -65,6 +65,11 @@ class Denoiser(Protocol):
         """Canonical (LDM-path) names of the cross-attention layers."""
         ...
 
+    def network(self) -> torch.nn.Module:
+        """The denoising network (the UNet) itself, read-only: training recomputes its transformer blocks in the
+        backward pass when asked (TrainConfig.gradient_checkpointing)."""
+        ...
+
     def generate(self, prompts: list[str], seeds: list[int], steps: int = 25, guidance: float = ...,
                  progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
         """One image per (prompt, seed), with the attached patches: DDIM (`scheduler()`) with classifier-free
@@ -183,3 +188,4 @@ def at_resolution(model, pixels: int):
     if not hasattr(model, "at_resolution"):
         raise ValueError(f"{getattr(model, 'name', 'this model')} trains at its own resolution only")
     return model.at_resolution(pixels)
+

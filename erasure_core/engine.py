@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -20,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .denoiser import CacheRecord, Conditioning, Denoiser, patched, sample_trajectories
+from .injection import recomputed_transformer_blocks
 from .layers import select_layers
 from .patch import ConceptMemory, ErasurePatch, WeightDelta
 from .sampling import seeded_noise
@@ -55,6 +57,7 @@ class TrainConfig:
     cache_guidance: float = 3.0  # CFG scale of the sampler (ESD uses 3)
     preserve_weight: float = 1.0  # weight of the preservation term, when `preserve` names prompts
     projections: str = ""        # attn2 projections the deltas train: "all", "kv" (to_k, to_v); "" = the method's
+    gradient_checkpointing: bool = False  # recompute the UNet's transformer blocks in backward: less memory, slower
 
     @property
     def delta_lr(self) -> float | None:
@@ -275,9 +278,10 @@ def run_training(denoiser: Denoiser, config: TrainConfig, parts: TrainableParts,
                 save(step)
             raise Cancelled(f"cancelled at step {step}")
         batch = cache.draw(config.batch, generator)
-        loss = step_loss(step, batch)
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
+        with recomputed_transformer_blocks(denoiser.network()) if config.gradient_checkpointing else nullcontext():
+            loss = step_loss(step, batch)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
         optimiser.step()
         losses.append(loss.item())
         if progress:

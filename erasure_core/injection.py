@@ -300,3 +300,77 @@ def attached(unet, patches: list[tuple[ErasurePatch, float]]) -> Iterator[Attach
         yield handle
     finally:
         handle.detach()
+
+
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
+               "_forward_hooks_always_called")
+
+
+class _AttachmentState:
+    """The patches attached inside one module tree at one moment: every submodule's forward hooks and every
+    layer memory's entries. A training step attaches and detaches several views of a patch between its forward
+    passes and its backward pass; a block recomputed in the backward pass must see what its forward saw."""
+
+    def __init__(self, root: torch.nn.Module) -> None:
+        self.hooks = [(m, {name: dict(getattr(m, name)) for name in _HOOK_DICTS if hasattr(m, name)})
+                      for m in root.modules()]
+        memories = [_LayerMemory._of.get(m) for m in root.modules()]
+        self.entries = [(mem, {owner: list(items) for owner, items in mem.entries.items()})
+                        for mem in memories if mem is not None]
+
+    @contextmanager
+    def replayed(self) -> Iterator[None]:
+        current = [(m, {name: getattr(m, name) for name in dicts}) for m, dicts in self.hooks]
+        current_entries = [(mem, mem.entries) for mem, _ in self.entries]
+        for m, dicts in self.hooks:  # copies: a handle removed meanwhile still removes from the live dicts
+            for name, saved in dicts.items():
+                setattr(m, name, type(getattr(m, name))(saved))
+        for mem, saved in self.entries:
+            mem.entries = saved
+        try:
+            yield
+        finally:
+            for m, dicts in current:
+                for name, live in dicts.items():
+                    setattr(m, name, live)
+            for mem, live in current_entries:
+                mem.entries = live
+
+
+@contextmanager
+def recomputed_transformer_blocks(network: torch.nn.Module) -> Iterator[int]:
+    """While open, every transformer block of `network` (the BasicTransformerBlock of diffusers, of the original
+    LDM code, A1111 and ComfyUI alike) keeps no activations for the backward pass and recomputes them there,
+    with the patches that were attached when it ran forward: the attention maps at 64 x 64 latents are most of
+    a training step's memory. The forward functions are swapped on the module instances and restored on exit;
+    the weights are untouched and the gradients the same. Yields the number of blocks."""
+    from torch.utils.checkpoint import checkpoint
+
+    blocks = [m for m in network.modules() if type(m).__name__ == "BasicTransformerBlock"]
+    originals = [m.__dict__.get("forward") for m in blocks]
+
+    def recomputed(block: torch.nn.Module, forward):
+        def run(*args, **kwargs):
+            if not torch.is_grad_enabled():
+                return forward(*args, **kwargs)
+            state, calls = _AttachmentState(block), []
+
+            def once_more(*a, **k):  # the first call is the forward pass itself, later ones the recomputation
+                calls.append(1)
+                if len(calls) == 1:
+                    return forward(*a, **k)
+                with state.replayed():
+                    return forward(*a, **k)
+            return checkpoint(once_more, *args, use_reentrant=False, **kwargs)
+        return run
+
+    for block in blocks:
+        block.forward = recomputed(block, block.forward)
+    try:
+        yield len(blocks)
+    finally:
+        for block, original in zip(blocks, originals):
+            if original is None:
+                del block.forward
+            else:
+                block.forward = original

@@ -41,6 +41,7 @@ class TrainRequest:
     batch: int | None = None        # None: CHECKPOINT_BATCH for a real checkpoint, the engine's 8 for the toy
     cache_seeds: int | None = None
     cache_steps: int | None = None
+    gradient_checkpointing: bool | None = None  # None: on for a real checkpoint, off for the toy
 
 
 # The default batch for real checkpoints (the engine's 8 is the toy model's): one concept with `memory` at SD1.5
@@ -132,8 +133,11 @@ def prepare(request: TrainRequest, model) -> TrainPlan:
     optional = {name: _whole(label, value, 1) for name, label, value in (
         ("batch", "batch size", request.batch), ("cache_seeds", "trajectory seeds", request.cache_seeds),
         ("cache_steps", "trajectory steps", request.cache_steps)) if value is not None}
-    if "batch" not in optional and vocabulary is None:  # a real checkpoint, not the toy world
-        optional["batch"] = CHECKPOINT_BATCH
+    if vocabulary is None:  # a real checkpoint, not the toy world: sized for a consumer GPU or a CPU box
+        optional.setdefault("batch", CHECKPOINT_BATCH)
+        optional["gradient_checkpointing"] = request.gradient_checkpointing is not False
+    elif request.gradient_checkpointing is not None:
+        optional["gradient_checkpointing"] = request.gradient_checkpointing
     config = TrainConfig(concept=concept_prompt, method=spec.name,
                          alternative=prompt(alternative) if alternative else "",
                          preserve=[prompt(p) for p in preserve], steps=_whole("steps", request.steps, 1),

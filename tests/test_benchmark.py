@@ -1,6 +1,7 @@
 """The side-by-side benchmark (protocol v2) and the re-sampling reference: what they write, that they resume, and
 that no held-out concept reaches training."""
 import json
+from dataclasses import replace
 
 import torch
 
@@ -76,9 +77,30 @@ def test_a_patch_left_by_an_interrupted_run_is_reused_only_with_its_measurements
     assert trained == [1]
 
 
+def test_a_training_setting_added_later_at_its_default_keeps_the_earlier_rows(toy_model, oracle, tmp_path,
+                                                                             monkeypatch):
+    import erasure_core.toy.benchmark as benchmark
+
+    run = lambda config: run_benchmark(toy_model, oracle, ["uce"], ["stripes"], config, tmp_path,  # noqa: E731
+                                       {"stripes": "checker"}, preserve_modes=("named",), counts=TINY,
+                                       sample_steps=2, stack=False)
+    config = TrainConfig(concept="", steps=2)
+    first = run(config)["rows"]
+    results = json.loads((tmp_path / "bench.json").read_text())
+    del results["settings"]["train"]["gradient_checkpointing"]  # as written before the field existed
+    (tmp_path / "bench.json").write_text(json.dumps(results))
+    trained, real = [], benchmark.train_patch
+    monkeypatch.setattr(benchmark, "train_patch", lambda *a, **k: trained.append(1) or real(*a, **k))
+    assert run(config)["rows"] == first and not trained
+    (tmp_path / "bench.json").write_text(json.dumps(results))
+    (tmp_path / "stripes-uce-named.safetensors").unlink()
+    run(replace(config, gradient_checkpointing=True))  # the field at another value: the rows are made anew
+    assert trained == [1]
+    assert json.loads((tmp_path / "bench.json").read_text())["settings"]["train"]["gradient_checkpointing"]
+
+
 def test_a_changed_attack_setting_reruns_only_that_attack_on_finished_rows(toy_model, oracle, tmp_path, monkeypatch):
     import erasure_core.attacks as attacks
-    from dataclasses import replace
 
     calls = []
 

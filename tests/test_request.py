@@ -76,6 +76,15 @@ def test_a_checkpoint_trains_at_batch_1_by_default_and_the_toy_at_the_engines_8(
     assert prepare(TrainRequest(concept="Van Gogh", batch=4), toy_model).config.batch == 4
 
 
+def test_a_checkpoint_trains_with_gradient_checkpointing_unless_told_not_to(toy_model, monkeypatch):
+    assert not prepare(TrainRequest(concept="circle"), toy_model).config.gradient_checkpointing  # the toy: off
+    assert prepare(TrainRequest(concept="circle", gradient_checkpointing=True), toy_model).config.gradient_checkpointing
+    monkeypatch.setattr(toy_model, "vocabulary", None)
+    assert prepare(TrainRequest(concept="Van Gogh"), toy_model).config.gradient_checkpointing
+    off = TrainRequest(concept="Van Gogh", gradient_checkpointing=False)
+    assert not prepare(off, toy_model).config.gradient_checkpointing
+
+
 def test_a_method_that_needs_an_alternative_asks_for_it(toy_model):
     register(MethodSpec("needs-alt-test", "", "", False, "closed-form", "", lambda *a, **k: TrainResult(None),
                         takes_alternative=True, needs_alternative=True))

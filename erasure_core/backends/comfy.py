@@ -331,6 +331,9 @@ class ComfyDenoiser:
         self._ensure_loaded()
         return next(self.base.diffusion_model.parameters()).device
 
+    def network(self) -> torch.nn.Module:
+        return self.base.diffusion_model
+
     def layer_names(self) -> list[str]:
         return list(self._info.layers)
 

@@ -129,6 +129,9 @@ class DiffusersDenoiser:
         # steps take ε: predict_noise converts v- and x0-predictions before any sampler sees them
         return DDIMScheduler.from_config(self.scheduler_config, prediction_type="epsilon")
 
+    def network(self) -> torch.nn.Module:
+        return self.unet
+
     def layer_names(self) -> list[str]:
         from ..layers import attn2_layers
 

@@ -178,6 +178,9 @@ class LdmDenoiser:
         return DDIMScheduler(num_train_timesteps=len(a), trained_betas=betas.numpy(), clip_sample=False,
                              set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
 
+    def network(self) -> torch.nn.Module:
+        return self.unet
+
     def layer_names(self) -> list[str]:
         return list(self.modules)
 

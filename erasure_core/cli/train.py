@@ -1,6 +1,8 @@
 """erasure train: train an erasure patch (every method in the registry)."""
 from __future__ import annotations
 
+import argparse
+
 from pathlib import Path
 
 from .common import UserError, add_model_option, finite_float, load_model, positive_int, progress_bar
@@ -35,6 +37,9 @@ def add_parser(sub) -> None:
     p.add_argument("--resolution", type=positive_int, default=None,
                    help="train at this many pixels square (default: the model's own, 512 for SD1.5; 256 or 384 "
                         "need far less memory)")
+    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                   help="recompute the UNet's transformer blocks in the backward pass: far less memory, about a "
+                        "third slower (default: on for a checkpoint, off for the toy model)")
     p.add_argument("--out", required=True, help="output .safetensors")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run with the same settings from its checkpoint (kept beside --out)")
@@ -54,7 +59,8 @@ def request_from_args(args):
 
     return TrainRequest(concept=args.concept, method=args.method, alternative=args.alternative,
                         preserve=args.preserve, steps=args.steps, lr=args.lr, memory_lr=args.memory_lr,
-                        tokens=args.tokens, layers=args.layers, seed=args.seed, batch=args.batch)
+                        tokens=args.tokens, layers=args.layers, seed=args.seed, batch=args.batch,
+                        gradient_checkpointing=args.gradient_checkpointing)
 
 
 def train_to_file(model, request, out: Path, resume: bool = False) -> Path:
