@@ -307,13 +307,14 @@ _HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward
 
 
 class _AttachmentState:
-    """The patches attached inside one module tree at one moment: every submodule's forward hooks and every
+    """The patches attached inside one module tree at one moment: every submodule's forward hooks, parameters
+    and buffers (a host may swap in W + s·ΔW for one call, as ComfyDenoiser does with functional_call) and every
     layer memory's entries. A training step attaches and detaches several views of a patch between its forward
     passes and its backward pass; a block recomputed in the backward pass must see what its forward saw."""
 
-    def __init__(self, root: torch.nn.Module) -> None:
-        self.hooks = [(m, {name: dict(getattr(m, name)) for name in _HOOK_DICTS if hasattr(m, name)})
-                      for m in root.modules()]
+    def __init__(self, root: torch.nn.Module) -> None:  # parameters too: ComfyUI trains through functional_call
+        self.hooks = [(m, {name: dict(getattr(m, name)) for name in (*_HOOK_DICTS, "_parameters", "_buffers")
+                           if hasattr(m, name)}) for m in root.modules()]
         memories = [_LayerMemory._of.get(m) for m in root.modules()]
         self.entries = [(mem, {owner: list(items) for owner, items in mem.entries.items()})
                         for mem in memories if mem is not None]
@@ -354,9 +355,15 @@ def recomputed_transformer_blocks(network: torch.nn.Module) -> Iterator[int]:
             if not torch.is_grad_enabled():
                 return forward(*args, **kwargs)
             state, calls = _AttachmentState(block), []
+            # dicts as they are now, a fresh copy for each run: ComfyUI's UNet rewrites
+            # transformer_options["block"] before every block, and a block may write into what it is given
+            dicts = {i: dict(a) for i, a in enumerate(args) if isinstance(a, dict)}
+            dicts.update({n: dict(v) for n, v in kwargs.items() if isinstance(v, dict)})
 
             def once_more(*a, **k):  # the first call is the forward pass itself, later ones the recomputation
                 calls.append(1)
+                a = [dict(dicts[i]) if i in dicts else x for i, x in enumerate(a)]
+                k = {n: dict(dicts[n]) if n in dicts else v for n, v in k.items()}
                 if len(calls) == 1:
                     return forward(*a, **k)
                 with state.replayed():

@@ -10,7 +10,7 @@ from diffusers.models.attention import BasicTransformerBlock
 from unets import sd1_unet, toy_unet
 
 from comfy_fakes.host import one_thread  # noqa: F401  (autouse fixture)
-from comfy_fakes import (ComfyBasicTransformerBlock, FakeModelPatcher, ModelManagement, build_comfy_model,
+from comfy_fakes import (BasicTransformerBlock as ComfyBlock, FakeModelPatcher, ModelManagement, build_comfy_model,
                          calc_cond_batch)
 from conftest import random_patch
 from erasure_core.backends.comfy import (ComfyDenoiser, MemoryAttn2Patch, address_from_extra_options, apply_patches,
@@ -92,7 +92,7 @@ def test_block_patch_loop_gives_the_diffusers_processor_output(extra):
     another pack's patch, equals diffusers' block with the diffusers backend's hooks (fp32, 1e-5)."""
     torch.manual_seed(0)
     block = BasicTransformerBlock(64, 4, 16, cross_attention_dim=32).eval().requires_grad_(False)
-    comfy_block = ComfyBasicTransformerBlock.from_diffusers(block)
+    comfy_block = ComfyBlock.from_diffusers(block)
     g = torch.Generator().manual_seed(1)
     x, ctx = torch.randn(2, 16, 64, generator=g), torch.randn(2, 7, 32, generator=g)
     k1, v1, k2, v2 = (torch.randn(n, 32, generator=g) for n in (3, 3, 2, 2))

@@ -54,3 +54,24 @@ def test_the_blocks_save_no_activations_for_backward_while_open(toy_model):
         recomputed = saved_tensors()
     assert blocks > 0 and recomputed < kept
     assert all("forward" not in m.__dict__ for m in unet.modules())
+
+
+def test_comfyui_training_recomputes_the_blocks_with_the_weights_it_swapped_in(toy_model):
+    """ComfyDenoiser trains through functional_call, which swaps W + s·ΔW in for the call only: the recomputed
+    blocks must run with those, not with the module's own weights after the call."""
+    from comfy_fakes import FakeModelPatcher, build_comfy_model
+    from comfy_fakes.host import FakeCLIP
+    from erasure_core.backends.comfy import ComfyDenoiser
+    from erasure_core.toy.model import train_scheduler
+
+    model = build_comfy_model(toy_model.unet, betas=train_scheduler().betas)
+    comfy = ComfyDenoiser(FakeModelPatcher(model), FakeCLIP(toy_model.tokenizer, toy_model.text_encoders[0]),
+                          width=32, height=32, downscale=1, chunk=16)
+    config = TrainConfig(concept="a circle", method="memory", steps=2, batch=2, cache_seeds=2, cache_steps=4)
+    plain = train_patch(comfy, config)
+    with recomputed_transformer_blocks(comfy.network()) as blocks:
+        assert blocks > 0  # the fake's blocks carry ComfyUI's class name
+    recomputed = train_patch(comfy, replace(config, gradient_checkpointing=True))
+    for key in plain.patch.deltas:
+        assert torch.allclose(plain.patch.deltas[key].full, recomputed.patch.deltas[key].full, atol=1e-6)
+    assert torch.allclose(plain.patch.memory.k, recomputed.patch.memory.k, atol=1e-6)

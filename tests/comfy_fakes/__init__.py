@@ -18,8 +18,8 @@ What they reproduce, and where it comes from (ComfyUI, comfy/…):
   only.
 - Node execution happens under torch.inference_mode(), and loaded weights are inference tensors.
 """
-from .ldm import ComfyBasicTransformerBlock, FakeBaseModel, build_comfy_model, comfy_cross_attention
+from .ldm import BasicTransformerBlock, FakeBaseModel, build_comfy_model, comfy_cross_attention
 from .patcher import FakeModelPatcher, ModelManagement, calc_cond_batch, pad_by_repetition
 
-__all__ = ["ComfyBasicTransformerBlock", "FakeBaseModel", "build_comfy_model", "comfy_cross_attention",
+__all__ = ["BasicTransformerBlock", "FakeBaseModel", "build_comfy_model", "comfy_cross_attention",
            "FakeModelPatcher", "ModelManagement", "calc_cond_batch", "pad_by_repetition"]

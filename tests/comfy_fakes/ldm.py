@@ -35,7 +35,7 @@ def comfy_cross_attention(attn, x, context=None, value=None):
     return out
 
 
-class ComfyBasicTransformerBlock(nn.Module):
+class BasicTransformerBlock(nn.Module):
     """BasicTransformerBlock.forward as ComfyUI runs it, patch loops included (replace patches: attn2 only)."""
 
     def __init__(self, norm1, attn1, norm2, attn2, norm3, ff, n_heads: int, d_head: int):
@@ -46,7 +46,7 @@ class ComfyBasicTransformerBlock(nn.Module):
         self.seen_extra_options: list[dict] = []  # recorded for tests that inspect what patches receive
 
     @classmethod
-    def from_diffusers(cls, block) -> "ComfyBasicTransformerBlock":
+    def from_diffusers(cls, block) -> "BasicTransformerBlock":
         heads = block.attn2.heads
         return cls(block.norm1, block.attn1, block.norm2, block.attn2, block.norm3, block.ff, heads,
                    block.attn2.to_q.out_features // heads)
@@ -118,7 +118,7 @@ class ComfySpatialTransformer(nn.Module):
         super().__init__()
         self.norm, self.proj_in, self.proj_out = t2d.norm, t2d.proj_in, t2d.proj_out
         self.use_linear = bool(t2d.use_linear_projection)
-        self.transformer_blocks = nn.ModuleList(ComfyBasicTransformerBlock.from_diffusers(b)
+        self.transformer_blocks = nn.ModuleList(BasicTransformerBlock.from_diffusers(b)
                                                 for b in t2d.transformer_blocks)
 
     def forward(self, x, context=None, transformer_options={}):
