@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from . import memory_estimate
 from .engine import TrainConfig
 from .layers import SELECTION_MODES, select_layers
 from .methods import DEFAULT_METHOD, TrainResult, get_method
@@ -48,6 +49,7 @@ class TrainRequest:
 # size, 512 px, rose 3.7 GB above the loaded model at batch 1 and 14.2 GB at batch 4 (CPU, fp32;
 # bench/train_memory.py), so 8 would need about 28 GB.
 CHECKPOINT_BATCH = 1
+LATENT_SCALE = 8  # pixels per latent cell of the SD VAEs, for the advice's resolution
 
 
 @dataclass
@@ -145,4 +147,19 @@ def prepare(request: TrainRequest, model) -> TrainPlan:
                                                                                request.memory_lr),
                          tokens=_whole("memory tokens", request.tokens, 1), layers=layers,
                          seed=_whole("seed", request.seed, 0), **optional)
+    if spec.kind == "trained":
+        _refuse_what_cannot_fit(model, config)
     return TrainPlan(config, concept, alternative, preserve, notes)
+
+
+def _refuse_what_cannot_fit(model, config: TrainConfig) -> None:
+    """A run estimated to need more memory than is free is refused before it starts (erasure_core.memory_estimate),
+    with what to lower; nothing else has happened yet."""
+    network = getattr(model, "network", None)
+    if network is None:
+        return
+    latent = model.sample_shape[-1]
+    result = memory_estimate.check(network(), config.batch, latent, config.gradient_checkpointing)
+    if not result.fits:
+        raise RequestError(memory_estimate.advice(result, config.batch, latent * LATENT_SCALE,
+                                                  config.gradient_checkpointing))

@@ -106,3 +106,19 @@ def test_a_method_that_needs_an_alternative_asks_for_it(toy_model):
 def test_bad_requests_are_refused_with_what_to_change(toy_model, change, message):
     with pytest.raises(ValueError, match=message):
         prepare(TrainRequest(**{"concept": "circle", **change}), toy_model)
+
+
+def test_a_run_that_cannot_fit_in_free_memory_is_refused_with_what_to_lower(toy_model, monkeypatch):
+    from erasure_core import memory_estimate
+
+    needed = memory_estimate.estimate(toy_model.network(), 8, toy_model.sample_shape[-1], False)
+    assert needed > 0
+    monkeypatch.setattr(memory_estimate, "free_memory", lambda device: (needed // 2, "of RAM available"))
+    with pytest.raises(RequestError, match=r"would need about .* lower the batch \(now 8\) to 1.*Nothing was trained"):
+        prepare(TrainRequest(concept="circle"), toy_model)
+    assert prepare(TrainRequest(concept="circle", method="uce"), toy_model)  # closed form: no activations to keep
+    smaller = memory_estimate.estimate(toy_model.network(), 1, toy_model.sample_shape[-1], True)
+    assert smaller < needed // 2 and prepare(TrainRequest(concept="circle", batch=1, gradient_checkpointing=True),
+                                             toy_model)
+    monkeypatch.setattr(memory_estimate, "free_memory", lambda device: (None, "free (unknown)"))
+    assert prepare(TrainRequest(concept="circle"), toy_model)  # unknown: nothing is refused
