@@ -50,53 +50,40 @@ def test_benchmark_writes_v2_rows_with_intervals_and_base_values_and_resumes(toy
         assert ("‡ |" in line) == marked == ("‡ trained while other work" in markdown(again))
 
 
-def test_a_patch_left_by_an_interrupted_run_is_reused_only_with_its_measurements(toy_model, oracle, tmp_path,
-                                                                                 monkeypatch):
+def test_a_patch_left_by_an_interrupted_run_is_reused_only_with_its_measurements(toy_model, tmp_path, monkeypatch):
     """A run killed after a patch was saved but before its row: the patch is reused with the time, CPU share and
     memory measured when it was trained; one that recorded none of them is trained again, not timed as a load."""
     from erasure_core.patch import load_patch, save_patch
     import erasure_core.toy.benchmark as benchmark
 
-    run = lambda: run_benchmark(toy_model, oracle, ["uce"], ["stripes"], TrainConfig(concept="", steps=2),  # noqa
-                                tmp_path, {"stripes": "checker"}, preserve_modes=("named",), counts=TINY,
-                                sample_steps=2, stack=False)
-    (first,) = run()["rows"]
-    path = tmp_path / "stripes-uce-named.safetensors"
+    path, config = tmp_path / "stripes-uce-named.safetensors", TrainConfig(concept="", steps=2)
+    train = lambda: benchmark._train(toy_model, config, "stripes", "uce", ["dots"], {}, path)  # noqa: E731
+    _, first, memory, _ = train()
     trained, real = [], benchmark.train_patch
     monkeypatch.setattr(benchmark, "train_patch", lambda *a, **k: trained.append(1) or real(*a, **k))
-    (tmp_path / "bench.json").unlink()  # the row was never written
-    (again,) = run()["rows"]
-    assert not trained
-    for key in ("train_seconds", "train_cpu_share", "peak_memory_bytes"):
-        assert again[key] == first[key]
+    _, again, reused, _ = train()
+    assert not trained and (again.seconds, reused.cpu_share, reused.peak_bytes) == (
+        round(first.seconds, 2), round(memory.cpu_share, 2), memory.peak_bytes)
     patch = load_patch(path)
     del patch.training["cpu_share"]  # as written before the measurements were recorded
     save_patch(patch, path)
-    (tmp_path / "bench.json").unlink()
-    run()
+    train()
     assert trained == [1]
 
 
-def test_a_training_setting_added_later_at_its_default_keeps_the_earlier_rows(toy_model, oracle, tmp_path,
-                                                                             monkeypatch):
-    import erasure_core.toy.benchmark as benchmark
+def test_a_training_setting_added_later_at_its_default_keeps_the_earlier_rows(tmp_path):
+    from erasure_core.toy.benchmark import _earlier_state, _settings
 
-    run = lambda config: run_benchmark(toy_model, oracle, ["uce"], ["stripes"], config, tmp_path,  # noqa: E731
-                                       {"stripes": "checker"}, preserve_modes=("named",), counts=TINY,
-                                       sample_steps=2, stack=False)
+    def settings(config):
+        return _settings(config, TINY, 2, ("named",), [], "cpu")
+
     config = TrainConfig(concept="", steps=2)
-    first = run(config)["rows"]
-    results = json.loads((tmp_path / "bench.json").read_text())
-    del results["settings"]["train"]["gradient_checkpointing"]  # as written before the field existed
-    (tmp_path / "bench.json").write_text(json.dumps(results))
-    trained, real = [], benchmark.train_patch
-    monkeypatch.setattr(benchmark, "train_patch", lambda *a, **k: trained.append(1) or real(*a, **k))
-    assert run(config)["rows"] == first and not trained
-    (tmp_path / "bench.json").write_text(json.dumps(results))
-    (tmp_path / "stripes-uce-named.safetensors").unlink()
-    run(replace(config, gradient_checkpointing=True))  # the field at another value: the rows are made anew
-    assert trained == [1]
-    assert json.loads((tmp_path / "bench.json").read_text())["settings"]["train"]["gradient_checkpointing"]
+    earlier = settings(config)
+    del earlier["train"]["gradient_checkpointing"]  # as written before the field existed
+    (tmp_path / "bench.json").write_text(json.dumps({"settings": earlier, "rows": [{"done": 1}]}))
+    assert _earlier_state(tmp_path / "bench.json", settings(config))["rows"] == [{"done": 1}]
+    other = settings(replace(config, gradient_checkpointing=True))  # the field at another value: rows anew
+    assert _earlier_state(tmp_path / "bench.json", other)["rows"] == []
 
 
 def test_a_changed_attack_setting_reruns_only_that_attack_on_finished_rows(toy_model, oracle, tmp_path, monkeypatch):

@@ -18,7 +18,7 @@ def _checksum(module: torch.nn.Module) -> list[torch.Tensor]:
 def test_recomputing_the_blocks_trains_the_same_patch(toy_model, method):
     unet = toy_model.network()
     before = _checksum(unet)
-    config = TrainConfig(concept="a circle", method=method, steps=3, batch=2, cache_seeds=2, cache_steps=4)
+    config = TrainConfig(concept="a circle", method=method, steps=2, batch=2, cache_seeds=1, cache_steps=2)
     plain = train_patch(toy_model, config)
     recomputed = train_patch(toy_model, replace(config, gradient_checkpointing=True))
     assert torch.allclose(torch.tensor(plain.losses), torch.tensor(recomputed.losses), atol=1e-6)
@@ -67,7 +67,7 @@ def test_comfyui_training_recomputes_the_blocks_with_the_weights_it_swapped_in(t
     model = build_comfy_model(toy_model.unet, betas=train_scheduler().betas)
     comfy = ComfyDenoiser(FakeModelPatcher(model), FakeCLIP(toy_model.tokenizer, toy_model.text_encoders[0]),
                           width=32, height=32, downscale=1, chunk=16)
-    config = TrainConfig(concept="a circle", method="memory", steps=2, batch=2, cache_seeds=2, cache_steps=4)
+    config = TrainConfig(concept="a circle", method="memory", steps=2, batch=2, cache_seeds=1, cache_steps=2)
     plain = train_patch(comfy, config)
     with recomputed_transformer_blocks(comfy.network()) as blocks:
         assert blocks > 0  # the fake's blocks carry ComfyUI's class name
