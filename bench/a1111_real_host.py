@@ -1,7 +1,8 @@
 """Drive a real AUTOMATIC1111 WebUI (or Forge) as a user would: train a patch from the Concept Erasure tab in the
 browser at the tab's defaults for batch and resolution (sampling the WebUI process's resident memory throughout),
-then through the API apply it from the accordion and as `<erasure:name:1>` in the prompt, strength 0, and a
-refused file, whose reason must reach the API's info and the page. Prints a JSON report.
+close a page 20 s into a second run (it must stop, not write its file), then through the API apply the patch
+from the accordion and as `<erasure:name:1>` in the prompt, strength 0, and a refused file, whose reason must
+reach the API's info and the page. Prints a JSON report.
 
     # outside this repo: the WebUI with its requirements in its venv, this extension cloned into extensions/,
     # a random-weight SD1.5 checkpoint (bench/random_checkpoint.py) and, offline, bench/hf_clip_cache.py
@@ -62,7 +63,7 @@ class ResidentMemory:
                 "rise_gb": round((self.peak - self.start) / 1e9, 2)}
 
 
-def train_in_tab(page, name: str, pid: int) -> dict:
+def fill_tab(page, name: str) -> None:
     page.goto(SERVER)
     page.get_by_role("button", name="Concept Erasure", exact=True).first.click()  # the tab (before the accordion)
     fields = {"#erasure_concept textarea": "a cat", "#erasure_steps input": "2", "#erasure_output textarea": name,
@@ -74,6 +75,10 @@ def train_in_tab(page, name: str, pid: int) -> dict:
             page.locator("#tab_concept_erasure").get_by_text("Advanced", exact=True).first.click()
         box.fill(value)
         box.press("Tab")
+
+
+def train_in_tab(page, name: str, pid: int) -> dict:
+    fill_tab(page, name)
     memory = ResidentMemory(pid)
     start = time.time()
     page.locator("#erasure_train").click()
@@ -119,10 +124,23 @@ def drive(report: dict, name: str, erasures: Path, args) -> None:
         browser = p.chromium.launch(executable_path=args.chromium, args=CHROMIUM_FLAGS)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.set_default_timeout(120_000)
-        for old in [erasures / f"{name}.safetensors", erasures / "garbage.safetensors"]:  # an earlier run's
+        for old in [erasures / f"{name}.safetensors", erasures / "garbage.safetensors",  # an earlier run's
+                    erasures / "closed_page.safetensors", *(erasures / ".checkpoints").glob("*")]:
             old.unlink(missing_ok=True)
         report["tab: train memory at the tab's batch and resolution"] = train_in_tab(page, name, args.pid)
         report["patch file"] = sorted(f.name for f in erasures.glob("*.safetensors"))
+
+        # a page closed mid-run: the tab's run stops (and keeps its checkpoint) instead of training for nobody
+        closed = browser.new_page(viewport={"width": 1400, "height": 1000})
+        closed.set_default_timeout(120_000)
+        fill_tab(closed, "closed_page")
+        closed.locator("#erasure_train").click()
+        closed.wait_for_timeout(20_000)
+        closed.close()
+        time.sleep(240)  # longer than the whole run takes
+        report["page closed 20 s into a run, 4 min later"] = {
+            "patch written": (erasures / "closed_page.safetensors").exists(),
+            "checkpoints kept": sorted(f.name for f in (erasures / ".checkpoints").glob("*"))}
 
         plain, _ = txt2img("a cat in a garden", [])
         accordion, info_accordion = txt2img("a cat in a garden", [(name, 1.0)])

@@ -164,6 +164,11 @@ class TabRequest:
                             cache_seeds=self.cache_seeds, cache_steps=self.cache_steps)
 
 
+def status_text(state: JobState) -> str:
+    """What the status line says about a finished run: its error, or what it wrote."""
+    return f"**Error:** {state.error}" if state.error else "\n\n".join(state.messages) or "done"
+
+
 def output_name(request: TabRequest) -> str:
     """The patch name: the one given, or `<concept>-<method>`."""
     name = (request.output or "").strip()
@@ -367,6 +372,17 @@ def build_tab(get_model: Callable[[], object], patch_folder: Callable[[], Path] 
     host = host or Host()
     folder = patch_folder if callable(patch_folder) else (lambda: Path(patch_folder))
     jobs: dict[str, TrainJob] = {}
+    latest: list[TrainJob] = []  # the last run started from any page, shown to a page opened later
+
+    def current_progress() -> str:
+        return progress_html(latest[0].state if latest else JobState(stage="idle"))
+
+    def current_status() -> str:
+        if not latest:
+            return ""
+        if not latest[0].state.finished:
+            return "Training: a run started earlier is still going (Cancel works from the page that started it)."
+        return status_text(latest[0].state)
 
     with gr.Blocks(analytics_enabled=False) as tab:
         gr.Markdown("### Concept Erasure\nTrain an erasure patch on the loaded model. The model's weights are not "
@@ -417,8 +433,9 @@ def build_tab(get_model: Callable[[], object], patch_folder: Callable[[], Path] 
                     train = gr.Button("Train", variant="primary", elem_id="erasure_train")
                     cancel = gr.Button("Cancel", interactive=False, elem_id="erasure_cancel")
             with gr.Column():
-                progress = gr.HTML(value=progress_html(JobState(stage="idle")), elem_id="erasure_progress")
-                status = gr.Markdown(value="", elem_id="erasure_status")
+                # callables: evaluated whenever a page loads, so a reopened page shows the last run
+                progress = gr.HTML(value=current_progress, elem_id="erasure_progress")
+                status = gr.Markdown(value=current_status, elem_id="erasure_status")
                 preview = gr.Image(label="Before / after: the same prompt and seeds", type="pil", interactive=False,
                                    elem_id="erasure_preview")
         job_id = gr.Textbox(value="", visible=False)
@@ -432,6 +449,7 @@ def build_tab(get_model: Callable[[], object], patch_folder: Callable[[], Path] 
             job = TrainJob(get_model, folder, TabRequest(**dict(zip(fields, values))), host)
             key = f"{id(job):x}-{time.time():.6f}"
             jobs[key] = job
+            latest[:] = [job]
             job.start()
             busy = (gr.update(interactive=False), gr.update(interactive=True))
             try:
@@ -445,11 +463,11 @@ def build_tab(get_model: Callable[[], object], patch_folder: Callable[[], Path] 
                         last = html
                         yield gr.update(value=html), gr.update(), gr.update(), *busy, gr.update()
                 s = job.state
-                text = f"**Error:** {s.error}" if s.error else "\n\n".join(s.messages) or "done"
-                yield (gr.update(value=progress_html(s)), gr.update(value=text),
+                yield (gr.update(value=progress_html(s)), gr.update(value=status_text(s)),
                        gr.update(value=s.preview) if s.preview is not None else gr.update(),
                        gr.update(interactive=True), gr.update(interactive=False), gr.update(value=""))
-            finally:  # the page went away mid-run: stop the job rather than train for nobody
+            finally:  # a gradio that closes a dropped page's generator stops the job here; A1111's 3.41 does
+                # not (measured: the run finishes and writes its file), and a reopened page shows it instead
                 if not job.state.finished:
                     job.cancel()
                 jobs.pop(key, None)

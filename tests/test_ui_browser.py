@@ -117,6 +117,10 @@ def test_train_a_patch_in_the_browser(app, chromium, tmp_path):
             page.locator("#erasure_cancel").click()
             expect(page.locator("#erasure_status").first).to_contain_text("cancelled", timeout=60_000)
             expect(text).to_contain_text("cancelled")
+            # a page opened afterwards (or reloaded) shows the last run, not an empty tab
+            page.reload(wait_until="domcontentloaded")
+            expect(page.locator("#erasure_status").first).to_contain_text("cancelled", timeout=60_000)
+            expect(text).to_contain_text("cancelled")
         finally:
             browser.close()
     assert shot.stat().st_size > 10_000
