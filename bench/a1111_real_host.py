@@ -89,6 +89,28 @@ def train_in_tab(page, name: str, pid: int) -> dict:
             "seconds": round(time.time() - start, 1), "memory": memory.done()}
 
 
+def closed_then_reopened(browser, erasures: Path) -> dict:
+    """A1111's gradio 3.41 keeps running a closed page's job: a page opened afterwards shows it going, then done."""
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.set_default_timeout(120_000)
+    page.goto(SERVER)
+    page.get_by_role("button", name="Concept Erasure", exact=True).first.click()
+    status = page.locator("#erasure_status").first
+    page.wait_for_timeout(3000)
+    while_running = status.inner_text().strip()
+    for _ in range(40):  # until the run is done (at most 10 minutes), as a user reloading now and then
+        if (erasures / "closed_page.safetensors").exists():
+            break
+        time.sleep(15)
+    page.reload()
+    page.get_by_role("button", name="Concept Erasure", exact=True).first.click()
+    page.wait_for_timeout(3000)
+    after = status.inner_text().strip()
+    page.close()
+    return {"patch written": (erasures / "closed_page.safetensors").exists(),
+            "a page opened while it ran shows": while_running[:300], "reloaded once it finished": after[:300]}
+
+
 def txt2img(prompt: str, slots: list[tuple[str, float]]) -> tuple[np.ndarray | None, dict]:
     args: list = []
     for name, strength in slots + [("None", 1.0)] * (4 - len(slots)):
@@ -137,10 +159,7 @@ def drive(report: dict, name: str, erasures: Path, args) -> None:
         closed.locator("#erasure_train").click()
         closed.wait_for_timeout(20_000)
         closed.close()
-        time.sleep(240)  # longer than the whole run takes
-        report["page closed 20 s into a run, 4 min later"] = {
-            "patch written": (erasures / "closed_page.safetensors").exists(),
-            "checkpoints kept": sorted(f.name for f in (erasures / ".checkpoints").glob("*"))}
+        report["page closed 20 s into a run"] = closed_then_reopened(browser, erasures)
 
         plain, _ = txt2img("a cat in a garden", [])
         accordion, info_accordion = txt2img("a cat in a garden", [(name, 1.0)])
