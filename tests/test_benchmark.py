@@ -67,6 +67,8 @@ def test_a_patch_left_by_an_interrupted_run_is_reused_only_with_its_measurements
     patch = load_patch(path)
     del patch.training["cpu_share"]  # as written before the measurements were recorded
     save_patch(patch, path)
+    benchmark._train(toy_model, config, "stripes", "uce", ["dots"], {}, path, measured=False)  # stacking: no times
+    assert not trained
     train()
     assert trained == [1]
 
