@@ -63,9 +63,16 @@ class ResidentMemory:
                 "rise_gb": round((self.peak - self.start) / 1e9, 2)}
 
 
+def open_tab(page) -> None:
+    """The Concept Erasure tab: a button in A1111's gradio 3.41, a role="tab" button in Forge's gradio 4."""
+    tab = page.get_by_role("tab", name="Concept Erasure", exact=True)
+    page.wait_for_selector("#tabs")
+    (tab if tab.count() else page.get_by_role("button", name="Concept Erasure", exact=True)).first.click()
+
+
 def fill_tab(page, name: str) -> None:
     page.goto(SERVER)
-    page.get_by_role("button", name="Concept Erasure", exact=True).first.click()  # the tab (before the accordion)
+    open_tab(page)
     fields = {"#erasure_concept textarea": "a cat", "#erasure_steps input": "2", "#erasure_output textarea": name,
               "#erasure_cache_seeds input": "1", "#erasure_cache_steps input": "2",
               "#erasure_preview_images input": "0"}
@@ -94,7 +101,7 @@ def closed_then_reopened(browser, erasures: Path) -> dict:
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     page.set_default_timeout(120_000)
     page.goto(SERVER)
-    page.get_by_role("button", name="Concept Erasure", exact=True).first.click()
+    open_tab(page)
     status = page.locator("#erasure_status").first
     page.wait_for_timeout(3000)
     while_running = status.inner_text().strip()
@@ -103,7 +110,7 @@ def closed_then_reopened(browser, erasures: Path) -> dict:
             break
         time.sleep(15)
     page.reload()
-    page.get_by_role("button", name="Concept Erasure", exact=True).first.click()
+    open_tab(page)
     page.wait_for_timeout(3000)
     after = status.inner_text().strip()
     page.close()
