@@ -47,9 +47,11 @@ def load_single_file(path: str | Path, device: str | torch.device = "cpu", dtype
         raise CheckpointError(f"{path.name} is not a readable .safetensors file ({str(exc).splitlines()[0]})") \
             from None
     family = checkpoint_family(state)
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
     config = unet_config(state, family)
-    unet = _build(_diffusers_unet_class(), config, _convert_unet(state, config), dtype)
-    vae = _build(_diffusers_vae_class(), vae_config(state, family), _convert_vae(state, family), dtype)
+    unet = _build(UNet2DConditionModel, config, _convert_unet(state, config), dtype)
+    vae = _build(AutoencoderKL, vae_config(state, family), _convert_vae(state, family), dtype)
     encoders, tokenizers = _text_encoders(state, family, dtype)
     default = "v_prediction" if family == "sd2" else "epsilon"
     scheduler = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
@@ -98,6 +100,9 @@ def unet_config(state: dict, family: str) -> dict:
     proj_in = next(v for k, v in state.items() if k.startswith(UNET) and k.endswith(".1.proj_in.weight"))
     mid_depth = _count(state, rf"{re.escape(UNET)}middle_block\.1\.transformer_blocks\.(\d+)\.")
     depths = [lv["depth"] or 1 for lv in levels]
+    if mid_depth != depths[-1]:
+        raise CheckpointError(f"unusual UNet: {mid_depth} transformer blocks in the middle, {depths[-1]} in the "
+                              "deepest level")
     config = {
         "sample_size": {"sd1": 64, "sd2": 96, "sdxl": 128}[family],
         "in_channels": int(in_channels),
@@ -109,11 +114,8 @@ def unet_config(state: dict, family: str) -> dict:
         "cross_attention_dim": int(to_k.shape[1]),
         "attention_head_dim": 8 if family == "sd1" else [max(c // 64, 1) for c in channels],
         "use_linear_projection": proj_in.ndim == 2,
-        "transformer_layers_per_block": depths if len(set(depths)) > 1 or mid_depth != depths[-1] else depths[0],
+        "transformer_layers_per_block": depths if len(set(depths)) > 1 else depths[0],
     }
-    if mid_depth != depths[-1]:
-        raise CheckpointError(f"unusual UNet: {mid_depth} transformer blocks in the middle, {depths[-1]} in the "
-                              "deepest level")
     if family == "sdxl":
         config.update(addition_embed_type="text_time", addition_time_embed_dim=256,
                       projection_class_embeddings_input_dim=int(state[f"{UNET}label_emb.0.0.weight"].shape[1]))
@@ -233,16 +235,6 @@ def _byte_symbols() -> dict[int, str]:
 
 
 # -- building modules without a second copy of the weights ------------------------------------------------
-def _diffusers_unet_class():
-    from diffusers import UNet2DConditionModel
-    return UNet2DConditionModel
-
-
-def _diffusers_vae_class():
-    from diffusers import AutoencoderKL
-    return AutoencoderKL
-
-
 def _empty(cls, config):
     """The module with its parameters on the meta device: no random initialisation, no memory."""
     with torch.device("meta"):
