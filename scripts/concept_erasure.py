@@ -5,6 +5,7 @@ live in erasure_core; this file connects them to the WebUI's Script, callbacks, 
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -39,6 +40,11 @@ def patch_folder() -> Path:
 
 def is_forge(sd_model) -> bool:
     return hasattr(sd_model, "forge_objects")
+
+
+def running_in_forge() -> bool:
+    """Forge by its own package: until its first generation, Forge's sd_model is a placeholder with no forge_objects."""
+    return importlib.util.find_spec("modules_forge") is not None
 
 
 _patches: dict[str, tuple[tuple[int, int], object]] = {}
@@ -288,12 +294,12 @@ class WebUIHost(erasure_ui.Host):
 
 
 def loaded_model():
+    if running_in_forge():
+        raise ValueError("training in Forge is not supported yet: train with `erasure train` or the ComfyUI node "
+                         "and put the patch in the patch folder; the accordion applies it in Forge")
     sd_model = shared.sd_model
     if sd_model is None:
         raise ValueError("no model is loaded")
-    if is_forge(sd_model):
-        raise ValueError("training in Forge is not supported yet: train with `erasure train` or the ComfyUI node "
-                         "and put the patch in the patch folder; the accordion applies it in Forge")
     from modules import devices
 
     return ldm.LdmDenoiser(sd_model, autocast=devices.autocast, device=devices.device)

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from webui_fakes import FakeForgeModel, FakeLatentDiffusion, checksum, hook_counts, installed, one_thread
+from webui_fakes import (FakeForgeModel, FakeInitialModel, FakeLatentDiffusion, checksum, forge_host, hook_counts,
+                         installed, one_thread)
 
 from erasure_core.patch import ConceptMemory, ErasurePatch, WeightDelta, save_patch
 
@@ -258,10 +259,12 @@ def test_the_tab_trains_on_the_loaded_model_through_shared_state(webui):
     # what the tab uses in A1111: the loaded model, inputs on the WebUI's device
     model = module.loaded_model()
     assert model.sd_model is sd_model and model.device == torch.device("cpu") and len(model.layer_names()) == 4
-    # in Forge the tab says what to do instead
-    shared.sd_model = FakeForgeModel(sd_model)
-    with pytest.raises(ValueError, match="Forge"):
-        module.loaded_model()
+    # in Forge the tab says what to do instead, also before the first generation has loaded the model
+    with forge_host():
+        for placeholder in (FakeInitialModel(), FakeForgeModel(sd_model)):
+            shared.sd_model = placeholder
+            with pytest.raises(ValueError, match="training in Forge is not supported yet"):
+                module.loaded_model()
     script_callbacks.script_unloaded_callback()
 
 

@@ -12,7 +12,8 @@ attention optimisations call it, Forge's backend/patcher/base.py and backend/nn/
   parameterization, decode_first_stage); `FakeForgeModel` is Forge's, with `forge_objects.unet` a
   `UnetPatcher` (clone deep-copies model_options, set_model_attn2_patch, keyword-only add_patches that keeps only
   keys of the model's named_parameters; patches run in the transformer block before attn2 with Forge's
-  extra_options).
+  extra_options). Until Forge's first generation its `sd_model` is `FakeInitialModel`, a placeholder; `forge_host()`
+  makes `modules_forge` importable, which is how the extension tells Forge from A1111.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 HOST = Path(__file__).resolve().parent / "host"
+FORGE = Path(__file__).resolve().parent / "forge"  # modules_forge, the package that tells Forge from A1111
 TRANSFORMER_OPTIONS: contextvars.ContextVar[dict | None] = contextvars.ContextVar("transformer_options", default=None)
 
 
@@ -37,7 +39,7 @@ def installed():
     """The fake `modules` package and `launch` importable for the duration; every trace removed afterwards."""
     def purge():
         for name in list(sys.modules):
-            if name in ("modules", "launch") or name.startswith("modules."):
+            if name in ("modules", "launch", "modules_forge") or name.startswith("modules."):
                 del sys.modules[name]
 
     purge()
@@ -271,6 +273,25 @@ class ForgeObjects:
 
     def shallow_copy(self) -> "ForgeObjects":
         return ForgeObjects(self.unet, self.clip, self.vae, self.clipvision)
+
+
+@contextlib.contextmanager
+def forge_host():
+    """Inside `installed()`: the host is Forge (its own package importable) for the duration."""
+    sys.path.insert(0, str(FORGE))
+    try:
+        yield
+    finally:
+        sys.path.remove(str(FORGE))
+        sys.modules.pop("modules_forge", None)
+
+
+class FakeInitialModel:
+    """Forge's shared.sd_model until its first generation loads the checkpoint: no forge_objects, no model."""
+
+    def __init__(self) -> None:
+        self.cond_stage_model = None
+        self.chunk_length = 75
 
 
 class FakeForgeModel:

@@ -1,0 +1,1 @@
+"""Fake of Forge's own top-level package: only its presence marks the host as Forge."""
