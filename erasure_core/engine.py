@@ -58,6 +58,7 @@ class TrainConfig:
     preserve_weight: float = 1.0  # weight of the preservation term, when `preserve` names prompts
     projections: str = ""        # attn2 projections the deltas train: "all", "kv" (to_k, to_v); "" = the method's
     gradient_checkpointing: bool = False  # recompute the UNet's transformer blocks in backward: less memory, slower
+    cache_on_cpu: bool = False   # keep the trajectory cache in RAM, moving each batch to the model's device
 
     @property
     def delta_lr(self) -> float | None:
@@ -78,18 +79,22 @@ def _method_default(method: str, name: str) -> float | None:
 
 
 class TrajectoryCache:
-    """Frozen-model trajectories for the erased prompt, flattened over seeds and steps."""
+    """Frozen-model trajectories for the erased prompt, flattened over seeds and steps.
 
-    def __init__(self, records: list[CacheRecord]) -> None:
+    The tensors live on `storage` (the model's device, or the CPU when asked, to spare GPU memory); `draw`
+    hands each batch to `device`, the model's."""
+
+    def __init__(self, records: list[CacheRecord], device=None, storage=None) -> None:
         def cat(name: str) -> torch.Tensor | None:
             parts = [getattr(r, name) for r in records]
-            return None if parts[0] is None else torch.cat(parts)
+            return None if parts[0] is None else torch.cat(parts).to(storage or parts[0].device)
 
         self.x_t, self.t = cat("x_t"), cat("t")
         self.eps_uncond, self.eps_concept, self.eps_alternative = cat("eps_uncond"), cat("eps_concept"), \
             cat("eps_alternative")
         self.eps_preserve: torch.Tensor | None = None
         self.preserved: list[str] = []  # the prompts eps_preserve was computed for, in order
+        self.device = torch.device(device) if device is not None else self.x_t.device
 
     def __len__(self) -> int:
         return len(self.x_t)
@@ -104,21 +109,24 @@ class TrajectoryCache:
         tmp.replace(path)
 
     @classmethod
-    def load(cls, path: Path, device) -> "TrajectoryCache":
+    def load(cls, path: Path, device, storage=None) -> "TrajectoryCache":
         state = torch.load(path, map_location="cpu", weights_only=True)
         cache = cls.__new__(cls)
         for k in cls.FIELDS:
             value = state["tensors"].get(k)
-            setattr(cache, k, None if value is None else value.to(device))
+            setattr(cache, k, None if value is None else value.to(storage or device))
         cache.preserved = list(state["preserved"])
+        cache.device = torch.device(device)
         return cache
 
     @classmethod
     def build(cls, denoiser: Denoiser, concept: Conditioning, empty: Conditioning, seeds: list[int], steps: int,
               guidance: float, alternative: Conditioning | None = None,
-              progress: Callable[[int, int], None] | None = None) -> "TrajectoryCache":
+              progress: Callable[[int, int], None] | None = None, storage=None) -> "TrajectoryCache":
         noise = seeded_noise(seeds, denoiser.sample_shape, denoiser.device)
-        return cls(list(sample_trajectories(denoiser, concept, empty, noise, steps, guidance, alternative, progress)))
+        records = [_moved(r, storage) for r in
+                   sample_trajectories(denoiser, concept, empty, noise, steps, guidance, alternative, progress)]
+        return cls(records, denoiser.device, storage)
 
     @torch.no_grad()
     def add_preserved(self, denoiser: Denoiser, preserved: Conditioning, batch: int = 64,
@@ -130,18 +138,31 @@ class TrajectoryCache:
             if progress:
                 progress(r, len(preserved), None, stage=ANCHOR_STAGE)
             cond = Conditioning(preserved.context[r:r + 1], {k: v[r:r + 1] for k, v in preserved.extra.items()})
-            per_prompt.append(torch.cat([denoiser.predict_noise(self.x_t[i:i + batch], self.t[i:i + batch],
+            per_prompt.append(torch.cat([denoiser.predict_noise(self.x_t[i:i + batch].to(self.device),
+                                                                self.t[i:i + batch].to(self.device),
                                                                 cond.expand(len(self.x_t[i:i + batch])))
-                                         for i in range(0, len(self), batch)]))
+                                         .to(self.x_t.device) for i in range(0, len(self), batch)]))
         self.eps_preserve = torch.stack(per_prompt, dim=1)
         if progress:
             progress(len(preserved), len(preserved), None, stage=ANCHOR_STAGE)
 
     def draw(self, n: int, generator: torch.Generator) -> CacheRecord:
         idx = torch.randint(0, len(self), (n,), generator=generator)
-        pick = lambda t: None if t is None else t[idx]  # noqa: E731
-        return CacheRecord(self.x_t[idx], self.t[idx], self.eps_uncond[idx], self.eps_concept[idx],
-                           pick(self.eps_alternative), pick(self.eps_preserve))
+        return _moved(CacheRecord(self.x_t[idx], self.t[idx], self.eps_uncond[idx], self.eps_concept[idx],
+                                  _pick(self.eps_alternative, idx), _pick(self.eps_preserve, idx)), self.device)
+
+
+def _pick(tensor: torch.Tensor | None, idx: torch.Tensor) -> torch.Tensor | None:
+    return None if tensor is None else tensor[idx]
+
+
+def _moved(record: CacheRecord, device) -> CacheRecord:
+    """The record on `device` (None: where it is)."""
+    if device is None:
+        return record
+    return CacheRecord(*(None if t is None else t.to(device) for t in
+                         (record.x_t, record.t, record.eps_uncond, record.eps_concept, record.eps_alternative,
+                          record.eps_preserve)))
 
 
 class ResamplingSource:
@@ -292,10 +313,14 @@ def run_training(denoiser: Denoiser, config: TrainConfig, parts: TrainableParts,
     return losses
 
 
+PLACEMENT_FIELDS = ("cache_on_cpu",)  # where tensors live, not what is trained: a run resumes across them
+
+
 def checkpoint_path(folder: Path, config: TrainConfig, fingerprint: str, extra: str = "") -> Path:
     """Where a run leaves its state: named by everything that determines the run, so the same run started again
     resumes from it and any other run starts afresh."""
-    key = json.dumps([asdict(config), fingerprint, extra], sort_keys=True, default=str)
+    settings = {k: v for k, v in asdict(config).items() if k not in PLACEMENT_FIELDS}
+    key = json.dumps([settings, fingerprint, extra], sort_keys=True, default=str)
     return Path(folder) / f"train_{hashlib.sha256(key.encode()).hexdigest()[:20]}.pt"
 
 
@@ -331,14 +356,15 @@ def concept_cache(denoiser: Denoiser, config: TrainConfig, concept: Conditioning
                   progress: Progress | None = None) -> TrajectoryCache:
     """The frozen model's trajectories for the run: the interrupted run's own cache when one waits beside
     `checkpoint` (the checkpoint's name already fixes every setting the cache depends on), else sampled now."""
+    storage = "cpu" if config.cache_on_cpu else None
     if checkpoint is not None and cache_path(checkpoint).exists():
-        return TrajectoryCache.load(cache_path(checkpoint), denoiser.device)
+        return TrajectoryCache.load(cache_path(checkpoint), denoiser.device, storage)
     seeds = list(range(config.seed, config.seed + config.cache_seeds))
     bar = (lambda done, total: progress(done, total, None, stage=CACHE_STAGE)) if progress else None
     if bar:
         bar(0, config.cache_steps)
     return TrajectoryCache.build(denoiser, concept, empty, seeds, config.cache_steps, config.cache_guidance,
-                                 alternative, bar)
+                                 alternative, bar, storage)
 
 
 PROJECTION_SETS = {"all": ("to_q", "to_k", "to_v", "to_out.0"), "kv": ("to_k", "to_v")}

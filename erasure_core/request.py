@@ -43,6 +43,7 @@ class TrainRequest:
     cache_seeds: int | None = None
     cache_steps: int | None = None
     gradient_checkpointing: bool | None = None  # None: on for a real checkpoint, off for the toy
+    cache_on_cpu: bool = False      # the trajectory cache in RAM instead of GPU memory
 
 
 # The default batch for real checkpoints (the engine's 8 is the toy model's): one concept with `memory` at SD1.5
@@ -140,6 +141,8 @@ def prepare(request: TrainRequest, model) -> TrainPlan:
         optional["gradient_checkpointing"] = request.gradient_checkpointing is not False
     elif request.gradient_checkpointing is not None:
         optional["gradient_checkpointing"] = request.gradient_checkpointing
+    if request.cache_on_cpu:
+        optional["cache_on_cpu"] = True
     config = TrainConfig(concept=concept_prompt, method=spec.name,
                          alternative=prompt(alternative) if alternative else "",
                          preserve=[prompt(p) for p in preserve], steps=_whole("steps", request.steps, 1),

@@ -152,6 +152,7 @@ class TabRequest:
     cache_steps: int = 25
     batch: int = 0          # images per training step (0: the default, request.CHECKPOINT_BATCH for a checkpoint)
     resolution: int = 0     # training size in pixels; 0: the model's own (512 for SD1.5)
+    cache_on_cpu: bool = False  # the trajectory cache in RAM instead of GPU memory
     preview_images: int = 2
     preview_steps: int = 20
 
@@ -161,7 +162,8 @@ class TabRequest:
         return TrainRequest(concept=self.concept, method=self.method, alternative=self.alternative,
                             preserve=self.preserve, steps=self.steps, lr=self.lr, memory_lr=self.memory_lr,
                             tokens=self.tokens, layers=self.layers, seed=self.seed, batch=self.batch or None,
-                            cache_seeds=self.cache_seeds, cache_steps=self.cache_steps)
+                            cache_seeds=self.cache_seeds, cache_steps=self.cache_steps,
+                            cache_on_cpu=bool(self.cache_on_cpu))
 
 
 def status_text(state: JobState) -> str:
@@ -424,6 +426,8 @@ def build_tab(get_model: Callable[[], object], patch_folder: Callable[[], Path] 
                         resolution = gr.Number(label="Resolution in pixels (0: the model's own; 256 or 384 need "
                                                      "far less memory)", value=d.resolution, precision=0,
                                                minimum=0, elem_id="erasure_resolution")
+                        cache_on_cpu = gr.Checkbox(label="Trajectory cache in RAM, not GPU memory",
+                                                   value=d.cache_on_cpu, elem_id="erasure_cache_on_cpu")
                     with gr.Row():
                         preview_images = gr.Number(label="Preview images", value=d.preview_images, precision=0,
                                                    elem_id="erasure_preview_images")
@@ -443,7 +447,8 @@ def build_tab(get_model: Callable[[], object], patch_folder: Callable[[], Path] 
         fields = {"concept": concept, "method": method, "alternative": alternative, "preserve": preserve,
                   "steps": steps, "lr": lr, "memory_lr": memory_lr, "layers": layers, "seed": seed, "output": output,
                   "tokens": tokens, "cache_seeds": cache_seeds, "cache_steps": cache_steps, "batch": batch,
-                  "resolution": resolution, "preview_images": preview_images, "preview_steps": preview_steps}
+                  "resolution": resolution, "cache_on_cpu": cache_on_cpu, "preview_images": preview_images,
+                  "preview_steps": preview_steps}
 
         def run(*values):
             job = TrainJob(get_model, folder, TabRequest(**dict(zip(fields, values))), host)

@@ -22,12 +22,13 @@ _ENGINE_DEFAULTS = TrainConfig(concept="")
 def make_request(concept: str, method: str, alternative: str, preserve: str, steps: int, learning_rate: float,
                  layers: str, seed: int, memory_learning_rate: float | None = None, memory_tokens: int | None = None,
                  batch_size: int | None = None, cache_seeds: int | None = None,
-                 cache_steps: int | None = None) -> TrainRequest:
+                 cache_steps: int | None = None, cache_on_cpu: bool = False) -> TrainRequest:
     """The node's inputs as a training request (erasure_core.request); 0 learning rates mean the method's."""
     return TrainRequest(concept=concept, method=method, alternative=alternative, preserve=preserve,
                         steps=int(steps), lr=learning_rate or None, memory_lr=memory_learning_rate or None,
                         tokens=memory_tokens if memory_tokens is not None else _DEFAULTS.tokens, layers=layers,
-                        seed=int(seed), batch=batch_size, cache_seeds=cache_seeds, cache_steps=cache_steps)
+                        seed=int(seed), batch=batch_size, cache_seeds=cache_seeds, cache_steps=cache_steps,
+                        cache_on_cpu=bool(cache_on_cpu))
 
 
 def _checkpoint_folder() -> Path:
@@ -94,6 +95,10 @@ class ConceptErasureTrainPatch:
                                         "tooltip": "DDIM steps of each cached trajectory."}),
                 "rerun": ("INT", {"default": 0, "min": 0, "max": 0xFFFF,
                                   "tooltip": "Change to train again with the same settings."}),
+                # added last: a saved workflow's widget values stay in their places
+                "cache_on_cpu": ("BOOLEAN", {"default": False,
+                                             "tooltip": "Keep the cached trajectories in RAM instead of GPU "
+                                                        "memory (each batch is moved over)."}),
             },
             **HIDDEN_NODE_ID,
         }
@@ -105,11 +110,12 @@ class ConceptErasureTrainPatch:
 
     def train(self, model, clip, concept, method, alternative, preserve, steps, learning_rate, layers, seed,
               memory_learning_rate=None, memory_tokens=None, batch_size=1, resolution=512, cache_seeds=None,
-              cache_steps=None, rerun=0, unique_id=None):
+              cache_steps=None, rerun=0, cache_on_cpu=False, unique_id=None):
         denoiser = ComfyDenoiser(model, clip, width=resolution, height=resolution, load_model=loader(training=True),
                                  check_interrupt=interrupt_check())
         plan = prepare(make_request(concept, method, alternative, preserve, steps, learning_rate, layers, seed,
-                                    memory_learning_rate, memory_tokens, batch_size, cache_seeds, cache_steps),
+                                    memory_learning_rate, memory_tokens, batch_size, cache_seeds, cache_steps,
+                                    cache_on_cpu),
                        denoiser)
         notes = [f"⚠ note: {note}" for note in plan.notes]
         warn([f"note: {note}" for note in plan.notes], unique_id)

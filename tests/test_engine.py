@@ -94,6 +94,31 @@ def test_a_cancelled_run_keeps_its_cache_and_the_resumed_run_samples_nothing(toy
     assert not ckpt.exists() and not engine.cache_path(ckpt).exists()
 
 
+def test_a_cache_kept_in_ram_hands_each_batch_to_the_models_device(toy_model, tmp_path):
+    """cache_on_cpu: the tensors stay in RAM and every draw goes to the model's device ('meta' stands in for a
+    GPU on a CPU machine); the trained patch is the same, and a run resumes across the setting."""
+    from dataclasses import replace
+
+    import erasure_core.engine as engine
+
+    config = TrainConfig(concept="a circle", method="esd-x", steps=3, batch=2, cache_seeds=1, cache_steps=3,
+                         preserve=["a square"], cache_on_cpu=True)
+    in_ram = train_patch(toy_model, config)
+    on_device = train_patch(toy_model, replace(config, cache_on_cpu=False))
+    assert in_ram.losses == on_device.losses
+    assert all(torch.equal(d.full, on_device.patch.deltas[k].full) for k, d in in_ram.patch.deltas.items())
+    assert engine.checkpoint_path(tmp_path, config, "f") == \
+        engine.checkpoint_path(tmp_path, replace(config, cache_on_cpu=False), "f")
+    ckpt = tmp_path / "run.pt"
+    with pytest.raises(Cancelled):
+        train_patch(toy_model, config, checkpoint=ckpt, cancel=lambda: True)
+    stored = engine.TrajectoryCache.load(engine.cache_path(ckpt), device="meta", storage="cpu")
+    assert stored.x_t.device.type == "cpu" and stored.eps_preserve.device.type == "cpu"
+    batch = stored.draw(2, torch.Generator().manual_seed(0))
+    drawn = (batch.x_t, batch.t, batch.eps_uncond, batch.eps_concept, batch.eps_preserve)
+    assert all(t.device.type == "meta" for t in drawn)
+
+
 @pytest.mark.parametrize("method, stages", [
     ("esd-x", ["sampling the frozen model's trajectories", "the preserved prompts' anchors", "training"]),
     ("uce", ["closed-form edit of the projections"]),

@@ -122,3 +122,14 @@ def test_a_run_that_cannot_fit_in_free_memory_is_refused_with_what_to_lower(toy_
                                              toy_model)
     monkeypatch.setattr(memory_estimate, "free_memory", lambda device: (None, "free (unknown)"))
     assert prepare(TrainRequest(concept="circle"), toy_model)  # unknown: nothing is refused
+
+
+def test_the_cache_in_ram_is_asked_for_the_same_way_in_every_front_end(toy_model):
+    argv = ["train", "--concept", "circle", "--out", "x.safetensors"]
+    asked = {"cli": request_from_args(build_parser().parse_args(argv + ["--cache-on-cpu"])),
+             "node": _node_train_module().make_request("circle", "memory", "", "auto", 200, 0.0, "all", 0,
+                                                       cache_on_cpu=True),
+             "tab": ui.TabRequest(concept="circle", cache_on_cpu=True).training()}
+    assert all(prepare(request, toy_model).config.cache_on_cpu for request in asked.values())
+    plain = request_from_args(build_parser().parse_args(argv))
+    assert not prepare(plain, toy_model).config.cache_on_cpu

@@ -40,6 +40,8 @@ def add_parser(sub) -> None:
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                    help="recompute the UNet's transformer blocks in the backward pass: far less memory, about a "
                         "third slower (default: on for a checkpoint, off for the toy model)")
+    p.add_argument("--cache-on-cpu", action="store_true",
+                   help="keep the sampled trajectories in RAM instead of GPU memory (each batch is moved over)")
     p.add_argument("--out", required=True, help="output .safetensors")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run with the same settings from its checkpoint (kept beside --out)")
@@ -60,7 +62,7 @@ def request_from_args(args):
     return TrainRequest(concept=args.concept, method=args.method, alternative=args.alternative,
                         preserve=args.preserve, steps=args.steps, lr=args.lr, memory_lr=args.memory_lr,
                         tokens=args.tokens, layers=args.layers, seed=args.seed, batch=args.batch,
-                        gradient_checkpointing=args.gradient_checkpointing)
+                        gradient_checkpointing=args.gradient_checkpointing, cache_on_cpu=args.cache_on_cpu)
 
 
 def train_to_file(model, request, out: Path, resume: bool = False) -> Path:
