@@ -8,6 +8,9 @@ reach the API's info and the page. Prints a JSON report.
     # a random-weight SD1.5 checkpoint (bench/random_checkpoint.py) and, offline, bench/hf_clip_cache.py
     HF_HUB_OFFLINE=1 python launch.py --skip-torch-cuda-test --use-cpu all --no-half --precision full --api
     python bench/a1111_real_host.py --webui /path/to/stable-diffusion-webui --pid $(pgrep -f launch.py)
+    # Forge (its tab refuses training): a patch trained with `erasure train --model the-checkpoint.safetensors`
+    # into models/erasures, then
+    python bench/a1111_real_host.py --webui /path/to/forge --pid $(pgrep -f launch.py) --forge --patch NAME
 
 Training is 2 steps on 1 trajectory of 2 steps and generation 64 px with 3 steps: it checks the host contract and
 the memory of one training run at 512 px, not quality."""
@@ -89,7 +92,7 @@ def train_in_tab(page, name: str, pid: int) -> dict:
     memory = ResidentMemory(pid)
     start = time.time()
     page.locator("#erasure_train").click()
-    page.wait_for_function("() => /wrote .*\\.safetensors|error|refused|out of memory/i.test("
+    page.wait_for_function("() => /wrote .*\\.safetensors|error|refused|out of memory|not supported/i.test("
                            "document.querySelector('#erasure_status')?.innerText || '')", timeout=3_600_000,
                            polling=1000)
     return {"status": page.locator("#erasure_status").first.inner_text().strip()[:600],
@@ -136,9 +139,15 @@ def main() -> None:
     parser.add_argument("--webui", required=True, help="the WebUI folder")
     parser.add_argument("--pid", type=int, required=True, help="the WebUI process, for its memory")
     parser.add_argument("--chromium", default="/usr/bin/chromium")
+    parser.add_argument("--forge", action="store_true",
+                        help="the WebUI is Forge: its tab must refuse to train (before any generation, too), and "
+                             "the rest applies --patch, trained with `erasure train` as a Forge user does")
+    parser.add_argument("--patch", default="", help="with --forge: the patch (a name in models/erasures) to apply")
     args = parser.parse_args()
+    if args.forge and not args.patch:
+        parser.error("--forge needs --patch")
     report: dict = {}
-    name = "real_tab_memory"
+    name = args.patch or "real_tab_memory"
     erasures = Path(args.webui) / "models" / "erasures"
     try:
         drive(report, name, erasures, args)
@@ -153,20 +162,24 @@ def drive(report: dict, name: str, erasures: Path, args) -> None:
         browser = p.chromium.launch(executable_path=args.chromium, args=CHROMIUM_FLAGS)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.set_default_timeout(120_000)
-        for old in [erasures / f"{name}.safetensors", erasures / "garbage.safetensors",  # an earlier run's
-                    erasures / "closed_page.safetensors", *(erasures / ".checkpoints").glob("*")]:
+        earlier = [erasures / "garbage.safetensors", erasures / "closed_page.safetensors",
+                   *(erasures / ".checkpoints").glob("*")] + ([] if args.forge else [erasures / f"{name}.safetensors"])
+        for old in earlier:  # an earlier run's
             old.unlink(missing_ok=True)
-        report["tab: train memory at the tab's batch and resolution"] = train_in_tab(page, name, args.pid)
+        if args.forge:  # first thing after start: Forge has not loaded its model yet
+            report["tab: train before any generation (must refuse)"] = train_in_tab(page, "forge_tab", args.pid)
+        else:
+            report["tab: train memory at the tab's batch and resolution"] = train_in_tab(page, name, args.pid)
         report["patch file"] = sorted(f.name for f in erasures.glob("*.safetensors"))
 
-        # a page closed mid-run: the tab's run stops (and keeps its checkpoint) instead of training for nobody
-        closed = browser.new_page(viewport={"width": 1400, "height": 1000})
-        closed.set_default_timeout(120_000)
-        fill_tab(closed, "closed_page")
-        closed.locator("#erasure_train").click()
-        closed.wait_for_timeout(20_000)
-        closed.close()
-        report["page closed 20 s into a run"] = closed_then_reopened(browser, erasures)
+        if not args.forge:  # a page closed mid-run: a page opened later shows the run, then what it wrote
+            closed = browser.new_page(viewport={"width": 1400, "height": 1000})
+            closed.set_default_timeout(120_000)
+            fill_tab(closed, "closed_page")
+            closed.locator("#erasure_train").click()
+            closed.wait_for_timeout(20_000)
+            closed.close()
+            report["page closed 20 s into a run"] = closed_then_reopened(browser, erasures)
 
         plain, _ = txt2img("a cat in a garden", [])
         accordion, info_accordion = txt2img("a cat in a garden", [(name, 1.0)])
@@ -194,6 +207,8 @@ def drive(report: dict, name: str, erasures: Path, args) -> None:
                                " || '')", timeout=600_000, polling=1000)
         report["refused file, page"] = page.locator("#html_info_txt2img").first.inner_text().strip()[:400]
         page.screenshot(path="/tmp/a1111_refused.png")
+        if args.forge:  # and after a generation has loaded the model
+            report["tab: train after a generation (must refuse)"] = train_in_tab(page, "forge_tab", args.pid)
         browser.close()
     report["server alive afterwards"] = "state" in api("/sdapi/v1/progress")
 
