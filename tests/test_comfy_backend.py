@@ -364,6 +364,36 @@ def test_gradients_reach_the_patch_and_never_the_model(toy_pair):
     comfy.release()
 
 
+def test_training_on_inference_weights_aliases_them_instead_of_copying(toy_model):
+    """ComfyUI builds and loads its model under inference mode, and autograd refuses to save inference tensors.
+    The trainer runs on ordinary tensors over the same memory: gradients reach the patch, no weight is copied."""
+    from comfy_fakes.host import FakeCLIP
+    from erasure_core.toy.model import train_scheduler
+
+    with torch.inference_mode():  # as ComfyUI's checkpoint loader runs
+        model = build_comfy_model(toy_model.unet, betas=train_scheduler().betas)
+    assert all(p.is_inference() for p in model.parameters())
+    comfy = ComfyDenoiser(FakeModelPatcher(model), FakeCLIP(toy_model.tokenizer, toy_model.text_encoders[0]),
+                          width=32, height=32, downscale=1, chunk=16)
+    names = comfy.layer_names()
+    before = checksum(model)
+    k = torch.nn.Parameter(0.1 * torch.randn(4, 128))
+    delta = torch.nn.Parameter(torch.zeros(128, 128))
+    live = ErasurePatch(layers=names, memory=ConceptMemory(k, torch.nn.Parameter(torch.zeros(4, 128))),
+                        deltas={f"{names[0]}.to_v": WeightDelta(full=delta)})
+    with torch.inference_mode():
+        cond = comfy.encode(["a circle"])
+        with torch.inference_mode(False), torch.enable_grad():
+            handle = comfy.attach([(live, 1.0)])
+            comfy.predict_noise(torch.randn(1, 3, 32, 32), torch.tensor([500]), cond).square().mean().backward()
+            handle.detach()
+    assert k.grad.abs().sum() > 0 and delta.grad.abs().sum() > 0
+    own = {t.data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+    assert {t.data_ptr() for t in comfy._aliases.values()} <= own  # the same memory: nothing copied
+    assert checksum(model) == before
+    comfy.release()
+
+
 @pytest.mark.parametrize("prediction", ["eps", "v"])
 def test_x0_from_apply_model_becomes_the_same_epsilon_as_diffusers(sd1, prediction):
     """ComfyUI's apply_model returns x0 for every parameterisation; predict_noise must give diffusers' ε."""

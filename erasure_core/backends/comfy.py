@@ -18,10 +18,11 @@ Applying a patch (`apply_patches`), the same arithmetic as erasure_core.injectio
   detached tensors, because clone() deep-copies model_options.
 
 Training (`ComfyDenoiser`): nodes run under torch.inference_mode() and ComfyUI's weights are inference tensors,
-which cannot be saved for backward. The denoiser leaves the user's module alone and, while gradients are on, runs
-it through torch.func.functional_call with cloned, ordinary copies of its parameters (one extra copy of the weights,
-freed by `release()`); deltas become W + s·ΔW in that parameter set, memories a MemoryAttn2Patch holding the live
-tensors, so gradients reach the patch being trained.
+which autograd refuses to save for backward. The denoiser leaves the user's module alone and, while gradients are
+on, runs it through torch.func.functional_call with ordinary tensors that alias the same memory (made through
+DLPack outside inference mode: nothing is copied; a dtype DLPack cannot carry is copied instead; dropped by
+`release()`); deltas become W + s·ΔW in that parameter set, memories a MemoryAttn2Patch holding the live tensors,
+so gradients reach the patch being trained.
 """
 from __future__ import annotations
 
@@ -318,7 +319,7 @@ class ComfyDenoiser:
         self.name = name or (type(config).__name__ if config is not None else "comfyui-model")
         self._load, self._check_interrupt, self.chunk = load_model, check_interrupt, chunk
         self._attached: list[_Attachment] = []
-        self._cloned: dict[str, torch.Tensor] | None = None
+        self._aliases: dict[str, torch.Tensor] | None = None
         self._wrapper = _ApplyModel(self.base)
 
     # -- the denoiser protocol -------------------------------------------------------------
@@ -471,8 +472,8 @@ class ComfyDenoiser:
         return process(latent) if process is not None else latent
 
     def release(self) -> None:
-        """Free the training copy of the weights."""
-        self._cloned = None
+        """Drop the training view of the weights (and any copy a dtype without DLPack needed)."""
+        self._aliases = None
 
     # -- internals -------------------------------------------------------------------------
     def _require_vae(self, what: str) -> None:
@@ -487,15 +488,15 @@ class ComfyDenoiser:
             self._loaded = True
 
     def _parameters(self, training: bool) -> dict[str, torch.Tensor]:
-        """Parameters to run with: none (the module's own) for inference without deltas; ordinary copies of all
-        of them while training; attached deltas added functionally as W + s·ΔW."""
+        """Parameters to run with: none (the module's own) for inference without deltas; while training, all of
+        them as tensors autograd may save (`autograd_alias`); attached deltas added functionally as W + s·ΔW."""
         params: dict[str, torch.Tensor] = {}
         if training:
-            if self._cloned is None:
+            if self._aliases is None:
                 with torch.inference_mode(False), torch.no_grad():
-                    self._cloned = {name: t.detach().clone() for name, t in
-                                    list(self._wrapper.named_parameters()) + list(self._wrapper.named_buffers())}
-            params.update(self._cloned)
+                    self._aliases = {name: autograd_alias(t) for name, t in
+                                     list(self._wrapper.named_parameters()) + list(self._wrapper.named_buffers())}
+            params.update(self._aliases)
         deltas: dict[str, list[tuple[WeightDelta, float]]] = {}
         for handle in self._attached:
             for patch, strength in handle.patches:
@@ -529,3 +530,16 @@ class ComfyDenoiser:
         if patches:
             options["patches"] = patches
         return options
+
+
+def autograd_alias(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` as one autograd may save for backward, over the same memory: an inference tensor re-wrapped through
+    DLPack outside inference mode is an ordinary tensor sharing its storage. Call outside inference mode. Only for
+    weights nobody writes while it lives (the alias has its own version counter)."""
+    tensor = tensor.detach()
+    if not tensor.is_inference():
+        return tensor
+    try:
+        return torch.from_dlpack(tensor)
+    except (BufferError, RuntimeError, TypeError):  # a dtype or layout DLPack cannot carry (fp8, say)
+        return tensor.clone()
