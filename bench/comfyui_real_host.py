@@ -6,10 +6,11 @@ queued again. Prints a JSON report. Run it against a server you started:
     # this pack cloned into custom_nodes/, websocket-client in that venv, and a random-weight SD1.5 checkpoint:
     python bench/random_checkpoint.py /path/to/ComfyUI/models/checkpoints/random-sd15.safetensors
     python main.py --cpu --listen 127.0.0.1 --port 8188
-    python bench/comfyui_real_host.py --comfyui /path/to/ComfyUI --checkpoint random-sd15.safetensors
+    python bench/comfyui_real_host.py --comfyui /path/to/ComfyUI --checkpoint random-sd15.safetensors [--pid PID]
 
 Sizes are tiny on purpose (64 px, 3 sampler steps, 3 to 5 training steps): it checks the host contract, not
-quality."""
+quality. With --pid (the server's process) it also trains memory once at 512 px, batch 1, with the model already
+loaded, and reports how far the server's resident set rose: the training's own memory, weights not copied."""
 from __future__ import annotations
 
 import argparse
@@ -117,6 +118,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--comfyui", required=True, help="the ComfyUI folder the server runs from")
     parser.add_argument("--checkpoint", required=True, help="a file name in models/checkpoints")
+    parser.add_argument("--pid", type=int, default=0, help="the server's process, to measure a 512 px training")
     args = parser.parse_args()
     output, erasures = os.path.join(args.comfyui, "output"), os.path.join(args.comfyui, "models", "erasures")
     report: dict = {}
@@ -176,6 +178,18 @@ def main() -> None:
     plain = image("plain")
     report["max pixel difference from plain"] = {k: int(np.abs(image(k) - plain).max()) for k in runs if k != "plain"}
     report["stacked vs patched"] = int(np.abs(image("stacked") - image("patched")).max())
+    if args.pid:  # the checkpoint loader's output is cached by now: the rise is the training's alone
+        from a1111_real_host import ResidentMemory
+
+        g = Graph()
+        model = loader(g)
+        trained = g.add("ConceptErasureTrainPatch", model=[model, 0], clip=[model, 1], concept="a cat",
+                        method="memory", preserve="", steps=2, seed=0, batch_size=1, resolution=512, cache_seeds=1,
+                        cache_steps=2)
+        g.add("ConceptErasureSavePatch", erasure_patch=[trained, 0], filename="real_memory_512")
+        memory = ResidentMemory(args.pid)
+        outcome = g.run()
+        report["train memory at 512 px, batch 1"] = {**outcome, "memory": memory.done()}
     os.makedirs(erasures, exist_ok=True)
     for name, data in (("garbage.safetensors", b"\x00" * 64), ("pickle.safetensors", b"\x80\x04\x95" + b"x" * 100)):
         with open(os.path.join(erasures, name), "wb") as f:

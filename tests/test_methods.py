@@ -8,13 +8,14 @@ The thresholds come from oracle counts measured with exactly these settings (tra
 configs in CASES, 10 DDIM steps at guidance 3), on 6 target seeds and 6 other prompts (base model: 6/6 circles,
 6/6 others right). Circles left on the 6 target seeds, measured: memory 1, memory-only 1, memory-key 0,
 all-but-one → square 0 (6 squares), all-but-one 1, esd-x 0, esd-x-strict 0, esd-u 2, uce 1, uce → square 0
-(6 squares); every method kept 6 of 6 other prompts. So MAX_LEFT = 2 and MIN_KEPT = 5 leave each method a margin
+(6 squares), rece 1 (round 1 kept); every method kept 6 of 6 other prompts. So MAX_LEFT = 2 and MIN_KEPT = 5 leave each method a margin
 of one seed; ESD-u, which erases a single object only partly (as in bench/results/tuning.md), is allowed 3.
 """
 from contextlib import nullcontext
 from dataclasses import dataclass
 
 import pytest
+import torch
 
 from erasure_core.denoiser import patched
 from erasure_core.engine import TrainConfig
@@ -55,6 +56,7 @@ CASES = {
     "esd-u": config("esd-u", lr=5e-4, steps=20, preserve=PRESERVE),
     "uce": config("uce"),
     "uce → square": config("uce", alternative="a square"),
+    "rece": config("rece", preserve=PRESERVE),
 }
 
 
@@ -193,6 +195,34 @@ def test_uce_is_the_closed_form_edit(toy_model, trained):
     delta = patch.deltas[layer].full
     assert (erased @ (w + delta).T - anchor @ w.T).norm() < 0.5 * (erased @ w.T - anchor @ w.T).norm()
     assert (kept @ delta.T).norm() < 0.2 * (kept @ w.T).norm()
+
+
+def test_rece_erases(toy_model, oracle, trained, base):
+    patch = train(trained, "rece").patch
+    assert set(patch.training["rece"]) == {"rounds", "kept_round"} and len(patch.training["rece"]["rounds"]) == 4
+    assert_erased(judge(toy_model, oracle, [(patch, 1.0)]), base)
+
+
+def test_rece_solves_for_the_embedding_that_regenerates_the_concept_and_erases_it_too(toy_model):
+    """Exact algebra: the derived rows minimise Σ‖W'c' − Wc‖² + λ‖c'‖² (zero gradient), and the next round's edit
+    takes them towards the anchor."""
+    from erasure_core.methods.rece import DERIVATION_RIDGE, regenerating_rows
+    from erasure_core.methods.uce import closed_form_edit, prompt_rows
+
+    erased, anchors, kept = prompt_rows(toy_model, config("rece", preserve=PRESERVE))
+    original = {k: w.detach().double() for k, w in toy_model.projection_weights().items()}
+    edited = closed_form_edit(original, erased, anchors, kept)
+    found = regenerating_rows(original, edited, erased).requires_grad_()
+    objective = sum((found @ edited[k].T - erased @ w.T).square().sum() for k, w in original.items()) \
+        + DERIVATION_RIDGE * found.square().sum()
+    objective.backward()
+    assert found.grad.abs().max() < 1e-6 * objective.item()
+    found = found.detach()
+    again = closed_form_edit(original, torch.cat([erased, found]), torch.cat([anchors, anchors]), kept)
+
+    def to_anchor(weights):
+        return sum(float((found @ weights[k].T - anchors @ w.T).norm()) for k, w in original.items())
+    assert to_anchor(again) < 0.7 * to_anchor(edited)
 
 
 @pytest.mark.parametrize("method", [m for m in method_names() if m != "esd-u"])  # esd-u: outside attn2 by design

@@ -24,27 +24,40 @@ def _token_rows(denoiser: Denoiser, prompt: str, length: int) -> torch.Tensor:
 STAGE = "closed-form edit of the projections"
 
 
-def train_uce(denoiser: Denoiser, config: TrainConfig, *, cache=None, checkpoint=None, progress=None, cancel=None,
-              erase_scale: float = 1.0, preserve_scale: float = 1.0, ridge: float = RIDGE) -> TrainResult:
-    """Closed form: `cache`, `checkpoint` and `cancel` are accepted for the common signature and unused (there
-    are no trajectories to sample); progress reports one step per edited projection."""
+def closed_form_edit(weights: dict[str, torch.Tensor], erased: torch.Tensor, anchors: torch.Tensor,
+                     kept: torch.Tensor, erase_scale: float = 1.0, preserve_scale: float = 1.0,
+                     ridge: float = RIDGE) -> dict[str, torch.Tensor]:
+    """UCE's W' for each W (float64, (out, d)): rows of `erased` map to W·(the same rows of `anchors`), rows of
+    `kept` to W·themselves."""
+    eye = torch.eye(erased.shape[1], dtype=torch.float64)
+    inverse = torch.linalg.inv(erase_scale * erased.T @ erased + preserve_scale * kept.T @ kept + ridge * eye)
+    return {name: (erase_scale * (w @ anchors.T) @ erased + preserve_scale * w @ kept.T @ kept + ridge * w) @ inverse
+            for name, w in weights.items()}
+
+
+def prompt_rows(denoiser: Denoiser, config: TrainConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The erased prompt's token rows, the anchor's aligned with them, and every preserved prompt's rows."""
     anchor = config.alternative or ""
     n = max(denoiser.prompt_length(config.concept), denoiser.prompt_length(anchor))
     erased, anchors = _token_rows(denoiser, config.concept, n), _token_rows(denoiser, anchor, n)
     kept = [_token_rows(denoiser, p, denoiser.prompt_length(p)) for p in config.preserve]
-    kept = torch.cat(kept) if kept else erased.new_zeros(0, erased.shape[1])
+    return erased, anchors, torch.cat(kept) if kept else erased.new_zeros(0, erased.shape[1])
+
+
+def train_uce(denoiser: Denoiser, config: TrainConfig, *, cache=None, checkpoint=None, progress=None, cancel=None,
+              erase_scale: float = 1.0, preserve_scale: float = 1.0, ridge: float = RIDGE) -> TrainResult:
+    """Closed form: `cache`, `checkpoint` and `cancel` are accepted for the common signature and unused (there
+    are no trajectories to sample); progress reports one step per edited projection."""
+    erased, anchors, kept = prompt_rows(denoiser, config)
     parts = setup(denoiser, config, tokens=0, projections=("to_k", "to_v"), delta_layers=config.layers)
     weights = denoiser.projection_weights()
-    eye = torch.eye(erased.shape[1], dtype=torch.float64)
-    right = erase_scale * erased.T @ erased + preserve_scale * kept.T @ kept + ridge * eye
-    inverse = torch.linalg.inv(right)
     with torch.no_grad():
         for i, (name, delta) in enumerate(parts.deltas.items()):
             if progress:
                 progress(i, len(parts.deltas), None, stage=STAGE)
             w = weights[name].detach().double().cpu()
-            left = erase_scale * (w @ anchors.T) @ erased + preserve_scale * w @ kept.T @ kept + ridge * w
-            delta.copy_((left @ inverse - w).to(delta.dtype))
+            edited = closed_form_edit({name: w}, erased, anchors, kept, erase_scale, preserve_scale, ridge)[name]
+            delta.copy_((edited - w).to(delta.dtype))
     if progress:
         progress(len(parts.deltas), len(parts.deltas), None, stage=STAGE)
     return TrainResult(finish_patch(denoiser, parts, config))
