@@ -8,8 +8,9 @@ The thresholds come from oracle counts measured with exactly these settings (tra
 configs in CASES, 10 DDIM steps at guidance 3), on 6 target seeds and 6 other prompts (base model: 6/6 circles,
 6/6 others right). Circles left on the 6 target seeds, measured: memory 1, memory-only 1, memory-key 0,
 all-but-one → square 0 (6 squares), all-but-one 1, esd-x 0, esd-x-strict 0, esd-u 2, uce 1, uce → square 0
-(6 squares), rece 1 (round 1 kept); every method kept 6 of 6 other prompts. So MAX_LEFT = 2 and MIN_KEPT = 5 leave each method a margin
-of one seed; ESD-u, which erases a single object only partly (as in bench/results/tuning.md), is allowed 3.
+(6 squares), rece 1 (round 1 kept); every method kept 6 of 6 other prompts. So MAX_LEFT = 2 and MIN_KEPT = 5
+leave each method a margin of one seed; ESD-u, which erases a single object only partly (as in
+bench/results/tuning.md), is allowed 3.
 """
 from contextlib import nullcontext
 from dataclasses import dataclass
