@@ -39,8 +39,9 @@ def regenerating_rows(original: dict[str, torch.Tensor], edited: dict[str, torch
     return torch.linalg.solve(gram, cross @ rows.T).T
 
 
-def _scores(original, edited, erased, anchors, kept) -> dict[str, float]:
-    found = regenerating_rows(original, edited, erased)
+def _scores(original, edited, found, erased, anchors, kept) -> dict[str, float]:
+    """How close `found`, the rows regenerating the concept under `edited`, bring it back (leak), and how far the
+    preserved rows moved (drift)."""
     residual = sum(float((edited[n] @ found.T - w @ erased.T).square().sum()) for n, w in original.items())
     gap = sum(float((w @ (erased - anchors).T).square().sum()) for w in original.values())
     drift = 0.0
@@ -65,11 +66,12 @@ def train_rece(denoiser: Denoiser, config: TrainConfig, *, cache=None, checkpoin
         if progress:
             progress(r, rounds + 1, None, stage=STAGE)
         edited = closed_form_edit(original, rows, targets, kept)
-        scores = _scores(original, edited, erased, anchors, kept)
+        found = regenerating_rows(original, edited, erased)
+        scores = _scores(original, edited, found, erased, anchors, kept)
         history.append({"round": r, **scores})
         if best is None or scores["score"] < best[0]:
             best = (scores["score"], r, edited)
-        rows = torch.cat([rows, regenerating_rows(original, edited, erased)])
+        rows = torch.cat([rows, found])
         targets = torch.cat([targets, anchors])
     _, kept_round, edited = best
     with torch.no_grad():
