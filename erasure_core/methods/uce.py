@@ -26,13 +26,18 @@ STAGE = "closed-form edit of the projections"
 
 def closed_form_edit(weights: dict[str, torch.Tensor], erased: torch.Tensor, anchors: torch.Tensor,
                      kept: torch.Tensor, erase_scale: float = 1.0, preserve_scale: float = 1.0,
-                     ridge: float = RIDGE) -> dict[str, torch.Tensor]:
+                     ridge: float = RIDGE, progress=None) -> dict[str, torch.Tensor]:
     """UCE's W' for each W (float64, (out, d)): rows of `erased` map to W·(the same rows of `anchors`), rows of
-    `kept` to W·themselves."""
+    `kept` to W·themselves. `progress(done, total)` before each matrix."""
     eye = torch.eye(erased.shape[1], dtype=torch.float64)
     inverse = torch.linalg.inv(erase_scale * erased.T @ erased + preserve_scale * kept.T @ kept + ridge * eye)
-    return {name: (erase_scale * (w @ anchors.T) @ erased + preserve_scale * w @ kept.T @ kept + ridge * w) @ inverse
-            for name, w in weights.items()}
+    edited = {}
+    for i, (name, w) in enumerate(weights.items()):
+        if progress:
+            progress(i, len(weights))
+        edited[name] = (erase_scale * (w @ anchors.T) @ erased + preserve_scale * w @ kept.T @ kept + ridge * w) \
+            @ inverse
+    return edited
 
 
 def prompt_rows(denoiser: Denoiser, config: TrainConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -51,13 +56,12 @@ def train_uce(denoiser: Denoiser, config: TrainConfig, *, cache=None, checkpoint
     erased, anchors, kept = prompt_rows(denoiser, config)
     parts = setup(denoiser, config, tokens=0, projections=("to_k", "to_v"), delta_layers=config.layers)
     weights = denoiser.projection_weights()
+    original = {name: weights[name].detach().double().cpu() for name in parts.deltas}
+    step = (lambda done, total: progress(done, total, None, stage=STAGE)) if progress else None
+    edited = closed_form_edit(original, erased, anchors, kept, erase_scale, preserve_scale, ridge, step)
     with torch.no_grad():
-        for i, (name, delta) in enumerate(parts.deltas.items()):
-            if progress:
-                progress(i, len(parts.deltas), None, stage=STAGE)
-            w = weights[name].detach().double().cpu()
-            edited = closed_form_edit({name: w}, erased, anchors, kept, erase_scale, preserve_scale, ridge)[name]
-            delta.copy_((edited - w).to(delta.dtype))
+        for name, delta in parts.deltas.items():
+            delta.copy_((edited[name] - original[name]).to(delta.dtype))
     if progress:
         progress(len(parts.deltas), len(parts.deltas), None, stage=STAGE)
     return TrainResult(finish_patch(denoiser, parts, config))
