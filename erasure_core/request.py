@@ -3,8 +3,9 @@ WebUI tab's fields), turned into a TrainConfig in one place, with every check an
 
 - The method comes from the registry; a method that takes no alternative drops one and says so in `notes`, a
   method that needs one asks for it.
-- Preservation: "auto" keeps the model vocabulary's default (every other concept of the toy world; nothing on a
-  model without a vocabulary), "none" or "" keeps nothing, anything else is a list split at commas and new lines.
+- Preservation: "auto" keeps the model vocabulary's default (every other concept of the toy world) or, on a model
+  without a vocabulary, the AUTO_PRESERVE words of the shipped word list nearest the concept
+  (erasure_core.candidates); "none" or "" keeps nothing, anything else is a list split at commas and new lines.
 - On a model with a vocabulary, concept names become its training prompts ("circle" -> "a circle"), and a name
   it does not know is refused with the known ones listed.
 """
@@ -14,6 +15,7 @@ import math
 from dataclasses import dataclass, field
 
 from . import memory_estimate
+from .candidates import nearest_concepts
 from .engine import TrainConfig
 from .layers import SELECTION_MODES, select_layers
 from .methods import DEFAULT_METHOD, TrainResult, get_method
@@ -21,6 +23,7 @@ from .vocabulary import vocabulary_of
 
 PRESERVE_AUTO = "auto"
 PRESERVE_NONE = "none"
+AUTO_PRESERVE = 8  # neighbours kept by "auto" on a model without a vocabulary: each costs one anchor pass per x_t
 
 
 class RequestError(ValueError):
@@ -118,7 +121,13 @@ def prepare(request: TrainRequest, model) -> TrainPlan:
     concept_prompt = prompt(concept)  # refuses a name the vocabulary lacks before anything else uses it
     preserve_text = (request.preserve or "").strip()
     if preserve_text.lower() == PRESERVE_AUTO:
-        preserve = vocabulary.default_preserve(concept) if vocabulary is not None else []
+        if vocabulary is not None:
+            preserve = vocabulary.default_preserve(concept)
+        elif spec.takes_preserve:
+            preserve = nearest_concepts(model, concept, AUTO_PRESERVE)
+            notes.append(f"preserving the {len(preserve)} nearest concepts of the word list: {', '.join(preserve)}")
+        else:
+            preserve = []
     elif preserve_text.lower() == PRESERVE_NONE:
         preserve = []
     else:

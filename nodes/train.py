@@ -64,7 +64,8 @@ class ConceptErasureTrainPatch:
                                                                      "Empty: nothing in particular."}),
                 "preserve": ("STRING", {"default": _DEFAULTS.preserve, "multiline": True,
                                         "tooltip": "Concepts to keep intact, one per line or separated by commas. "
-                                                   "'auto': the model's own default (none for a checkpoint); "
+                                                   "'auto': the model's own default (for a checkpoint: the 8 "
+                                                   "nearest concepts of the shipped word list); "
                                                    "'none' or empty: nothing."}),
                 "steps": ("INT", {"default": _DEFAULTS.steps, "min": 1, "max": 100000,
                                   "tooltip": "Training steps (uce is closed-form and ignores it)."}),

@@ -62,8 +62,20 @@ def test_defaults_and_what_each_method_takes(toy_model):
 
 def test_a_model_without_vocabulary_takes_the_text_as_it_is(toy_model, monkeypatch):
     monkeypatch.setattr(toy_model, "vocabulary", None)
-    plan = prepare(TrainRequest(concept="Van Gogh", alternative="dry brushing"), toy_model)
+    plan = prepare(TrainRequest(concept="Van Gogh", alternative="dry brushing", preserve="none"), toy_model)
     assert (plan.config.concept, plan.config.alternative, plan.config.preserve) == ("Van Gogh", "dry brushing", [])
+
+
+def test_auto_on_a_model_without_vocabulary_keeps_the_word_lists_nearest_concepts(toy_model, monkeypatch):
+    from erasure_core.candidates import nearest_concepts
+    from erasure_core.request import AUTO_PRESERVE
+
+    monkeypatch.setattr(toy_model, "vocabulary", None)
+    plan = prepare(TrainRequest(concept="Van Gogh"), toy_model)
+    assert plan.preserve == plan.config.preserve == nearest_concepts(toy_model, "Van Gogh", AUTO_PRESERVE)
+    assert len(plan.preserve) == AUTO_PRESERVE and not {"van", "gogh"} & {p.lower() for p in plan.preserve}
+    assert plan.notes == [f"preserving the 8 nearest concepts of the word list: {', '.join(plan.preserve)}"]
+    assert prepare(TrainRequest(concept="Van Gogh", method="uce"), toy_model).preserve == plan.preserve
 
 
 def test_a_checkpoint_trains_at_batch_1_by_default_and_the_toy_at_the_engines_8(toy_model, monkeypatch):
@@ -72,7 +84,7 @@ def test_a_checkpoint_trains_at_batch_1_by_default_and_the_toy_at_the_engines_8(
 
     assert prepare(TrainRequest(concept="circle"), toy_model).config.batch == TrainConfig.batch == 8
     monkeypatch.setattr(toy_model, "vocabulary", None)  # as a real checkpoint: no toy world
-    assert prepare(TrainRequest(concept="Van Gogh"), toy_model).config.batch == CHECKPOINT_BATCH == 1
+    assert prepare(TrainRequest(concept="Van Gogh", preserve="none"), toy_model).config.batch == CHECKPOINT_BATCH == 1
     assert prepare(TrainRequest(concept="Van Gogh", batch=4), toy_model).config.batch == 4
 
 

@@ -21,7 +21,8 @@ def add_parser(sub) -> None:
                    help="concept that replaces the erased one (methods that take one; the others ignore it)")
     p.add_argument("--preserve", default=defaults.preserve,
                    help='concepts to keep, separated by commas; "auto" (default): the model\'s own default (every '
-                        'other concept of the toy world; none on a model without a vocabulary); "none"')
+                        'other concept of the toy world; on a model without a vocabulary, the 8 nearest concepts '
+                        'of the shipped word list); "none"')
     p.add_argument("--steps", type=positive_int, default=defaults.steps)
     p.add_argument("--lr", type=finite_float, default=None,
                    help="learning rate of weight deltas (default: the method's: " + ", ".join(
