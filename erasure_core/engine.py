@@ -59,6 +59,8 @@ class TrainConfig:
     projections: str = ""        # attn2 projections the deltas train: "all", "kv" (to_k, to_v); "" = the method's
     gradient_checkpointing: bool = False  # recompute the UNet's transformer blocks in backward: less memory, slower
     cache_on_cpu: bool = False   # keep the trajectory cache in RAM, moving each batch to the model's device
+    candidate_exclude: list[str] = field(default_factory=list)  # words a candidate search may not pick (the
+    # benchmark's held-out concepts, so that held-out stays held out)
 
     @property
     def delta_lr(self) -> float | None:
@@ -203,6 +205,7 @@ class TrainableParts:
                                         torch.nn.Parameter(torch.zeros(tokens, context_dim, device=device)))
         self.deltas = {module: torch.nn.Parameter(torch.zeros(weight_shapes[module], device=device))
                        for module in delta_modules}
+        self.extra: dict[str, torch.nn.Parameter] = {}  # a method's own trained state (an adversary's logits)
 
     def memory_params(self) -> list[torch.nn.Parameter]:
         return [self.memory.k, self.memory.v] if self.memory else []
@@ -223,6 +226,7 @@ class TrainableParts:
         out = {f"delta.{k}": v.detach().clone() for k, v in self.deltas.items()}
         if self.memory:
             out["memory.k"], out["memory.v"] = self.memory.k.detach().clone(), self.memory.v.detach().clone()
+        out.update({f"extra.{k}": v.detach().clone() for k, v in self.extra.items()})
         return out
 
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
@@ -232,6 +236,8 @@ class TrainableParts:
             if self.memory:
                 self.memory.k.copy_(state["memory.k"])
                 self.memory.v.copy_(state["memory.v"])
+            for k, v in self.extra.items():
+                v.copy_(state[f"extra.{k}"])
 
 
 def predict_with(denoiser: Denoiser, parts: ErasurePatch | None, x: torch.Tensor, t: torch.Tensor,
@@ -253,7 +259,7 @@ def finish_patch(denoiser: Denoiser, parts: TrainableParts, config: TrainConfig,
     deltas = {k: WeightDelta(full=d.full.detach().clone().cpu()) for k, d in live.deltas.items()
               if d.full.abs().max() > 0}
     training = {k: v for k, v in asdict(config).items()
-                if k not in ("concept", "alternative", "preserve", "seed", "lr", "memory_lr")}
+                if k not in ("concept", "alternative", "preserve", "seed", "lr", "memory_lr", "candidate_exclude")}
     for key, rate, used in (("lr", config.delta_lr, parts.deltas), ("memory_lr", config.memory_rate, parts.memory)):
         if used and rate is not None:
             training[key] = rate

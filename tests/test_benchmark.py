@@ -10,7 +10,7 @@ import pytest
 from erasure_core.toy.benchmark import markdown, run_benchmark
 from erasure_core.toy.evaluation import (PHRASING_FAMILIES, ErasureTarget, ProtocolCounts, erasure_items,
                                          protocol_items, rate, wilson_interval)
-from erasure_core.toy.world import training_prompt
+from erasure_core.toy.world import concept, training_prompt
 from erasure_core.toy.vocabulary import ToyVocabulary
 from erasure_core.cli import main
 from erasure_core.engine import ResamplingSource, TrainConfig
@@ -154,6 +154,9 @@ def test_no_held_out_concept_ever_reaches_a_training_request(toy_model, tmp_path
                   for w in prompt.split()}
     assert not trained_on & {w for name in heldout for w in training_prompt(name).split()} - {"a", "shape", "with"}
     assert seen[1].preserve == []
+    for config, kept in zip(seen, (named, [])):  # nor may a candidate search (Adversarial Preservation's) find one
+        scored_as_held_out = set(ToyVocabulary().concepts()) - set(kept) - {target}
+        assert set(config.candidate_exclude) == {noun for name in scored_as_held_out for noun in concept(name).nouns}
 
 
 def _record(seen, model, config):

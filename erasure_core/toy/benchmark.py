@@ -23,7 +23,7 @@ from ..engine import TrainConfig
 from .evaluation import ErasureTarget, ProtocolCounts, evaluate_protocol, rate, strength_leak
 from ..methods import get_method, method_names, train_patch
 from ..patch import save_patch
-from .world import training_prompt
+from .world import OBJECT_NAMES, STYLE_NAMES, concept, training_prompt
 
 PROTOCOL = "v2"
 PRESERVE_MODES = ("named", "none")
@@ -182,9 +182,12 @@ def _train(denoiser, base_config: TrainConfig, target: str, method: str, kept: l
 
     alternative = alternatives.get(target, "")
     spec = get_method(method)
+    held_out = [n for n in (*OBJECT_NAMES, *STYLE_NAMES) if n != target and n not in kept]
     config = replace(base_config, concept=training_prompt(target), method=method,
                      alternative=training_prompt(alternative) if alternative and spec.takes_alternative else "",
-                     preserve=[training_prompt(k) for k in kept])
+                     preserve=[training_prompt(k) for k in kept],
+                     # a candidate search (Adversarial Preservation's) may not find what is scored as held out
+                     candidate_exclude=[noun for n in held_out for noun in concept(n).nouns])
     if path.exists():  # left by an interrupted run: reused with the measurements it recorded, retrained without
         from ..methods.registry import TrainResult
 
