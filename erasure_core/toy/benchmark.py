@@ -13,7 +13,7 @@ import json
 import os
 import threading
 import time
-from dataclasses import fields, replace
+from dataclasses import MISSING, fields, replace
 from pathlib import Path
 from typing import Callable
 
@@ -250,7 +250,8 @@ def _earlier_state(path: Path, settings: dict) -> dict:
         return empty
     earlier = json.loads(path.read_text())
     strip = lambda d: {k: v for k, v in d.items() if k not in ("date", "torch_threads", "attacks")}  # noqa: E731
-    defaults = {f.name: f.default for f in fields(TrainConfig)}
+    defaults = {f.name: f.default if f.default_factory is MISSING else f.default_factory()
+                for f in fields(TrainConfig)}
     train = {k: v for k, v in settings["train"].items()  # a field added later, at its default, is what the
              if k in earlier.get("settings", {}).get("train", {}) or v != defaults.get(k)}  # earlier rows ran with
     if strip(earlier.get("settings", {})) != strip({**settings, "train": train}):
