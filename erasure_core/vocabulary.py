@@ -30,6 +30,11 @@ class Vocabulary(Protocol):
         """A judge of generated images for this world (the toy world's classifier)."""
         ...
 
+    def shows(self, images, prompt: str):
+        """For each image (N,3,H,W in [0,1]), whether the oracle sees the concept whose training prompt is
+        `prompt` (a bool tensor). Raises KeyError for a prompt that is no concept's."""
+        ...
+
 
 def vocabulary_of(model) -> Vocabulary | None:
     return getattr(model, "vocabulary", None)

@@ -67,8 +67,9 @@ def test_names_are_unique_and_kinds_known():
 
 
 def test_every_builtin_method_is_registered_with_its_facts():
-    assert method_names()[:11] == ("memory", "memory-only", "memory-key", "all-but-one", "esd-x", "esd-x-strict",
-                                   "esd-u", "uce", "rece", "adversarial-preservation", "prune-esd")
+    assert method_names()[:12] == ("memory", "memory-only", "memory-key", "all-but-one", "esd-x", "esd-x-strict",
+                                   "esd-u", "uce", "rece", "adversarial-preservation", "prune-esd",
+                                   "sdd")
     assert [m for m in method_names() if get_method(m).takes_alternative] == \
         ["memory", "memory-only", "memory-key", "all-but-one", "uce", "rece"]
     assert get_method("rece").kind == "closed-form" and get_method("rece").reconstruction

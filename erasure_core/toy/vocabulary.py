@@ -46,3 +46,12 @@ class ToyVocabulary:
         from .classifier import load_oracle
 
         return load_oracle()
+
+    def shows(self, images, prompt: str):
+        c = next((concept(n) for n in self.concepts() if training_prompt(n) == prompt), None)
+        if c is None:
+            raise KeyError(f"{prompt!r} is no concept's training prompt")
+        if not hasattr(self, "_oracle"):
+            self._oracle = self.oracle()
+        names = OBJECT_NAMES if c.axis == "object" else STYLE_NAMES
+        return self._oracle.predict(images)[c.axis] == names.index(c.name)
