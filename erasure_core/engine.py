@@ -395,6 +395,31 @@ def preserved_prompts(denoiser: Denoiser, config: TrainConfig, cache: Trajectory
     return preserved
 
 
+@dataclass
+class Run:
+    """What a trained method on attn2 deltas starts from: the erased and empty prompts' conditioning, the cache,
+    the preserved prompts (None without any) and the trainable parts."""
+
+    concept: Conditioning
+    empty: Conditioning
+    cache: TrajectoryCache
+    preserved: Conditioning | None
+    parts: TrainableParts
+
+
+def start_attn2_run(denoiser: Denoiser, config: TrainConfig, default_projections: str,
+                    cache: TrajectoryCache | None = None, checkpoint: Path | None = None,
+                    progress: Progress | None = None) -> Run:
+    """Encode, build (or reuse) the cache and the preserved prompts' anchors, and set up deltas of the attn2
+    projections (`config.projections`, else `default_projections`) in `config.layers`, with no memory."""
+    concept, empty = denoiser.encode([config.concept]), denoiser.encode([""])
+    cache = cache or concept_cache(denoiser, config, concept, empty, checkpoint=checkpoint, progress=progress)
+    preserved = preserved_prompts(denoiser, config, cache, progress)
+    parts = setup(denoiser, config, tokens=0, projections=projections_of(config, default_projections),
+                  delta_layers=config.layers)
+    return Run(concept, empty, cache, preserved, parts)
+
+
 def esd_target(batch: CacheRecord, eta: float) -> torch.Tensor:
     """ESD's negatively guided target y = ε*(x_t, ∅) − η·(ε*(x_t, c_e) − ε*(x_t, ∅)), shared by ESD and memory."""
     return batch.eps_uncond - eta * (batch.eps_concept - batch.eps_uncond)

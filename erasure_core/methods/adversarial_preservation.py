@@ -23,8 +23,8 @@ import torch.nn.functional as F
 
 from ..candidates import nearest_concepts
 from ..denoiser import CacheRecord, Conditioning, Denoiser
-from ..engine import (TrainConfig, TrajectoryCache, concept_cache, esd_target, finish_patch, predict_with,
-                      preservation_loss, preserved_prompts, projections_of, run_training, setup)
+from ..engine import (TrainConfig, TrajectoryCache, esd_target, finish_patch, predict_with, preservation_loss,
+                      run_training, start_attn2_run)
 from .registry import MethodSpec, TrainResult, register
 
 CANDIDATES = 64
@@ -62,9 +62,8 @@ def _mixed(candidates: Conditioning, weights: torch.Tensor) -> Conditioning:
 def train_adversarial_preservation(denoiser: Denoiser, config: TrainConfig, *, cache: TrajectoryCache | None = None,
                                    checkpoint: Path | None = None, progress: Callable | None = None,
                                    cancel: Callable[[], bool] | None = None) -> TrainResult:
-    concept, empty = denoiser.encode([config.concept]), denoiser.encode([""])
-    cache = cache or concept_cache(denoiser, config, concept, empty, checkpoint=checkpoint, progress=progress)
-    preserved = preserved_prompts(denoiser, config, cache, progress)
+    run = start_attn2_run(denoiser, config, "all", cache, checkpoint, progress)
+    concept, preserved, parts = run.concept, run.preserved, run.parts
     if progress:
         progress(0, 1, None, stage=STAGE)
     words = nearest_concepts(denoiser, config.concept, CANDIDATES,
@@ -75,7 +74,6 @@ def train_adversarial_preservation(denoiser: Denoiser, config: TrainConfig, *, c
     candidates = denoiser.encode(names)
     if progress:
         progress(1, 1, None, stage=STAGE)
-    parts = setup(denoiser, config, tokens=0, projections=projections_of(config, "all"), delta_layers=config.layers)
     logits = parts.extra["adversary"] = torch.nn.Parameter(torch.zeros(len(names), device=denoiser.device))
     live = parts.patch()
     generator = torch.Generator().manual_seed(config.seed + 2)
@@ -94,7 +92,7 @@ def train_adversarial_preservation(denoiser: Denoiser, config: TrainConfig, *, c
         return erase + config.preserve_weight * (harm + preservation_loss(denoiser, live, batch, preserved, step))
 
     groups = [{"params": parts.delta_params(), "lr": config.delta_lr}, {"params": [logits], "lr": ADVERSARY_LR}]
-    losses = run_training(denoiser, config, parts, cache, step_loss, groups, checkpoint, progress, cancel)
+    losses = run_training(denoiser, config, parts, run.cache, step_loss, groups, checkpoint, progress, cancel)
     patch = finish_patch(denoiser, parts, config)
     strongest = logits.detach().argsort(descending=True)[:8].tolist()
     patch.training["adversarial_preservation"] = {

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from ..denoiser import CacheRecord, Denoiser
-from ..engine import (TrainConfig, TrajectoryCache, concept_cache, esd_target, finish_patch, predict_with,
-                      preservation_loss, preserved_prompts, projections_of, run_training, setup)
+from ..engine import (TrainConfig, TrajectoryCache, esd_target, finish_patch, predict_with, preservation_loss,
+                      run_training, start_attn2_run)
 from ..patch import ErasurePatch, WeightDelta
 from .registry import MethodSpec, TrainResult, register
 
@@ -30,10 +30,8 @@ SPARSITY = 0.05     # weight of mean(1 − σ(s/τ)): what keeping weights is wo
 def train_prune(denoiser: Denoiser, config: TrainConfig, *, cache: TrajectoryCache | None = None,
                 checkpoint: Path | None = None, progress: Callable | None = None,
                 cancel: Callable[[], bool] | None = None) -> TrainResult:
-    concept, empty = denoiser.encode([config.concept]), denoiser.encode([""])
-    cache = cache or concept_cache(denoiser, config, concept, empty, checkpoint=checkpoint, progress=progress)
-    preserved = preserved_prompts(denoiser, config, cache, progress)
-    parts = setup(denoiser, config, tokens=0, projections=projections_of(config, "all"), delta_layers=config.layers)
+    run = start_attn2_run(denoiser, config, "all", cache, checkpoint, progress)
+    concept, preserved, parts = run.concept, run.preserved, run.parts
     weights = denoiser.projection_weights()
     original = {name: weights[name].detach().to(denoiser.device, torch.float32) for name in parts.deltas}
     scores = {name: torch.nn.Parameter(torch.full_like(w, START_SCORE)) for name, w in original.items()}
@@ -55,7 +53,7 @@ def train_prune(denoiser: Denoiser, config: TrainConfig, *, cache: TrajectoryCac
             + config.preserve_weight * preservation_loss(denoiser, view, batch, preserved, step)
 
     groups = [{"params": list(scores.values()), "lr": config.delta_lr}]
-    losses = run_training(denoiser, config, parts, cache, step_loss, groups, checkpoint, progress, cancel)
+    losses = run_training(denoiser, config, parts, run.cache, step_loss, groups, checkpoint, progress, cancel)
     counts: dict[str, list[int]] = {}
     with torch.no_grad():
         for name, s in scores.items():

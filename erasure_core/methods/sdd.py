@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from ..denoiser import CacheRecord, Denoiser
-from ..engine import (TrainConfig, TrajectoryCache, concept_cache, finish_patch, predict_with, preservation_loss,
-                      preserved_prompts, projections_of, run_training, setup)
+from ..engine import (TrainConfig, TrajectoryCache, finish_patch, predict_with, preservation_loss, run_training,
+                      start_attn2_run)
 from .registry import MethodSpec, TrainResult, register
 
 EMA_DECAY = 0.999
@@ -28,10 +28,8 @@ EMA_DECAY = 0.999
 def train_sdd(denoiser: Denoiser, config: TrainConfig, *, cache: TrajectoryCache | None = None,
               checkpoint: Path | None = None, progress: Callable | None = None,
               cancel: Callable[[], bool] | None = None) -> TrainResult:
-    concept, empty = denoiser.encode([config.concept]), denoiser.encode([""])
-    cache = cache or concept_cache(denoiser, config, concept, empty, checkpoint=checkpoint, progress=progress)
-    preserved = preserved_prompts(denoiser, config, cache, progress)
-    parts = setup(denoiser, config, tokens=0, projections=projections_of(config, "all"), delta_layers=config.layers)
+    run = start_attn2_run(denoiser, config, "all", cache, checkpoint, progress)
+    concept, empty, preserved, parts = run.concept, run.empty, run.preserved, run.parts
     ema = {}
     for i, (name, delta) in enumerate(parts.deltas.items()):  # in `extra`, so a resumed run keeps its average
         ema[name] = parts.extra[f"ema{i}"] = torch.nn.Parameter(torch.zeros_like(delta), requires_grad=False)
@@ -54,7 +52,7 @@ def train_sdd(denoiser: Denoiser, config: TrainConfig, *, cache: TrajectoryCache
                                                                                      preserved, step)
 
     groups = [{"params": parts.delta_params(), "lr": config.delta_lr}]
-    losses = run_training(denoiser, config, parts, cache, step_loss, groups, checkpoint, progress, cancel)
+    losses = run_training(denoiser, config, parts, run.cache, step_loss, groups, checkpoint, progress, cancel)
     fold_in()
     with torch.no_grad():
         correction = 1 - EMA_DECAY ** config.steps
