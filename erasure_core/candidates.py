@@ -4,8 +4,8 @@
 The words nearest the target in the space the UNet reads (the text encoder's whole context, minus the empty
 prompt's, so that the positions every prompt shares do not count) are grouped by k-means, and each group gives
 its word nearest the group's centre: a spread of neighbours rather than forty spellings of one. Words of the target
-prompt itself, and near-synonyms (cosine similarity at or above SYNONYM_CEILING), are never candidates: preserving
-them would fight the erasure. The list (erasure_core/assets/words/english.txt) is built by bench/make_word_list.py.
+prompt itself, and near-synonyms (cosine similarity at or above SYNONYM_CEILING to the prompt or to any of its
+words), are never candidates: preserving them would fight the erasure. The list (erasure_core/assets/words/english.txt) is built by bench/make_word_list.py.
 """
 from __future__ import annotations
 
@@ -62,8 +62,12 @@ def nearest_concepts(denoiser, target: str, count: int, exclude: list[str] | tup
     if not pool or count < 1:
         return []
     features = _features(denoiser, pool)
-    similarity = features @ _features(denoiser, [target])[0]
-    order = [i for i in similarity.argsort(descending=True).tolist() if similarity[i] < SYNONYM_CEILING][:POOL]
+    # the prompt, and each of its words alone: "lines" is far from "a shape with stripes" but next to "stripes"
+    own_words = [w for w in target.replace(",", " ").split() if len(w) >= 3 and w.isalpha()]
+    targets = _features(denoiser, [target, *own_words])
+    similarity = features @ targets[0]
+    synonym = (features @ targets.T).max(dim=1).values >= SYNONYM_CEILING
+    order = [i for i in similarity.argsort(descending=True).tolist() if not synonym[i]][:POOL]
     if not order:
         return []
     points = features[order]

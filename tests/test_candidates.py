@@ -37,3 +37,10 @@ def test_one_neighbour_per_group_nearest_first_never_the_target_or_a_synonym():
     assert "idea" in picked and ("car" in picked) != ("truck" in picked)
     assert nearest_concepts(model, "cat", 3, exclude=["dog", "puppy"], words=words)[0] in ("car", "truck")
     assert nearest_concepts(model, "cat", 3, words=words) == picked  # deterministic
+
+
+def test_a_synonym_of_one_word_of_the_prompt_is_never_a_candidate():
+    directions = {"a shape with stripes": [1, 1, 0, 0], "stripes": [0, 1, 0, 0], "lines": [0, 1, 0.01, 0],
+                  "dots": [0.6, 0.4, 0.6, 0], "idea": [0, 0, 0, 1]}
+    picked = nearest_concepts(VectorDenoiser(directions), "a shape with stripes", 3, words=("lines", "dots", "idea"))
+    assert picked == ["dots", "idea"]
