@@ -1,6 +1,7 @@
 """Drive a real ComfyUI through its HTTP API and websocket, as a user's graphs would: train (memory, all-but-one,
-uce), save, load, apply, strength 0, stacking, refused files, and a Train node cancelled during step 2 of 5 then
-queued again. Prints a JSON report. Run it against a server you started:
+uce; adversarial-preservation with the default `auto` preservation), save, load, apply, strength 0, stacking,
+refused files, and a Train node cancelled during step 2 of 5 then queued again. Prints a JSON report. Run it
+against a server you started:
 
     # outside this repo: a ComfyUI checkout with its requirements in its own venv (CPU torch is enough),
     # this pack cloned into custom_nodes/, websocket-client in that venv, and a random-weight SD1.5 checkpoint:
@@ -25,6 +26,7 @@ import uuid
 
 import numpy as np
 from PIL import Image
+from safetensors import safe_open
 
 SERVER = "http://127.0.0.1:8188"
 
@@ -150,6 +152,22 @@ def main() -> None:
                         **extra)
         g.add("ConceptErasureSavePatch", erasure_patch=[trained, 0], filename=f"real_{method}")
         report[f"train {method}"] = g.run()
+
+    # The default preservation of a checkpoint (the word list's nearest concepts, encoded by the user's CLIP) and
+    # Adversarial Preservation's candidate search, through the host's own text encoder
+    g = Graph()
+    model = loader(g)
+    trained = g.add("ConceptErasureTrainPatch", model=[model, 0], clip=[model, 1], concept="a cat",
+                    method="adversarial-preservation", preserve="auto", steps=2, seed=0, batch_size=1, resolution=64,
+                    cache_seeds=1, cache_steps=2)
+    g.add("ConceptErasureSavePatch", erasure_patch=[trained, 0], filename="real_adversarial")
+    start = time.time()
+    outcome = g.run()
+    with safe_open(os.path.join(erasures, "real_adversarial.safetensors"), "pt") as f:
+        meta = f.metadata()
+    report["train adversarial-preservation, preserve auto"] = {
+        "outcome": outcome, "seconds": round(time.time() - start, 1), "preserve": json.loads(meta["erasure.preserve"]),
+        "adversarial_preservation": json.loads(meta["erasure.training"])["adversarial_preservation"]}
     report["erasures folder"] = sorted(os.listdir(erasures)) if os.path.isdir(erasures) else []
 
     def generate(prefix: str, patches: list[tuple[str, float]]) -> dict:

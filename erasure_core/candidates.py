@@ -5,10 +5,12 @@ The words nearest the target in the space the UNet reads (the text encoder's who
 prompt's, so that the positions every prompt shares do not count) are grouped by k-means, and each group gives
 its word nearest the group's centre: a spread of neighbours rather than forty spellings of one. Words of the target
 prompt itself, and near-synonyms (cosine similarity at or above SYNONYM_CEILING to the prompt or to any of its
-words), are never candidates: preserving them would fight the erasure. The list (erasure_core/assets/words/english.txt) is built by bench/make_word_list.py.
+words), are never candidates: preserving them would fight the erasure. The list
+(erasure_core/assets/words/english.txt) is built by bench/make_word_list.py.
 """
 from __future__ import annotations
 
+import hashlib
 from functools import lru_cache
 from pathlib import Path
 
@@ -26,13 +28,33 @@ def word_list() -> tuple[str, ...]:
     return tuple(w.strip() for w in WORD_LIST.read_text(encoding="utf-8").splitlines() if w.strip())
 
 
+PROBE = ["", "a photo", "art"]  # what identifies a text encoder: its contexts for these
+_WORD_FEATURES: dict[tuple, torch.Tensor] = {}  # (encoder's probe digest, words) -> features; the last few only
+
+
 @torch.no_grad()
-def _features(denoiser, prompts: list[str]) -> torch.Tensor:
-    """Unit-length (context − empty context), flattened: one row per prompt."""
+def _features(denoiser, prompts: list[str], progress=None) -> torch.Tensor:
+    """Unit-length (context − empty context), flattened: one row per prompt. `progress(done, total)`."""
     empty = denoiser.encode([""]).context.float().flatten(1)
-    rows = [denoiser.encode(prompts[i:i + ENCODE_BATCH]).context.float().flatten(1) - empty
-            for i in range(0, len(prompts), ENCODE_BATCH)]
+    rows = []
+    for i in range(0, len(prompts), ENCODE_BATCH):
+        rows.append(denoiser.encode(prompts[i:i + ENCODE_BATCH]).context.float().flatten(1) - empty)
+        if progress:
+            progress(min(i + ENCODE_BATCH, len(prompts)), len(prompts))
     return torch.nn.functional.normalize(torch.cat(rows), dim=1).cpu()
+
+
+def _word_features(denoiser, words: list[str], progress=None) -> torch.Tensor:
+    """_features of the word list, computed once per text encoder and process: a host encodes prompts one by one
+    (ComfyUI: about 0.1 s each on a CPU), and `auto` and a candidate search both ask. A changed encoder (a LoRA
+    on CLIP) gives other contexts for the probe prompts, hence another key."""
+    probe = denoiser.encode(PROBE).context.float().cpu().contiguous()
+    key = (hashlib.sha256(probe.numpy().tobytes()).hexdigest(), tuple(words))
+    if key not in _WORD_FEATURES:
+        while len(_WORD_FEATURES) >= 2:
+            _WORD_FEATURES.pop(next(iter(_WORD_FEATURES)))
+        _WORD_FEATURES[key] = _features(denoiser, words, progress)
+    return _WORD_FEATURES[key]
 
 
 def _kmeans(points: torch.Tensor, k: int, seed: int = 0) -> torch.Tensor:
@@ -53,15 +75,16 @@ def _kmeans(points: torch.Tensor, k: int, seed: int = 0) -> torch.Tensor:
 
 
 def nearest_concepts(denoiser, target: str, count: int, exclude: list[str] | tuple[str, ...] = (),
-                     words: tuple[str, ...] | None = None) -> list[str]:
+                     words: tuple[str, ...] | None = None, progress=None) -> list[str]:
     """Up to `count` words of the list near `target`, one per k-means group of the POOL nearest, nearest first.
-    `exclude`: words (or phrases, whose every word counts) that may not be picked."""
+    `exclude`: words (or phrases, whose every word counts) that may not be picked. `progress(done, total)` follows
+    the encoding of the list (the slow part, once per text encoder)."""
     banned = {w.lower() for phrase in (target, *exclude) for w in phrase.replace(",", " ").split()}
     pool = [w for w in (words or word_list()) if w.lower() not in banned and
             not any(part in banned for part in w.lower().split())]
     if not pool or count < 1:
         return []
-    features = _features(denoiser, pool)
+    features = _word_features(denoiser, pool, progress)
     # the prompt, and each of its words alone: "lines" is far from "a shape with stripes" but next to "stripes"
     own_words = [w for w in target.replace(",", " ").split() if len(w) >= 3 and w.isalpha()]
     targets = _features(denoiser, [target, *own_words])

@@ -44,3 +44,19 @@ def test_a_synonym_of_one_word_of_the_prompt_is_never_a_candidate():
                   "dots": [0.6, 0.4, 0.6, 0], "idea": [0, 0, 0, 1]}
     picked = nearest_concepts(VectorDenoiser(directions), "a shape with stripes", 3, words=("lines", "dots", "idea"))
     assert picked == ["dots", "idea"]
+
+
+def test_the_word_lists_encoding_is_made_once_per_text_encoder():
+    directions = {"cat": [1, 0, 0], "dog": [0.8, 0.6, 0], "car": [0, 0.2, 1], "a photo": [0, 1, 0], "art": [1, 1, 1]}
+    model = VectorDenoiser(directions)
+    encoded = []
+    original = model.encode
+    model.encode = lambda prompts: (encoded.extend(prompts), original(prompts))[1]
+    words = ("dog", "car")
+    first = nearest_concepts(model, "cat", 2, words=words)
+    assert encoded.count("dog") == 1
+    assert nearest_concepts(model, "cat", 2, words=words) == first and encoded.count("dog") == 1
+    directions["art"] = [0, 0, 1]  # another encoder (a LoRA on the text encoder): the probes differ
+    model.directions = {w: torch.tensor(v, dtype=torch.float) for w, v in directions.items()}
+    nearest_concepts(model, "cat", 2, words=words)
+    assert encoded.count("dog") == 2

@@ -64,16 +64,13 @@ def train_adversarial_preservation(denoiser: Denoiser, config: TrainConfig, *, c
                                    cancel: Callable[[], bool] | None = None) -> TrainResult:
     run = start_attn2_run(denoiser, config, "all", cache, checkpoint, progress)
     concept, preserved, parts = run.concept, run.preserved, run.parts
-    if progress:
-        progress(0, 1, None, stage=STAGE)
+    bar = (lambda done, total: progress(done, total, None, stage=STAGE)) if progress else None
     words = nearest_concepts(denoiser, config.concept, CANDIDATES,
-                             exclude=[*config.candidate_exclude, *config.preserve])
+                             exclude=[*config.candidate_exclude, *config.preserve], progress=bar)
     names = [*config.preserve, *words]
     if not names:
         raise ValueError("no candidate concepts: the word list gave none for this target")
     candidates = denoiser.encode(names)
-    if progress:
-        progress(1, 1, None, stage=STAGE)
     logits = parts.extra["adversary"] = torch.nn.Parameter(torch.zeros(len(names), device=denoiser.device))
     live = parts.patch()
     generator = torch.Generator().manual_seed(config.seed + 2)
