@@ -80,11 +80,13 @@ def nearest_concepts(denoiser, target: str, count: int, exclude: list[str] | tup
     `exclude`: words (or phrases, whose every word counts) that may not be picked. `progress(done, total)` follows
     the encoding of the list (the slow part, once per text encoder)."""
     banned = {w.lower() for phrase in (target, *exclude) for w in phrase.replace(",", " ").split()}
-    pool = [w for w in (words or word_list()) if w.lower() not in banned and
-            not any(part in banned for part in w.lower().split())]
-    if not pool or count < 1:
+    words = list(words or word_list())
+    allowed = [i for i, w in enumerate(words) if w.lower() not in banned and
+               not any(part in banned for part in w.lower().split())]
+    if not allowed or count < 1:
         return []
-    features = _word_features(denoiser, pool, progress)
+    pool = [words[i] for i in allowed]
+    features = _word_features(denoiser, words, progress)[allowed]  # the whole list's, so every caller shares them
     # the prompt, and each of its words alone: "lines" is far from "a shape with stripes" but next to "stripes"
     own_words = [w for w in target.replace(",", " ").split() if len(w) >= 3 and w.isalpha()]
     targets = _features(denoiser, [target, *own_words])

@@ -56,6 +56,8 @@ def test_the_word_lists_encoding_is_made_once_per_text_encoder():
     first = nearest_concepts(model, "cat", 2, words=words)
     assert encoded.count("dog") == 1
     assert nearest_concepts(model, "cat", 2, words=words) == first and encoded.count("dog") == 1
+    nearest_concepts(model, "cat", 2, exclude=["car"], words=words)  # another exclusion: the same encoding
+    assert encoded.count("dog") == 1
     directions["art"] = [0, 0, 1]  # another encoder (a LoRA on the text encoder): the probes differ
     model.directions = {w: torch.tensor(v, dtype=torch.float) for w, v in directions.items()}
     nearest_concepts(model, "cat", 2, words=words)
