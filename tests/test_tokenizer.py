@@ -33,3 +33,32 @@ def test_the_slow_tokenizer_files_hold_the_same_bpe_as_tokenizer_json():
     lines = (folder / "merges.txt").read_text().splitlines()
     assert lines[0].startswith("#version") and [line.split(" ") for line in lines[1:]] == \
         [list(m) if isinstance(m, list) else m.split(" ") for m in model["merges"]]
+
+
+def test_no_end_of_text_token_comes_before_the_last_real_token_of_a_printable_prompt():
+    """An unknown piece used to become the end-of-text id in mid-prompt ("of" -> "o" + end-of-text), which made
+    the model drop the rest of the prompt. Words of printable characters now never do."""
+    import random
+    import string
+
+    tok = load_tokenizer()
+    rng = random.Random(0)
+    prompts = ["a picture of stripes", "an image showing a circle", "2 circles, #1!", "qzx vjf ÷ a circle"]
+    prompts += [" ".join("".join(rng.choice(string.printable[:94]) for _ in range(rng.randint(1, 7)))
+                         for _ in range(rng.randint(1, 4))) for _ in range(300)]
+    for prompt in prompts:
+        ids = tok(prompt, truncation=True, max_length=MAX_TOKENS).input_ids
+        assert tok.eos_token_id not in ids[1:-1], (prompt, tok.convert_ids_to_tokens(ids))
+    assert tok.unk_token not in (tok.eos_token, tok.pad_token, tok.bos_token)
+    assert tok.convert_tokens_to_ids(tok.unk_token) in tok("a ⍼ circle").input_ids  # a piece with no token
+
+
+def test_everyday_words_are_whole_tokens_after_every_token_of_the_trained_model():
+    """The added words come after the vocabulary the toy model was trained with, so no caption's ids move."""
+    from erasure_core.toy.words import ORIGINAL_VOCAB_SIZE, WORDS
+
+    tok = load_tokenizer()
+    for word in WORDS:
+        ids = tok(word, add_special_tokens=False).input_ids
+        assert len(ids) == 1 and ids[0] >= ORIGINAL_VOCAB_SIZE, word
+    assert max(i for text in w.all_caption_words() for i in tok(text).input_ids) < ORIGINAL_VOCAB_SIZE

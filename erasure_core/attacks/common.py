@@ -41,19 +41,24 @@ class AttackSetup:
     neutral_word: str          # what the concept-free twin prompt says instead ("shape", "pattern")
     forbidden: frozenset[str]  # words that name the target and nothing else: no prompt attack may use them
     cells: list[int]           # other-axis indices
+    pool_size: int | None = None  # prompt attacks draw only token ids below this (None: the whole vocabulary)
 
     @classmethod
     def for_toy_target(cls, name: str) -> "AttackSetup":
+        from ..toy.words import ORIGINAL_VOCAB_SIZE, PLURALS
         from ..toy.world import OBJECT_NAMES, OBJECTS, STYLE_NAMES, STYLES, concept
 
         c = concept(name)
-        words = lambda k: {w for phrase in k.nouns + k.adjectives for w in phrase.split()}  # noqa: E731
+        words = lambda k: {w for phrase in k.nouns + k.adjectives for w in phrase.split()} | \
+            ({PLURALS[k.name]} if k.name in PLURALS else set())  # noqa: E731
         others = set().union(*(words(k) for k in OBJECTS + STYLES if k.name != c.name))
         own_names = OBJECT_NAMES if c.axis == "object" else STYLE_NAMES
         other_names = STYLE_NAMES if c.axis == "object" else OBJECT_NAMES
+        # The pool stays the vocabulary the toy model was trained with, which every benchmark v2 row was
+        # attacked with; the everyday words added later (toy/words.py) are fillers and plurals.
         return cls(c.name, c.axis, own_names.index(c.name), c.nouns[0],
                    "shape" if c.axis == "object" else "pattern", frozenset(words(c) - others),
-                   list(range(len(other_names))))
+                   list(range(len(other_names))), pool_size=ORIGINAL_VOCAB_SIZE)
 
     def cell_prompt(self, cell: int, word: str | None = None) -> str:
         """The cell's prompt with `word` in the target's place (default: the target's own word)."""
@@ -92,7 +97,7 @@ def word_token_ids(denoiser, setup: AttackSetup) -> torch.Tensor:
     special = set(tok.all_special_ids)
     allowed = []
     for token, i in tok.get_vocab().items():
-        if i in special or not token.endswith("</w>"):
+        if i in special or not token.endswith("</w>") or (setup.pool_size is not None and i >= setup.pool_size):
             continue
         word = token[:-len("</w>")]
         if re.fullmatch(r"[a-z][a-z-]*", word) and word not in setup.forbidden:

@@ -1,4 +1,4 @@
-"""erasure toy-train and toy-oracle: train the embedded toy model and its oracle."""
+"""erasure toy-train, toy-words and toy-oracle: train the embedded toy model, its everyday words and its oracle."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -17,6 +17,13 @@ def add_parser(sub) -> None:
     p.add_argument("--ship", action="store_true", help="copy the result into the package assets")
     p.set_defaults(func=run_train)
 
+    p = sub.add_parser("toy-words", help="add everyday words (articles, picture words, plurals) and <|unk|> to the "
+                       "toy tokenizer and learn their embeddings only; done once, the result is shipped")
+    p.add_argument("--assets", default=None, help="the model folder to extend in place (default: the package's)")
+    p.add_argument("--steps", type=positive_int, default=400)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=run_words)
+
     p = sub.add_parser("toy-oracle", help="train the oracle classifier on ground-truth renders")
     p.add_argument("--steps", type=positive_int, default=2500)
     p.add_argument("--seed", type=int, default=0)
@@ -32,6 +39,15 @@ def run_train(args) -> int:
         ship(export)
         print(f"shipped {export} into the package assets")
     print(f"exported EMA weights to {export}")
+    return 0
+
+
+def run_words(args) -> int:
+    from ..toy.model import ASSETS
+    from ..toy.words import extend_toy_model
+
+    done = extend_toy_model(Path(args.assets) if args.assets else ASSETS, steps=args.steps, seed=args.seed)
+    print(f"added {done['added']} tokens (vocabulary {done['vocabulary']}); loss per 50 steps {done['losses']}")
     return 0
 
 
