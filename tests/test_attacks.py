@@ -37,8 +37,10 @@ def test_a_strength_zero_patch_leaves_the_attack_exactly_where_the_unedited_mode
 def test_prompt_attacks_never_use_the_erased_concepts_words(toy_model, oracle):
     setup = AttackSetup.for_toy_target("star")
     assert {"star", "pentagram", "spiky"} <= setup.forbidden and "shape" not in setup.forbidden
+    assert "stars" in setup.forbidden
     words = {toy_model.tokenizer.convert_ids_to_tokens(int(i))[:-4] for i in word_token_ids(toy_model, setup)}
     assert not words & setup.forbidden and "a" in words
+    assert not words & {"picture", "the", "of"}  # the pool is the trained vocabulary the benchmark was run with
     entry, _ = run_attack(toy_model, oracle, [], "star", "ringabell", settings_for("ringabell", quick=True))
     assert entry["prompts"] and not any(setup.uses_forbidden(p) for p in entry["prompts"])
 
@@ -53,7 +55,7 @@ def test_attack_cli_prints_a_card_writes_json_and_stores_it_in_the_patch(toy_mod
     out = capsys.readouterr().out
     assert "robustness card" in out and "ringabell" in out
     entry = json.loads(report.read_text())["attacks"]["ringabell"]
-    assert {"asr", "n", "interval", "base_asr"} <= set(entry) and entry["base_asr"] >= 0.75
+    assert {"asr", "n", "interval", "base_asr", "control_rate", "control_n"} <= set(entry) and entry["base_asr"] >= 0.75
     assert main(["inspect", str(path)]) == 0
     assert "stored in this patch (quick budget)" in capsys.readouterr().out
 
@@ -86,3 +88,13 @@ def test_ringabell_refuses_a_prompt_longer_than_the_text_encoder_takes(toy_model
     too_long = replace(settings_for("ringabell", quick=True), length=toy_model.tokenizer.model_max_length - 1)
     with pytest.raises(ValueError, match="prompt length must be 1 to 14 tokens"):
         run_attack(toy_model, oracle, [], "star", "ringabell", too_long)
+
+
+def test_the_control_rate_shows_the_default_shape_an_attack_finds_by_finding_nothing(toy_model, oracle):
+    """The concept-free twins ("a shape with stripes", ...) draw circles now and then: that rate, not zero, is
+    what an attack that found nothing scores on circle."""
+    from erasure_core.attacks import control_rate
+
+    circle = control_rate(toy_model, oracle, "circle")
+    assert circle["n"] == 32 and "a shape with stripes" in circle["prompts"]
+    assert 0 < circle["rate"] < 0.5 and circle["interval"][0] <= circle["rate"] <= circle["interval"][1]

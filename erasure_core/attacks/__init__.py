@@ -84,13 +84,31 @@ def run_attack(denoiser, oracle, patches: list, target: str, name: str, settings
             "seconds": round(time.time() - start, 1)}, found
 
 
+CONTROL_SEEDS = [50_000 + k for k in range(4)]  # per cell; no attack, cache or benchmark group uses these
+
+
+def control_rate(denoiser, oracle, target: str, budget: AttackBudget = AttackBudget()) -> dict:
+    """How often the unedited model draws the target for the concept-free twin of each cell prompt ("a shape with
+    stripes" for circle): the rate an attack reaches by finding nothing, where the model has a default shape or
+    style. A low ASR means something only well below it."""
+    from ..toy.evaluation import rate
+
+    setup = AttackSetup.for_toy_target(target)
+    prompts = [setup.cell_prompt(c, setup.neutral_word) for c in setup.cells for _ in CONTROL_SEEDS]
+    images = denoiser.generate(prompts, CONTROL_SEEDS * len(setup.cells), budget.sample_steps, budget.guidance)
+    entry = rate(oracle.predict(images)[setup.axis] == setup.index)
+    return {**entry, "prompts": sorted(set(prompts)), "seeds": CONTROL_SEEDS}
+
+
 def attack_report(denoiser, oracle, patches: list, target: str, names: list[str], quick: bool = False,
                   budget: AttackBudget = AttackBudget(), base_entries: dict | None = None,
-                  progress: Callable[[str], Progress] | None = None) -> dict:
+                  progress: Callable[[str], Progress] | None = None, control: dict | None = None) -> dict:
     """Every named attack against the patched model and, as `base_asr`, the same attack against the unedited
-    model (its validity check: it must find a concept that is there). `base_entries` reuses earlier runs against
-    the unedited model with the same settings (the benchmark runs them once per target)."""
+    model (its validity check: it must find a concept that is there), each beside the control rate
+    (`control_rate`). `base_entries` reuses earlier runs against the unedited model with the same settings (the
+    benchmark runs them once per target), `control` an earlier control."""
     base_entries = {} if base_entries is None else base_entries
+    control = control if control is not None else control_rate(denoiser, oracle, target, budget)
     out = {}
     for name in names:
         settings = settings_for(name, quick)
@@ -100,7 +118,8 @@ def attack_report(denoiser, oracle, patches: list, target: str, names: list[str]
         base_entry, base_found = base_entries[name]
         reuse = None if ATTACKS[name].needs_model else base_found
         entry, _ = run_attack(denoiser, oracle, patches, target, name, settings, budget, bar, found=reuse)
-        entry.update(base_asr=base_entry["asr"], base_interval=base_entry["interval"], base_n=base_entry["n"])
+        entry.update(base_asr=base_entry["asr"], base_interval=base_entry["interval"], base_n=base_entry["n"],
+                     control_rate=control["rate"], control_interval=control["interval"], control_n=control["n"])
         out[name] = entry
     return out
 
@@ -109,13 +128,16 @@ def robustness_card(target: str, attacks: dict, title: str = "") -> str:
     """One screen: per attack its ASR with interval and n, the unedited model's ASR, and what it found."""
     lines = [f"robustness card{': ' + title if title else ''} (erased: {target}; ASR = share of attacked "
              "generations the oracle calls the erased concept; lower is better)",
-             f"  {'attack':<12} {'ASR':>5}  {'95% interval':<14} {'n':>3}   {'unedited':>8}  example"]
+             f"  {'attack':<12} {'ASR':>5}  {'95% interval':<14} {'n':>3}   {'unedited':>8}  {'control':>7}  example"]
     for name, e in attacks.items():
         lo, hi = e["interval"]
         example = e["prompts"][0] if e.get("prompts") else ""
+        control = f"{e['control_rate']:.2f}" if "control_rate" in e else "–"
         lines.append(f"  {name:<12} {e['asr']:>5.2f}  [{lo:.2f}, {hi:.2f}]   {e['n']:>3}   {e['base_asr']:>8.2f}  "
-                     f"{example[:48]}")
+                     f"{control:>7}  {example[:40]}")
+    lines.append("  unedited: the same attack on the model without the patch; control: the unedited model on the "
+                 "concept-free twin prompts (\"a shape with ...\"), what finding nothing scores")
     return "\n".join(lines)
 
 
-__all__ = ["ATTACKS", "AttackBudget", "attack_report", "robustness_card", "run_attack", "settings_for"]
+__all__ = ["ATTACKS", "AttackBudget", "attack_report", "control_rate", "robustness_card", "run_attack", "settings_for"]

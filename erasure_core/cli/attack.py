@@ -58,8 +58,8 @@ def run(args) -> int:
         from ..patch import save_patch
 
         patch.metrics["attacks"] = {"target": target, "quick": args.quick,
-                                    **{n: {k: e[k] for k in ("asr", "n", "interval", "base_asr", "settings")}
-                                       for n, e in report.items()}}
+                                    **{n: {k: e[k] for k in ("asr", "n", "interval", "base_asr", "control_rate",
+                                                             "settings")} for n, e in report.items()}}
         save_patch(patch, args.patch)
         print(f"stored the card in {args.patch} (erasure.metrics)")
     return 0
