@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import math
 import os
 import re
 import struct
@@ -169,6 +170,25 @@ class ErasurePatch:
         present = {"memory": self.memory is not None, "deltas": bool(self.deltas), **dict.fromkeys(self.extra, True)}
         order = [*KNOWN_FEATURES, *(n for n in self.extra if n not in KNOWN_FEATURES)]
         return [name for name in order if present.get(name)]
+
+    def strength_note(self, strength: float | None = None) -> str:
+        """What a host shows beside this patch's strength slider: from which strength the patch was measured to
+        erase (`metrics["strength"]`, written by `erasure evaluate --strengths --write`), and a warning when
+        `strength` is below it. A patch that was never measured says so: the erasure is only known at 1."""
+        card = self.metrics.get("strength")
+        if not card:
+            return "erasing strength not measured: the erasure is known only at strength 1 and may not hold below"
+        ua, start = card["ua"], card["erases_from"]
+        at = lambda s: f"UA {ua[str(s)]:.2f} at {s:g}"  # noqa: E731
+        shown = ", ".join(at(s) for s in (1.0, 0.5) if str(s) in ua)
+        if start is None:
+            best = max(ua, key=lambda k: ua[k])
+            return f"⚠ measured not to erase at any strength (best UA {ua[best]:.2f} at {float(best):g})"
+        if strength is not None and strength + 1e-9 < start:
+            near = min(ua, key=lambda k: abs(float(k) - strength))
+            return (f"⚠ at strength {strength:g} this patch erases much less than at 1: it erases from {start:g} "
+                    f"up (measured {at(float(near))}" + (f", {at(1.0)})" if "1.0" in ua else ")"))
+        return f"erases from strength {start:g} up (measured {shown})"
 
     def memory_for(self, layer: str) -> ConceptMemory | None:
         if self.memory is None or layer not in self.layers:
@@ -437,8 +457,27 @@ def _from_parts(tensors: dict[str, torch.Tensor], meta: dict[str, str], name: st
         description=meta.get("modelspec.description", ""), date=meta.get("modelspec.date", ""))
 
 
+def _check_strength_card(card, name: str) -> None:
+    """metrics["strength"]: {"ua": {"<strength>": rate in [0, 1]}, "erases_from": a strength or null, ...}."""
+    if not isinstance(card, dict) or not isinstance(card.get("ua"), dict) or "erases_from" not in card:
+        raise PatchError(f"{name}: erasure.metrics strength must hold ua and erases_from")
+    number = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)  # noqa: E731
+    for key, value in card["ua"].items():
+        try:
+            strength = float(key)
+        except ValueError:
+            strength = float("nan")
+        if not (math.isfinite(strength) and number(value) and 0 <= value <= 1 and key == str(strength)):
+            raise PatchError(f"{name}: erasure.metrics strength ua has a bad entry {_shown(str(key))}")
+    start = card["erases_from"]
+    if start is not None and not (number(start) and 0 <= start <= 4):
+        raise PatchError(f"{name}: erasure.metrics strength erases_from must be a strength in [0, 4] or null")
+
+
 def _validate(patch: ErasurePatch, name: str = "patch") -> None:
     """Shapes consistent, values finite, layers named: the invariants every host relies on."""
+    if "strength" in patch.metrics:
+        _check_strength_card(patch.metrics["strength"], name)
     bad = [layer for layer in patch.layers if not (isinstance(layer, str) and is_canonical_layer(layer))]
     if bad:
         raise PatchError(f"{name}: {bad[0]!r} is not a cross-attention layer name (LDM path such as "

@@ -25,6 +25,7 @@ class ConceptErasureApplyPatch:
         }, **HIDDEN_NODE_ID}
 
     def apply(self, model, erasure_patch, strength, unique_id=None):
-        patched, warnings = apply_patches(model, [(require_patch(erasure_patch), strength)])
-        warn(warnings, unique_id)
+        patch = require_patch(erasure_patch)
+        patched, warnings = apply_patches(model, [(patch, strength)])
+        warn(warnings, unique_id, notes=(patch.strength_note(strength),))  # under the node, beside its slider
         return (patched,)

@@ -69,12 +69,12 @@ def interrupt_check():
     return model_management().throw_exception_if_processing_interrupted
 
 
-def warn(messages: list[str], node_id: str | None = None) -> None:
-    """To the server log and, where ComfyUI can show text on the node, to the user."""
+def warn(messages: list[str], node_id: str | None = None, notes: tuple[str, ...] = ()) -> None:
+    """To the server log and, where ComfyUI can show text on the node, to the user, above the node's `notes`."""
     for message in messages:
         LOG.warning("[Concept Erasure] %s", message)
-    if messages:
-        show_text([f"⚠ {m}" for m in messages], node_id)
+    if messages or notes:
+        show_text([f"⚠ {m}" for m in messages] + list(notes), node_id)
 
 
 def show_text(lines: list[str], node_id: str | None) -> None:
@@ -100,7 +100,9 @@ def patch_input(tooltip: str = "An erasure patch: from Load Erasure Patch or Tra
 def strength_input():
     return ("FLOAT", {"default": 1.0, "min": 0.0, "max": 2.0, "step": 0.05,
                       "tooltip": "0 leaves the model exactly as it is; 1 is the trained erasure. The memory's values "
-                                 "and the weight deltas scale with it."})
+                                 "and the weight deltas scale with it, but the erasure may stop well above 0: "
+                                 "the text under the node says from which strength this patch was measured to "
+                                 "erase."})
 
 
 def require_patch(patch):

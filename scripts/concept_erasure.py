@@ -50,6 +50,16 @@ def running_in_forge() -> bool:
 _patches: dict[str, tuple[tuple[int, int], object]] = {}
 
 
+def strength_note(name: str, strength: float) -> str:
+    """The text under an accordion slot: from which strength the chosen patch erases, read from its metadata."""
+    if not name or name == NONE:
+        return ""
+    try:
+        return _load(name)[0].strength_note(float(strength))
+    except (PatchError, ValueError, OSError) as exc:
+        return f"⚠ {exc}"
+
+
 def _load(name: str):
     """A patch from the folder, validated; reloaded when the file changes."""
     path = erasure_ui.patch_path(patch_folder(), name)
@@ -104,6 +114,9 @@ class ConceptErasure(scripts.Script):
                                        elem_id=f"erasure_{tab}_patch_{i + 1}")
                     strength = gr.Slider(label="Strength", minimum=0.0, maximum=2.0, step=0.05, value=1.0,
                                          elem_id=f"erasure_{tab}_strength_{i + 1}")
+                note = gr.Markdown("", elem_id=f"erasure_{tab}_strength_note_{i + 1}")
+                for changed in (name.change, strength.change):  # not a script arg: the args stay name, strength
+                    changed(strength_note, inputs=[name, strength], outputs=note)
                 controls += [name, strength]
             refresh = gr.Button("Refresh the patch list", elem_id=f"erasure_{tab}_refresh")
 
@@ -136,6 +149,9 @@ class ConceptErasure(scripts.Script):
             p.extra_generation_params[PROMPT_INFOTEXT_KEY] = erasure_ui.format_infotext(
                 [erasure_ui.InfotextEntry(name, strength, erasure_ui.short_hash(path))
                  for (name, _), ((_, path), strength) in zip(prompt_patches(p.prompt), tagged)])
+        for (patch, _), strength in tagged:  # a tag's strength has no slider beside it: say it on the console
+            if patch.strength_note(strength).startswith("⚠"):
+                print(f"{LOG} {patch.strength_note(strength)}")
         if not chosen:
             return
         try:

@@ -99,6 +99,26 @@ def test_train_then_evaluate_a_patch(tmp_path, capsys):
     assert 0.0 <= report["ua"] <= 1.0 and report["drift"] > 0.0
 
 
+def test_the_strength_measurement_finds_where_a_uce_patch_stops_erasing_and_the_patch_keeps_it(tmp_path, capsys):
+    """The issue's observation: a UCE circle patch erases at 1 and leaks most circles at 0.5. The card stored in
+    the patch says so, and `inspect` shows it. (UA here is the share of target prompts the oracle does not call
+    circles.)"""
+    import json
+
+    patch = tmp_path / "circle.safetensors"
+    assert main(["train", "--concept", "circle", "--method", "uce", "--out", str(patch)]) == 0
+    report = tmp_path / "strength.json"
+    assert main(["evaluate", "--patch", str(patch), "--strengths", "--write", "--seeds-per-cell", "1",
+                 "--steps", "10", "--json", str(report)]) == 0
+    card = json.loads(report.read_text())["strength"]
+    assert card["ua"]["0.0"] <= 0.25 and card["ua"]["1.0"] >= 0.5 and card["ua"]["0.5"] <= card["ua"]["1.0"] - 0.4
+    assert card["erases_from"] > 0.5 and card["n"] == 8
+    capsys.readouterr()
+    assert main(["inspect", str(patch)]) == 0
+    assert f"erases from strength {card['erases_from']:g} up" in capsys.readouterr().out
+    assert main(["evaluate", "--patch", str(patch), "--write"]) == 2  # --write stores only a strength card
+
+
 def test_train_refuses_unknown_concepts_and_layers(tmp_path, capsys):
     assert main(["train", "--concept", "octagon", "--out", str(tmp_path / "x.safetensors")]) == 2
     assert "unknown concept" in capsys.readouterr().err

@@ -180,7 +180,10 @@ def test_apply_nodes_chain_and_leave_the_input_model_alone(pack, host, toy_model
         assert (calc_cond_batch(two, [ctx], x, sigma, management)[0] - plain).abs().max() > 1e-3
         management.unload_all_models()
     assert checksum(model) == before
-    assert host.node_texts == []  # patches made for this model: nothing to warn about
+    # patches made for this model: nothing to warn about, only that their erasing strength was not measured
+    assert [text for _, text in host.node_texts] == [toy_patch(toy_model, 1).strength_note()] * 3
+    assert "not measured" in host.node_texts[0][1] and "⚠" not in host.node_texts[0][1]
+    host.node_texts.clear()
     other = toy_patch(toy_model, 1)
     other.base_fingerprint = "0123456789abcdef"
     execute(nodes["ConceptErasureApplyPatch"], model=patcher, erasure_patch=other, strength=1.0)
@@ -188,6 +191,17 @@ def test_apply_nodes_chain_and_leave_the_input_model_alone(pack, host, toy_model
     assert node == "7" and "fingerprint" in text
     with pytest.raises(ValueError, match="no erasure patch"):
         execute(nodes["ConceptErasureApplyPatch"], model=patcher, erasure_patch=None, strength=1.0)
+
+
+def test_the_apply_node_shows_from_which_strength_the_patch_erases(pack, host, toy_model, toy_comfy):
+    patch = toy_patch(toy_model, 1)
+    patch.metrics["strength"] = {"ua": {"0.0": 0.0, "0.5": 0.12, "0.75": 1.0, "1.0": 1.0}, "erases_from": 0.75}
+    for strength in (1.0, 0.5):
+        execute(pack.NODE_CLASS_MAPPINGS["ConceptErasureApplyPatch"], model=FakeModelPatcher(toy_comfy[0]),
+                erasure_patch=patch, strength=strength)
+    (_, full), (_, half) = host.node_texts
+    assert full == "erases from strength 0.75 up (measured UA 1.00 at 1, UA 0.12 at 0.5)"
+    assert half.startswith("⚠ at strength 0.5 this patch erases much less than at 1: it erases from 0.75 up")
 
 
 # -- train -----------------------------------------------------------------------------------------------------------

@@ -158,6 +158,9 @@ META = {"erasure.format_version": "1", "erasure.layers": json.dumps([LAYER])}
     ("bad_layers_json", "erasure.layers is not valid JSON"),
     ("tokens_disagree", "erasure.tokens says 5"),
     ("missing", "no patch file"),
+    ("strength_card_not_a_dict", "strength must hold ua and erases_from"),
+    ("strength_card_bad_rate", "strength ua has a bad entry"),
+    ("strength_card_bad_start", "erases_from must be a strength"),
 ])
 def test_bad_files_are_refused_with_one_line(tmp_path, case, message):
     path = tmp_path / "bad.safetensors"
@@ -216,6 +219,11 @@ def test_bad_files_are_refused_with_one_line(tmp_path, case, message):
                   metadata={**META, **edit})
     elif case == "missing":
         path = tmp_path / "nope.safetensors"
+    elif case.startswith("strength_card"):  # a host prints this card beside its slider: nothing odd may pass
+        card = {"strength_card_not_a_dict": "erases fully", "strength_card_bad_rate": {
+            "ua": {"0.5": 7.0}, "erases_from": 0.5}, "strength_card_bad_start": {"ua": {}, "erases_from": "1e999"}}
+        save_file({"erasure.memory.k": torch.zeros(2, 4), "erasure.memory.v": torch.zeros(2, 4)}, str(path),
+                  metadata={**META, "erasure.metrics": json.dumps({"strength": card[case]})})
     with pytest.raises(PatchError, match=message) as info:
         load_patch(path)
     assert "\n" not in str(info.value)

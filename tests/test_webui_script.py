@@ -197,6 +197,21 @@ def test_a_broken_patch_stops_the_generation_and_says_why_where_users_look(webui
     assert hook_counts(sd_model) == (0, 0) and checksum(sd_model) == before
 
 
+def test_the_accordion_says_under_each_slot_from_which_strength_the_patch_erases(webui):
+    runner, folder, (toy, _) = webui
+    measured = make_patch(toy)
+    measured.metrics["strength"] = {"ua": {"0.5": 0.12, "0.75": 1.0, "1.0": 1.0}, "erases_from": 0.75}
+    save_patch(measured, folder / "circle.safetensors")
+    save_patch(make_patch(toy, seed=1), folder / "unmeasured.safetensors")
+    note = script_module().strength_note
+    assert note("circle", 1.0) == "erases from strength 0.75 up (measured UA 1.00 at 1, UA 0.12 at 0.5)"
+    assert note("circle", 0.5).startswith("⚠ at strength 0.5 this patch erases much less than at 1")
+    assert "not measured" in note("unmeasured", 1.0) and note("None", 1.0) == ""
+    assert note("missing", 1.0).startswith("⚠ no patch")
+    script = runner.alwayson_scripts[0]
+    assert script.args_to - script.args_from == 8  # the notes are not script args: name and strength per slot
+
+
 def test_paste_restores_the_accordion_and_finds_a_renamed_patch_by_hash(webui):
     from modules import infotext_utils
 

@@ -19,6 +19,10 @@ def add_parser(sub) -> None:
     add_patch_options(p, help="evaluate the erasure made by this patch (repeatable)")
     p.add_argument("--target", help="erased concept (default: the patch's)")
     p.add_argument("--alternative", help="expected replacement (default: the patch's)")
+    p.add_argument("--strengths", action="store_true",
+                   help="instead: UA of one patch at strengths 0, 0.25, ... 1.25, and from which strength it erases "
+                        "fully (what the hosts show beside the slider)")
+    p.add_argument("--write", action="store_true", help="with --strengths: store the result in the patch file")
     add_sampling_options(p)
     p.set_defaults(func=run)
 
@@ -69,9 +73,15 @@ def _evaluate_patches(args) -> int:
         target = ErasureTarget.from_names(target_name, alternative)
     except (KeyError, ValueError) as exc:
         raise UserError(f"--target: {exc.args[0]}") from None
+    if args.write and not args.strengths:
+        raise UserError("--write stores the strength measurement: use it with --strengths")
+    if args.strengths and len(patches) != 1:
+        raise UserError("--strengths measures one patch; give one --patch")
     model = load_model(args.model, args.prediction_type)
     oracle = vocabulary_or_error(model, "evaluate").oracle()
     check_patches(model, patches)
+    if args.strengths:
+        return _strengths(args, model, oracle, patches[0][0], target, target_name)
     report, _ = evaluate_erasure(model, patches, oracle, target, args.seeds_per_cell, args.steps,
                                  guidance_of(model, args.guidance), progress=progress_bar("evaluate"))
     report.update(target=target_name, alternative=alternative or None, patches=[str(p) for p in args.patch])
@@ -81,4 +91,24 @@ def _evaluate_patches(args) -> int:
     for k in keys:
         fmt = lambda v: "-" if v is None else f"{v:.4g}"  # noqa: E731
         print(f"| {k} | {fmt(report[k])} | {fmt(report['base'][k])} |")
+    return 0
+
+
+def _strengths(args, model, oracle, patch, target, target_name: str) -> int:
+    from ..toy.evaluation import STRENGTHS, ProtocolCounts, strength_card, strength_curve
+
+    counts = ProtocolCounts(target_seeds=args.seeds_per_cell)
+    card = strength_card(strength_curve(model, [(patch, 1.0)], oracle, target, STRENGTHS, counts, args.steps,
+                                        guidance_of(model, args.guidance)))
+    print("| strength | UA |\n|---|---|")
+    for s, ua in card["ua"].items():
+        print(f"| {float(s):g} | {ua:.2f} |")
+    patch.metrics["strength"] = card
+    print(patch.strength_note())
+    _write_json(args.json, {"patch": args.patch[0], "target": target_name, "strength": card})
+    if args.write:
+        from ..patch import save_patch
+
+        save_patch(patch, args.patch[0])
+        print(f"stored the strength card in {args.patch[0]} (erasure.metrics)")
     return 0

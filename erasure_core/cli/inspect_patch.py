@@ -33,6 +33,7 @@ def run(args) -> int:
     more = f", and {len(tensors) - 8} more ({sum(v.numel() for v in tensors.values()):,} values in all)" \
         if len(tensors) > 8 else ""
     print(f"  {'tensors':<{width}}  " + ", ".join(shown) + more)
+    print(f"  {'strength':<{width}}  {patch.strength_note()}")
     card = patch.metrics.get("attacks")
     if isinstance(card, dict) and card.get("target"):
         from ..attacks import robustness_card

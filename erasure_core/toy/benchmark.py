@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 
 from ..engine import TrainConfig
-from .evaluation import ErasureTarget, ProtocolCounts, evaluate_protocol, rate, strength_leak
+from .evaluation import ErasureTarget, ProtocolCounts, evaluate_protocol, rate, strength_curve
 from ..methods import get_method, method_names, train_patch
 from ..patch import save_patch
 from .world import OBJECT_NAMES, STYLE_NAMES, concept, training_prompt
@@ -79,14 +79,14 @@ def run_benchmark(denoiser, oracle, methods: list[str], targets: list[str], base
                   progress: Callable[[str], None] | None = None) -> dict:
     """Train, judge and (with `attacks`) attack every (preserve mode, target, method); once the first two targets
     are done, stack each method's patches for them. Writes patches, bench.json and bench.md to `out_dir`."""
-    from ..attacks import attack_report
+    from ..attacks import attack_report, control_rate
 
     out_dir.mkdir(parents=True, exist_ok=True)
     alternatives = alternatives or {}
     attacks = attacks or []
     settings = _settings(base_config, counts, sample_steps, preserve_modes, attacks, denoiser.device)
     state = _earlier_state(out_dir / "bench.json", settings)
-    rows, stacked, base_attacks = state["rows"], state["stacked"], state["base_attacks"]
+    rows, stacked, base_attacks, controls = state["rows"], state["stacked"], state["base_attacks"], state["controls"]
     for name, now in settings["attacks"].items():  # an attack changed, not the erasures: run that attack again
         if state["attacks"].get(name) != now:
             for entries in [*base_attacks.values(), *(row.get("attacks", {}) for row in rows)]:
@@ -96,13 +96,14 @@ def run_benchmark(denoiser, oracle, methods: list[str], targets: list[str], base
     found: dict[str, dict] = {}  # target -> attack name -> (entry, Found) against the unedited model
 
     def save() -> None:
-        results = {"settings": settings, "rows": rows, "stacked": stacked, "base_attacks": base_attacks}
+        results = {"settings": settings, "rows": rows, "stacked": stacked, "base_attacks": base_attacks,
+                   "controls": controls}
         (out_dir / "bench.json").write_text(json.dumps(results, indent=2) + "\n")
 
     def attack(patch, target: str, names: list[str]) -> dict:
         """The named attacks on one patch; the unedited model's runs are made once per target and recorded."""
         report = attack_report(denoiser, oracle, [(patch, 1.0)], target, names,
-                               base_entries=found.setdefault(target, {}))
+                               base_entries=found.setdefault(target, {}), control=controls[target])
         base_attacks.setdefault(target, {}).update({n: e for n, (e, _) in found[target].items()})
         return report
 
@@ -128,18 +129,26 @@ def run_benchmark(denoiser, oracle, methods: list[str], targets: list[str], base
             named = vocabulary.named_neighbours(target)
             kept = named if mode == "named" else []
             erasure = ErasureTarget.from_names(target, alternatives.get(target, ""))
+            if target not in controls:  # the rate that finding nothing scores, beside every attack and phrasing
+                controls[target] = control_rate(denoiser, oracle, target)
+                save()
             for method in methods:
                 done = next((r for r in rows if r["target"] == target and r["method"] == method and
                              r["preserve"] == mode), None)
                 if done is not None:  # finished in an earlier, interrupted run with the same settings
                     missing = [n for n in attacks if n not in done.get("attacks", {})] if mode == "named" else []
-                    if missing:
+                    again = missing + (["strengths"] if "ua_by_strength" not in done else [])
+                    if again:
                         if progress:
-                            progress(f"{target}: {method}, preserve {mode}: attacks again ({', '.join(missing)})")
+                            progress(f"{target}: {method}, preserve {mode}: measured again ({', '.join(again)})")
                         patch = _train(denoiser, base_config, target, method, kept, alternatives,
                                        out_dir / f"{target}-{method}-{mode}.safetensors")[0]
-                        merged = {**done.get("attacks", {}), **attack(patch, target, missing)}
-                        done["attacks"] = {n: merged[n] for n in attacks}
+                        if missing:
+                            merged = {**done.get("attacks", {}), **attack(patch, target, missing)}
+                            done["attacks"] = {n: merged[n] for n in attacks}
+                        if "ua_by_strength" not in done:
+                            done["ua_by_strength"] = strength_curve(denoiser, [(patch, 1.0)], oracle, erasure,
+                                                                    counts=counts, steps=sample_steps)
                         save()
                     continue
                 if progress:
@@ -150,10 +159,10 @@ def run_benchmark(denoiser, oracle, methods: list[str], targets: list[str], base
                                            _with_alternative(erasure, patch.alternative), named, counts,
                                            sample_steps, base=bases.setdefault(target, {}))
                 report.pop("images")
+                curve = strength_curve(denoiser, [(patch, 1.0)], oracle, erasure, counts=counts, steps=sample_steps)
                 row = {"target": target, "method": method, "preserve": mode, "named_neighbours": named,
                        "alternative": patch.alternative or None, **report,
-                       "ua_half_strength": strength_leak(denoiser, [(patch, 1.0)], oracle, erasure, 0.5, counts,
-                                                         sample_steps),
+                       "ua_half_strength": curve["0.5"], "ua_by_strength": curve,
                        "train_seconds": round(result.seconds, 2), "train_cpu_share": round(memory.cpu_share, 2),
                        "peak_memory_bytes": memory.peak_bytes,
                        "patch_bytes": path.stat().st_size}
@@ -245,7 +254,7 @@ def _stacked_report(denoiser, oracle, patches: list, first: str, second: str, co
 def _earlier_state(path: Path, settings: dict) -> dict:
     """Rows of an earlier run with the same erasure settings, so that an interrupted benchmark resumes, and the
     attack settings they were attacked with ("attacks")."""
-    empty = {"rows": [], "stacked": [], "base_attacks": {}, "attacks": settings["attacks"]}
+    empty = {"rows": [], "stacked": [], "base_attacks": {}, "controls": {}, "attacks": settings["attacks"]}
     if not path.exists():
         return empty
     earlier = json.loads(path.read_text())
@@ -308,9 +317,10 @@ def markdown(results: dict) -> str:
     rows = sorted(results["rows"], key=lambda r: (targets.index(r["target"]), order.get(r["method"], len(order)),
                                                   PRESERVE_MODES.index(r["preserve"])))
     attacks = list(results["settings"].get("attacks", {}))
+    controls = results.get("controls", {})
     head = ["target", "method", "preserve", "UA", "held-out IRA", "held-out CRA", "UA-syn", "UA at 0.5",
-            "preserved IRA", "preserved CRA", "ALT", *[f"ASR {a}" for a in attacks], "FD ↓", "layout SSIM",
-            "train s", "peak MB", "patch KB"]
+            "preserved IRA", "preserved CRA", "ALT", *[f"ASR {a}" for a in attacks], "control", "FD ↓",
+            "layout SSIM", "train s", "peak MB", "patch KB"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     seen = set()
     for r in rows:
@@ -320,8 +330,8 @@ def markdown(results: dict) -> str:
             base_asr = [_validity(results["base_attacks"].get(r["target"], {}).get(a)) for a in attacks]
             lines.append(f"| {r['target']} | *unedited* | – | {_r(b['ua'])} | {_r(b['ira_heldout'])} | "
                          f"{_r(b['cra_heldout'])} | {_r(b['ua_syn'])} | – | {_r(b['ira_preserved'])} | "
-                         f"{_r(b['cra_preserved'])} | – | " + "".join(f"{v} | " for v in base_asr) + "– | – | – | – "
-                         "| – |")
+                         f"{_r(b['cra_preserved'])} | – | " + "".join(f"{v} | " for v in base_asr) +
+                         f"{_r(controls.get(r['target']))} | – | – | – | – | – |")
         done = r.get("attacks", {})
         asr = [_r({"rate": done[a]["asr"], "interval": done[a]["interval"]}) +
                ("†" if done[a]["base_asr"] < VALID_ASR else "") if a in done else "–" for a in attacks]
@@ -329,8 +339,12 @@ def markdown(results: dict) -> str:
                      f"{r['preserve']} | {_r(r['ua'])} | **{_r(r['ira_heldout'])}** | **{_r(r['cra_heldout'])}** | "
                      f"{_r(r['ua_syn'])} | {_r(r['ua_half_strength'])} | {_r(r['ira_preserved'])} | "
                      f"{_r(r['cra_preserved'])} | {_r(r['alt'])} | " + "".join(f"{a} | " for a in asr) +
-                     f"{r['fd']:.1f} | {r['layout_ssim']:.2f} | {r['train_seconds']:.1f}{_shared(r)} | "
+                     f"– | {r['fd']:.1f} | {r['layout_ssim']:.2f} | {r['train_seconds']:.1f}{_shared(r)} | "
                      f"{r['peak_memory_bytes'] / 2**20:.0f} | {r['patch_bytes'] / 1024:.0f} |")
+    if controls:
+        lines += ["", "control: how often the unedited model draws the target for the concept-free twin prompts (\"a "
+                  "shape with stripes\" for circle, \"a circle with pattern\" for stripes): the rate an attack or a "
+                  "phrasing scores by finding nothing, where the model has a default shape or style."]
     if any("†" in line for line in lines):
         lines += ["", f"† the attack found the concept in fewer than {VALID_ASR:.0%} of the unedited model's images "
                   "(its validity check), so a low ASR there does not show robustness."]
@@ -339,12 +353,15 @@ def markdown(results: dict) -> str:
                   "CPU time it could use): that wall time is inflated; compare the others."]
     families = list(rows[0]["phrasings"]) if rows else []
     if families:
-        lines += ["", "UA on held-out phrasings (named preservation; the unedited model's UA in parentheses):", "",
-                  "| target | method | " + " | ".join(families) + " |", "|" + "---|" * (len(families) + 2)]
+        lines += ["", "UA on held-out phrasings (named preservation; the unedited model's UA in parentheses; control "
+                  "as above):", "", "| target | method | " + " | ".join(families) + " | control |",
+                  "|" + "---|" * (len(families) + 3)]
         for r in rows:
             if r["preserve"] == "named":
+                control = controls.get(r["target"])
                 lines.append(f"| {r['target']} | {r['method']} | " + " | ".join(
-                    f"{_r(r['phrasings'][f])} ({r['base']['phrasings'][f]['rate']:.2f})" for f in families) + " |")
+                    f"{_r(r['phrasings'][f])} ({r['base']['phrasings'][f]['rate']:.2f})" for f in families) +
+                    (f" | {control['rate']:.2f} |" if control else " | – |"))
     if results.get("stacked"):
         s0 = results["stacked"][0]
         t1, t2 = s0["targets"]

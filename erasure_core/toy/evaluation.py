@@ -388,3 +388,33 @@ def strength_leak(denoiser, patches: list, oracle: Oracle, target: ErasureTarget
     with patched(denoiser, [(p, strength) for p, _ in patches]):
         images = denoiser.generate([i.prompt for i in items], [i.seed for i in items], steps=steps, guidance=guidance)
     return rate(oracle.predict(images)[target.axis] != target.index)
+
+
+STRENGTHS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25)  # the strength curve's grid: off, the slider's range, beyond it
+
+
+def strength_curve(denoiser, patches: list, oracle: Oracle, target: ErasureTarget,
+                   strengths: tuple[float, ...] = STRENGTHS, counts: ProtocolCounts = ProtocolCounts(),
+                   steps: int = 10, guidance: float = 3.0) -> dict[str, dict]:
+    """UA of the target's canonical prompts at each strength (keys "0.0", "0.25", ...): where the slider erases."""
+    return {str(s): strength_leak(denoiser, patches, oracle, target, s, counts, steps, guidance) for s in strengths}
+
+
+FULL_ERASURE_SLACK = 0.1  # "erases fully": UA within this of the patch's own UA at strength 1
+
+
+def strength_card(curve: dict[str, dict]) -> dict:
+    """A patch's metrics["strength"] from its strength curve: UA per strength and `erases_from`, the lowest grid
+    strength from which every strength up to 1 keeps UA within FULL_ERASURE_SLACK of UA at 1 (None where UA at 1
+    is under 0.5: the patch does not erase). What every host shows beside the slider (ErasurePatch.strength_note)."""
+    ua = {k: v["rate"] for k, v in curve.items()}
+    grid = sorted(float(k) for k in ua)
+    full = ua.get("1.0")
+    start = None
+    if full is not None and full >= 0.5:
+        for s in reversed([g for g in grid if 0 < g <= 1]):
+            if ua[str(s)] < full - FULL_ERASURE_SLACK:
+                break
+            start = s
+    return {"ua": ua, "erases_from": start, "n": next(iter(curve.values()))["n"], "judge": "the model's oracle",
+            "slack": FULL_ERASURE_SLACK}
