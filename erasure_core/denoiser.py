@@ -65,6 +65,11 @@ class Denoiser(Protocol):
         """Canonical (LDM-path) names of the cross-attention layers."""
         ...
 
+    def cross_attention_modules(self) -> dict[str, torch.nn.Module]:
+        """The attn2 modules predict_noise runs, keyed by canonical layer name, each with `heads`, `to_q` and
+        `to_k`: what erasure_core.attention_maps reads the attention probabilities from. Read-only."""
+        ...
+
     def network(self) -> torch.nn.Module:
         """The denoising network (the UNet) itself, read-only: training recomputes its transformer blocks in the
         backward pass when asked (TrainConfig.gradient_checkpointing)."""
@@ -153,6 +158,7 @@ class CacheRecord:
     eps_concept: torch.Tensor   # ε*(x_t, c_e)
     eps_alternative: torch.Tensor | None = None  # ε*(x_t, c_a) when an alternative is set
     eps_preserve: torch.Tensor | None = None     # ε*(x_t, c_r) per preserved prompt, (B,R,C,H,W)
+    concept_index: torch.Tensor | None = None    # (B,) which erased prompt's trajectory, for patches erasing several
 
 
 @torch.no_grad()

@@ -40,7 +40,7 @@ TRAIN_STAGE = "training"
 
 @dataclass
 class TrainConfig:
-    concept: str
+    concept: str                 # the prompt erased; with `more_concepts`, the first of several
     method: str = "esd-x"
     alternative: str = ""
     preserve: list[str] = field(default_factory=list)
@@ -61,6 +61,12 @@ class TrainConfig:
     cache_on_cpu: bool = False   # keep the trajectory cache in RAM, moving each batch to the model's device
     candidate_exclude: list[str] = field(default_factory=list)  # words a candidate search may not pick (the
     # benchmark's held-out concepts, so that held-out stays held out)
+    more_concepts: list[str] = field(default_factory=list)  # further prompts the same patch erases
+
+    @property
+    def concepts(self) -> list[str]:
+        """Every prompt the patch erases, the first being `concept`."""
+        return [self.concept, *self.more_concepts]
 
     @property
     def delta_lr(self) -> float | None:
@@ -94,6 +100,7 @@ class TrajectoryCache:
         self.x_t, self.t = cat("x_t"), cat("t")
         self.eps_uncond, self.eps_concept, self.eps_alternative = cat("eps_uncond"), cat("eps_concept"), \
             cat("eps_alternative")
+        self.concept_index = cat("concept_index")
         self.eps_preserve: torch.Tensor | None = None
         self.preserved: list[str] = []  # the prompts eps_preserve was computed for, in order
         self.device = torch.device(device) if device is not None else self.x_t.device
@@ -101,7 +108,7 @@ class TrajectoryCache:
     def __len__(self) -> int:
         return len(self.x_t)
 
-    FIELDS = ("x_t", "t", "eps_uncond", "eps_concept", "eps_alternative", "eps_preserve")
+    FIELDS = ("x_t", "t", "eps_uncond", "eps_concept", "eps_alternative", "eps_preserve", "concept_index")
 
     def save(self, path: Path) -> None:
         """Beside a run's checkpoint, so that a resumed run does not sample the trajectories again."""
@@ -125,9 +132,16 @@ class TrajectoryCache:
     def build(cls, denoiser: Denoiser, concept: Conditioning, empty: Conditioning, seeds: list[int], steps: int,
               guidance: float, alternative: Conditioning | None = None,
               progress: Callable[[int, int], None] | None = None, storage=None) -> "TrajectoryCache":
+        """Trajectories from `seeds` for each erased prompt (each row of `concept`), one after the other; every
+        record says whose it is (`concept_index`), so a patch erasing several concepts trains in one loop."""
         noise = seeded_noise(seeds, denoiser.sample_shape, denoiser.device)
-        records = [_moved(r, storage) for r in
-                   sample_trajectories(denoiser, concept, empty, noise, steps, guidance, alternative, progress)]
+        records = []
+        for k in range(len(concept)):
+            row = Conditioning(concept.context[k:k + 1], {n: v[k:k + 1] for n, v in concept.extra.items()})
+            bar = (lambda done, total, k=k: progress(k * total + done, len(concept) * total)) if progress else None
+            for r in sample_trajectories(denoiser, row, empty, noise, steps, guidance, alternative, bar):
+                r.concept_index = torch.full((len(r.x_t),), k, dtype=torch.long, device=r.x_t.device)
+                records.append(_moved(r, storage))
         return cls(records, denoiser.device, storage)
 
     @torch.no_grad()
@@ -151,7 +165,8 @@ class TrajectoryCache:
     def draw(self, n: int, generator: torch.Generator) -> CacheRecord:
         idx = torch.randint(0, len(self), (n,), generator=generator)
         return _moved(CacheRecord(self.x_t[idx], self.t[idx], self.eps_uncond[idx], self.eps_concept[idx],
-                                  _pick(self.eps_alternative, idx), _pick(self.eps_preserve, idx)), self.device)
+                                  _pick(self.eps_alternative, idx), _pick(self.eps_preserve, idx),
+                                  _pick(getattr(self, "concept_index", None), idx)), self.device)
 
 
 def _pick(tensor: torch.Tensor | None, idx: torch.Tensor) -> torch.Tensor | None:
@@ -164,7 +179,7 @@ def _moved(record: CacheRecord, device) -> CacheRecord:
         return record
     return CacheRecord(*(None if t is None else t.to(device) for t in
                          (record.x_t, record.t, record.eps_uncond, record.eps_concept, record.eps_alternative,
-                          record.eps_preserve)))
+                          record.eps_preserve, record.concept_index)))
 
 
 class ResamplingSource:
@@ -259,12 +274,13 @@ def finish_patch(denoiser: Denoiser, parts: TrainableParts, config: TrainConfig,
     deltas = {k: WeightDelta(full=d.full.detach().clone().cpu()) for k, d in live.deltas.items()
               if d.full.abs().max() > 0}
     training = {k: v for k, v in asdict(config).items()
-                if k not in ("concept", "alternative", "preserve", "seed", "lr", "memory_lr", "candidate_exclude")}
+                if k not in ("concept", "alternative", "preserve", "seed", "lr", "memory_lr", "candidate_exclude",
+                             "more_concepts")}
     for key, rate, used in (("lr", config.delta_lr, parts.deltas), ("memory_lr", config.memory_rate, parts.memory)):
         if used and rate is not None:
             training[key] = rate
     return ErasurePatch(layers=parts.layers if memory is not None else [], memory=memory, deltas=deltas,
-                        method=config.method, concepts=[config.concept], alternative=config.alternative,
+                        method=config.method, concepts=config.concepts, alternative=config.alternative,
                         preserve=list(config.preserve), base_model=getattr(denoiser, "name", ""),
                         base_fingerprint=denoiser.fingerprint(), training=training, seed=config.seed,
                         metrics=metrics or {})
@@ -368,7 +384,7 @@ def concept_cache(denoiser: Denoiser, config: TrainConfig, concept: Conditioning
     seeds = list(range(config.seed, config.seed + config.cache_seeds))
     bar = (lambda done, total: progress(done, total, None, stage=CACHE_STAGE)) if progress else None
     if bar:
-        bar(0, config.cache_steps)
+        bar(0, len(concept) * config.cache_steps)
     return TrajectoryCache.build(denoiser, concept, empty, seeds, config.cache_steps, config.cache_guidance,
                                  alternative, bar, storage)
 
@@ -412,12 +428,21 @@ def start_attn2_run(denoiser: Denoiser, config: TrainConfig, default_projections
                     progress: Progress | None = None) -> Run:
     """Encode, build (or reuse) the cache and the preserved prompts' anchors, and set up deltas of the attn2
     projections (`config.projections`, else `default_projections`) in `config.layers`, with no memory."""
-    concept, empty = denoiser.encode([config.concept]), denoiser.encode([""])
+    concept, empty = denoiser.encode(config.concepts), denoiser.encode([""])
     cache = cache or concept_cache(denoiser, config, concept, empty, checkpoint=checkpoint, progress=progress)
     preserved = preserved_prompts(denoiser, config, cache, progress)
     parts = setup(denoiser, config, tokens=0, projections=projections_of(config, default_projections),
                   delta_layers=config.layers)
     return Run(concept, empty, cache, preserved, parts)
+
+
+def erased_prompts(concept: Conditioning, batch: CacheRecord) -> Conditioning:
+    """The erased prompt of each record of the batch: `concept` holds one row per erased concept, and a record
+    made from the k-th one's trajectories gets row k."""
+    if len(concept) == 1 or batch.concept_index is None:
+        return concept.expand(len(batch.x_t))
+    index = batch.concept_index.to(concept.context.device)
+    return Conditioning(concept.context[index], {k: v[index] for k, v in concept.extra.items()})
 
 
 def esd_target(batch: CacheRecord, eta: float) -> torch.Tensor:

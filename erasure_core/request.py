@@ -8,6 +8,8 @@ WebUI tab's fields), turned into a TrainConfig in one place, with every check an
   (erasure_core.candidates); "none" or "" keeps nothing, anything else is a list split at commas and new lines.
 - On a model with a vocabulary, concept names become its training prompts ("circle" -> "a circle"), and a name
   it does not know is refused with the known ones listed.
+- Several concepts, separated by commas or new lines, are erased by one patch; none of them may also be
+  preserved, and "auto" preservation leaves them out.
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ class RequestError(ValueError):
 
 @dataclass
 class TrainRequest:
-    concept: str
+    concept: str                   # one, or several separated by commas or new lines
     method: str = DEFAULT_METHOD
     alternative: str = ""
     preserve: str = PRESERVE_AUTO  # "auto", "none", or names separated by commas or new lines
@@ -61,18 +63,23 @@ class TrainPlan:
     """A validated request: the config to train, the names to record in the patch, and notes for the user."""
 
     config: TrainConfig
-    concept: str
+    concepts: list[str]
     alternative: str
     preserve: list[str]
     notes: list[str] = field(default_factory=list)
 
+    @property
+    def concept(self) -> str:
+        """The concepts as the user would say them: "circle", or "circle, star"."""
+        return ", ".join(self.concepts)
+
     def label(self, result: TrainResult) -> TrainResult:
         """Record the user's names (not the prompts trained on) in the patch, and in its key if there is one."""
-        result.patch.concepts, result.patch.alternative = [self.concept], self.alternative
+        result.patch.concepts, result.patch.alternative = list(self.concepts), self.alternative
         result.patch.preserve = list(self.preserve)
         result.patch.title = result.patch.title or f"erase {self.concept}"
         if result.key is not None:
-            result.key.concepts, result.key.method = [self.concept], self.config.method
+            result.key.concepts, result.key.method = list(self.concepts), self.config.method
         return result
 
 
@@ -97,8 +104,8 @@ def _rate(label: str, value) -> float | None:
 
 def prepare(request: TrainRequest, model) -> TrainPlan:
     """Check a request against the registry and `model` (its layer names and vocabulary) and build its config."""
-    concept = (request.concept or "").strip()
-    if not concept:
+    concepts = list(dict.fromkeys(split_list(request.concept or "")))  # in order, each once
+    if not concepts:
         raise RequestError("name the concept to erase (as you would prompt it: 'Van Gogh', 'a cat')")
     spec = get_method(request.method)
     notes = []
@@ -118,20 +125,25 @@ def prepare(request: TrainRequest, model) -> TrainPlan:
         except KeyError as exc:
             raise RequestError(exc.args[0]) from None
 
-    concept_prompt = prompt(concept)  # refuses a name the vocabulary lacks before anything else uses it
+    concept_prompts = [prompt(c) for c in concepts]  # refuses a name the vocabulary lacks before anything else
     preserve_text = (request.preserve or "").strip()
     if preserve_text.lower() == PRESERVE_AUTO:
+        preserve = []
         if vocabulary is not None:
-            preserve = vocabulary.default_preserve(concept)
+            for concept in concepts:
+                preserve += [p for p in vocabulary.default_preserve(concept) if p not in concepts + preserve]
         elif spec.takes_preserve:
-            preserve = nearest_concepts(model, concept, AUTO_PRESERVE)
+            for concept in concepts:  # the budget shared out, none of the erased concepts' words
+                preserve += nearest_concepts(model, concept, max(AUTO_PRESERVE // len(concepts), 2),
+                                             exclude=[*concepts, *preserve])
             notes.append(f"preserving the {len(preserve)} nearest concepts of the word list: {', '.join(preserve)}")
-        else:
-            preserve = []
     elif preserve_text.lower() == PRESERVE_NONE:
         preserve = []
     else:
         preserve = split_list(preserve_text)
+        both = [p for p in preserve if p in concepts]
+        if both:
+            raise RequestError(f"{', '.join(map(repr, both))} cannot be both erased and preserved")
     if preserve and not spec.takes_preserve:
         notes.append(f"{spec.name} takes no preservation list; it is ignored")
         preserve = []
@@ -152,7 +164,7 @@ def prepare(request: TrainRequest, model) -> TrainPlan:
         optional["gradient_checkpointing"] = request.gradient_checkpointing
     if request.cache_on_cpu:
         optional["cache_on_cpu"] = True
-    config = TrainConfig(concept=concept_prompt, method=spec.name,
+    config = TrainConfig(concept=concept_prompts[0], more_concepts=concept_prompts[1:], method=spec.name,
                          alternative=prompt(alternative) if alternative else "",
                          preserve=[prompt(p) for p in preserve], steps=_whole("steps", request.steps, 1),
                          lr=_rate("learning rate", request.lr), memory_lr=_rate("memory learning rate",
@@ -161,7 +173,9 @@ def prepare(request: TrainRequest, model) -> TrainPlan:
                          seed=_whole("seed", request.seed, 0), **optional)
     if spec.kind == "trained":
         _refuse_what_cannot_fit(model, config)
-    return TrainPlan(config, concept, alternative, preserve, notes)
+    if len(concepts) > 1:
+        notes.append(f"one patch erases {len(concepts)} concepts: {', '.join(concepts)}")
+    return TrainPlan(config, concepts, alternative, preserve, notes)
 
 
 def _refuse_what_cannot_fit(model, config: TrainConfig) -> None:

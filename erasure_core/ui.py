@@ -393,7 +393,8 @@ def build_tab(get_model: Callable[[], object], patch_folder: Callable[[], Path] 
         with gr.Row():
             with gr.Column():
                 concept = gr.Textbox(label="Concept to erase", value=d.concept, placeholder="e.g. circle",
-                                     elem_id="erasure_concept")
+                                     elem_id="erasure_concept",
+                                     info="several, separated by commas, are erased by one patch")
                 method = gr.Dropdown(label="Method", choices=list(methods), value=d.method, elem_id="erasure_method",
                                      info="; ".join(f"{m}: {get_method(m).summary}" for m in methods))
                 takes = ", ".join(m for m in methods if get_method(m).takes_alternative)

@@ -57,7 +57,8 @@ class ConceptErasureTrainPatch:
                 "model": ("MODEL", {"tooltip": "The model to erase the concept from (SD1.x, SD2.x, SDXL)."}),
                 "clip": ("CLIP", {"tooltip": "The text encoder that goes with the model."}),
                 "concept": ("STRING", {"default": "", "tooltip": "What to erase, as you would prompt it: "
-                                                                 "'Van Gogh', 'a cat'."}),
+                                                                 "'Van Gogh', 'a cat'. Several, separated by "
+                                                                 "commas, are erased by one patch."}),
                 "method": (list(methods), {"default": DEFAULT_METHOD if DEFAULT_METHOD in methods else methods[0],
                                            "tooltip": methods_help()}),
                 "alternative": ("STRING", {"default": "", "tooltip": f"What to draw instead ({takes}). "

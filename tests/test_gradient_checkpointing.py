@@ -14,7 +14,8 @@ def _checksum(module: torch.nn.Module) -> list[torch.Tensor]:
     return [p.detach().clone() for p in module.parameters()]
 
 
-@pytest.mark.parametrize("method", ["memory", "esd-u"])  # memory and deltas in attn2; deltas inside whole blocks
+# memory and deltas in attn2; deltas inside whole blocks; attention probabilities read from inside the blocks
+@pytest.mark.parametrize("method", ["memory", "esd-u", "forget-me-not"])
 def test_recomputing_the_blocks_trains_the_same_patch(toy_model, method):
     unet = toy_model.network()
     before = _checksum(unet)

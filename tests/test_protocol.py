@@ -7,7 +7,7 @@ from diffusers import DDIMScheduler
 
 from erasure_core.denoiser import Conditioning, Denoiser
 from erasure_core.layers import PROJECTIONS, is_canonical_layer
-from erasure_core.patch import ConceptMemory, ErasurePatch, model_fingerprint
+from erasure_core.patch import ConceptMemory, ErasurePatch, WeightDelta, model_fingerprint
 
 BACKENDS = ["diffusers", "comfyui", "a1111"]
 PROMPTS, SEEDS = ["a red circle", "a blue square with stripes"], [3, 4]
@@ -155,6 +155,69 @@ def test_the_backends_draw_the_same_images(backends):
     for name in ("comfyui", "a1111"):
         got = backends[name].generate(PROMPTS, SEEDS, steps=2, guidance=3.0)
         assert (got - want).abs().mean() < 1e-4 and (got - want).abs().max() < 0.03, name
+
+
+def _delta_and_memory_patch(denoiser):
+    g = torch.Generator().manual_seed(5)
+    patch = _memory_patch(denoiser, seed=5)
+    patch.deltas = {f"{layer}.to_k": WeightDelta(full=0.3 * torch.randn(w.shape, generator=g))
+                    for layer in denoiser.layer_names()
+                    for w in [denoiser.projection_weights()[f"{layer}.to_k"]]}
+    return patch
+
+
+def test_cross_attention_maps_are_the_probabilities_the_model_attends_with(backends):
+    """diffusers' own attention probabilities (its classic processor, get_attention_scores) with a patch of to_k
+    deltas and memory tokens attached, read back by cross_attention_maps; ComfyUI's and A1111's attn2 modules give
+    the same maps for the same weights."""
+    from diffusers.models.attention_processor import AttnProcessor
+
+    from erasure_core.attention_maps import cross_attention_maps, word_positions
+    from erasure_core.denoiser import patched
+
+    toy = backends["diffusers"]
+    prompt = "a blue square with stripes"
+    positions = word_positions(toy.prompt_length, prompt, frozenset({"a", "with"}))
+    assert positions == [2, 3, 5]  # blue, square, stripes; BOS is 0
+    for name in ("comfyui", "a1111"):
+        assert word_positions(backends[name].prompt_length, prompt, frozenset({"a", "with"})) == positions, name
+    x = torch.randn(2, *toy.sample_shape, generator=torch.Generator().manual_seed(6))
+    t = torch.tensor([200, 700])
+    seen = {}
+    with torch.no_grad():
+        for name, denoiser in backends.items():
+            cond = denoiser.encode([prompt] * 2)
+            with patched(denoiser, [(_delta_and_memory_patch(denoiser), 1.0)]), \
+                    cross_attention_maps(denoiser.cross_attention_modules(), positions) as maps:
+                denoiser.predict_noise(x, t, cond)
+            seen[name] = maps
+        reference = []
+        modules = toy.cross_attention_modules()
+        saved = {name: m.processor for name, m in modules.items()}
+        for attn in modules.values():
+            def scores(query, key, mask=None, attn=attn):
+                probabilities = type(attn).get_attention_scores(attn, query, key, mask)
+                reference.append(probabilities.view(-1, attn.heads, *probabilities.shape[1:]))
+                return probabilities
+            attn.get_attention_scores = scores
+            attn.set_processor(AttnProcessor())
+        try:
+            with patched(toy, [(_delta_and_memory_patch(toy), 1.0)]):
+                toy.predict_noise(x, t, toy.encode([prompt] * 2))
+        finally:
+            for name, attn in modules.items():
+                del attn.get_attention_scores
+                attn.set_processor(saved[name])
+    assert len(reference) == len(seen["diffusers"]) == len(modules)
+    context = toy.encode([prompt]).context.shape[1]
+    assert all(r.shape[-1] == context + 4 for r in reference)  # the memory's 4 keys are attended to as well
+    for want, got in zip(reference, seen["diffusers"]):
+        assert got.shape == (*want.shape[:-1], len(positions))
+        assert torch.allclose(got, want[..., positions], atol=1e-6)
+    for name in ("comfyui", "a1111"):
+        assert len(seen[name]) == len(reference), name
+        for want, got in zip(seen["diffusers"], seen[name]):
+            assert torch.allclose(got, want, atol=1e-5), name
 
 
 def test_comfy_without_a_vae_samples_latents_and_says_what_is_missing(toy_model, backends):

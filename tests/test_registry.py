@@ -67,12 +67,13 @@ def test_names_are_unique_and_kinds_known():
 
 
 def test_every_builtin_method_is_registered_with_its_facts():
-    assert method_names()[:12] == ("memory", "memory-only", "memory-key", "all-but-one", "esd-x", "esd-x-strict",
+    assert method_names()[:13] == ("memory", "memory-only", "memory-key", "all-but-one", "esd-x", "esd-x-strict",
                                    "esd-u", "uce", "rece", "adversarial-preservation", "prune-esd",
-                                   "sdd")
+                                   "sdd", "forget-me-not")
     assert [m for m in method_names() if get_method(m).takes_alternative] == \
         ["memory", "memory-only", "memory-key", "all-but-one", "uce", "rece"]
     assert get_method("rece").kind == "closed-form" and get_method("rece").reconstruction
+    assert get_method("forget-me-not").trains == "attn2 to_k deltas" and not get_method("forget-me-not").reconstruction
     assert get_method("esd-u").delta_lr == 1e-4 and get_method("memory").memory_lr == 1e-2
     assert get_method("uce").kind == "closed-form" and get_method("memory-key").makes_key
     assert all(get_method(m).reconstruction for m in ("memory", "memory-only", "memory-key", "all-but-one"))

@@ -338,6 +338,9 @@ class ComfyDenoiser:
     def layer_names(self) -> list[str]:
         return list(self._info.layers)
 
+    def cross_attention_modules(self) -> dict[str, torch.nn.Module]:
+        return dict(self._info.modules)
+
     def projection_weights(self) -> dict[str, torch.Tensor]:
         self._ensure_loaded()
         return self._info.projection_weights()

@@ -137,6 +137,11 @@ class DiffusersDenoiser:
 
         return [layer.canonical for layer in attn2_layers(self.unet)]
 
+    def cross_attention_modules(self) -> dict[str, torch.nn.Module]:
+        from ..layers import attn2_layers
+
+        return {layer.canonical: self.unet.get_submodule(layer.diffusers) for layer in attn2_layers(self.unet)}
+
     def prompt_length(self, prompt: str) -> int:
         return len(self.tokenizer(prompt).input_ids)
 

@@ -184,6 +184,9 @@ class LdmDenoiser:
     def layer_names(self) -> list[str]:
         return list(self.modules)
 
+    def cross_attention_modules(self) -> dict[str, torch.nn.Module]:
+        return dict(self.modules)
+
     def prompt_length(self, prompt: str) -> int:
         for owner in (getattr(self.sd_model, "cond_stage_model", None),
                       *getattr(getattr(self.sd_model, "conditioner", None), "embedders", [])[:1]):

@@ -14,7 +14,8 @@ def add_parser(sub) -> None:
 
     defaults = TrainRequest(concept="")
     p = sub.add_parser("train", help="train an erasure patch")
-    p.add_argument("--concept", required=True, help="concept to erase (toy model: an object or style name)")
+    p.add_argument("--concept", required=True, help="concept to erase (toy model: an object or style name); several, "
+                   "separated by commas, are erased by one patch")
     p.add_argument("--method", choices=method_names(), default=DEFAULT_METHOD,
                    help=f"default {DEFAULT_METHOD}. " + methods_help())
     p.add_argument("--alternative", default="",

@@ -10,7 +10,7 @@ from typing import Callable
 
 from ..denoiser import Denoiser
 from ..engine import Progress, TrainConfig
-from . import memory, all_but_one, esd, uce, rece, adversarial_preservation, prune, sdd  # noqa: F401  (each registers its methods, in this order)
+from . import memory, all_but_one, esd, uce, rece, adversarial_preservation, prune, sdd, forget_me_not  # noqa: F401  (each registers its methods, in this order)
 from .registry import MethodSpec, TrainResult, get_method, method_names, methods_help, register, unregister
 
 __all__ = ["DEFAULT_METHOD", "MethodSpec", "TrainResult", "get_method", "method_names", "methods_help", "register",

@@ -23,8 +23,8 @@ import torch.nn.functional as F
 
 from ..candidates import nearest_concepts
 from ..denoiser import CacheRecord, Conditioning, Denoiser
-from ..engine import (TrainConfig, TrajectoryCache, esd_target, finish_patch, predict_with, preservation_loss,
-                      run_training, start_attn2_run)
+from ..engine import (TrainConfig, TrajectoryCache, erased_prompts, esd_target, finish_patch, predict_with,
+                      preservation_loss, run_training, start_attn2_run)
 from .registry import MethodSpec, TrainResult, register
 
 CANDIDATES = 64
@@ -65,8 +65,11 @@ def train_adversarial_preservation(denoiser: Denoiser, config: TrainConfig, *, c
     run = start_attn2_run(denoiser, config, "all", cache, checkpoint, progress)
     concept, preserved, parts = run.concept, run.preserved, run.parts
     bar = (lambda done, total: progress(done, total, None, stage=STAGE)) if progress else None
-    words = nearest_concepts(denoiser, config.concept, CANDIDATES,
-                             exclude=[*config.candidate_exclude, *config.preserve], progress=bar)
+    words: list[str] = []
+    for text in config.concepts:  # several erased concepts share the candidates; none may be a candidate
+        words += nearest_concepts(denoiser, text, max(CANDIDATES // len(config.concepts), 1),
+                                  exclude=[*config.candidate_exclude, *config.preserve, *config.concepts, *words],
+                                  progress=bar)
     names = [*config.preserve, *words]
     if not names:
         raise ValueError("no candidate concepts: the word list gave none for this target")
@@ -78,7 +81,7 @@ def train_adversarial_preservation(denoiser: Denoiser, config: TrainConfig, *, c
 
     def step_loss(step: int, batch: CacheRecord):
         n = len(batch.x_t)
-        cond = concept.expand(n)
+        cond = erased_prompts(concept, batch)
         erase = F.mse_loss(predict_with(denoiser, live, batch.x_t, batch.t, cond), esd_target(batch, config.eta))
         draws = hard_gumbel_softmax(_Reversed.apply(logits), n, TEMPERATURE, generator)
         picks.update(draws.argmax(dim=1).tolist())

@@ -15,8 +15,8 @@ from typing import Callable
 import torch.nn.functional as F
 
 from ..denoiser import CacheRecord, Denoiser
-from ..engine import (TrainConfig, TrajectoryCache, concept_cache, finish_patch, predict_with, preservation_loss,
-                      preserved_prompts, projections_of, run_training, setup)
+from ..engine import (TrainConfig, TrajectoryCache, concept_cache, erased_prompts, finish_patch, predict_with,
+                      preservation_loss, preserved_prompts, projections_of, run_training, setup)
 from .registry import MethodSpec, TrainResult, register
 
 DRIFT_WEIGHT = 1.0  # λ
@@ -26,7 +26,7 @@ PROJECTIONS = "kv"  # to_k/to_v only, our choice: they act on the text tokens, s
 def train_all_but_one(denoiser: Denoiser, config: TrainConfig, *, cache: TrajectoryCache | None = None,
                       checkpoint: Path | None = None, progress: Callable | None = None,
                       cancel: Callable[[], bool] | None = None, drift_weight: float = DRIFT_WEIGHT) -> TrainResult:
-    concept, empty = denoiser.encode([config.concept]), denoiser.encode([""])
+    concept, empty = denoiser.encode(config.concepts), denoiser.encode([""])
     alternative = denoiser.encode([config.alternative]) if config.alternative else None
     cache = cache or concept_cache(denoiser, config, concept, empty, alternative, checkpoint, progress)
     if alternative is not None and cache.eps_alternative is None:
@@ -38,7 +38,7 @@ def train_all_but_one(denoiser: Denoiser, config: TrainConfig, *, cache: Traject
 
     def step_loss(step: int, batch: CacheRecord):
         n = len(batch.x_t)
-        pred_c = predict_with(denoiser, live, batch.x_t, batch.t, concept.expand(n))
+        pred_c = predict_with(denoiser, live, batch.x_t, batch.t, erased_prompts(concept, batch))
         pred_u = predict_with(denoiser, live, batch.x_t, batch.t, empty.expand(n))
         guidance_target = (batch.eps_alternative - batch.eps_uncond) if alternative is not None \
             else 0 * batch.eps_uncond

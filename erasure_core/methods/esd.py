@@ -16,8 +16,8 @@ from typing import Callable
 import torch.nn.functional as F
 
 from ..denoiser import CacheRecord, Denoiser
-from ..engine import (PROJECTION_SETS, TrainConfig, TrajectoryCache, concept_cache, esd_target, finish_patch,
-                      predict_with, preservation_loss, preserved_prompts, run_training, setup)
+from ..engine import (PROJECTION_SETS, TrainConfig, TrajectoryCache, concept_cache, erased_prompts, esd_target,
+                      finish_patch, predict_with, preservation_loss, preserved_prompts, run_training, setup)
 from .registry import MethodSpec, TrainResult, register
 
 # what each variant trains: a set of attn2 projections, or "outside" for every linear and conv layer outside attn2
@@ -35,7 +35,7 @@ def train_esd(denoiser: Denoiser, config: TrainConfig, *, cache: TrajectoryCache
               cancel: Callable[[], bool] | None = None) -> TrainResult:
     if config.method not in PARAMETER_SETS:
         raise ValueError(f"unknown ESD variant {config.method!r}; use one of {', '.join(PARAMETER_SETS)}")
-    concept, empty = denoiser.encode([config.concept]), denoiser.encode([""])
+    concept, empty = denoiser.encode(config.concepts), denoiser.encode([""])
     cache = cache or concept_cache(denoiser, config, concept, empty, checkpoint=checkpoint, progress=progress)
     preserved = preserved_prompts(denoiser, config, cache, progress)
     if PARAMETER_SETS[config.method] == "outside":
@@ -46,7 +46,7 @@ def train_esd(denoiser: Denoiser, config: TrainConfig, *, cache: TrajectoryCache
     live = parts.patch()
 
     def step_loss(step: int, batch: CacheRecord):
-        pred = predict_with(denoiser, live, batch.x_t, batch.t, concept.expand(len(batch.x_t)))
+        pred = predict_with(denoiser, live, batch.x_t, batch.t, erased_prompts(concept, batch))
         return F.mse_loss(pred, esd_target(batch, config.eta)) \
             + config.preserve_weight * preservation_loss(denoiser, live, batch, preserved, step)
 

@@ -25,8 +25,8 @@ from typing import Callable
 import torch.nn.functional as F
 
 from ..denoiser import CacheRecord, Denoiser
-from ..engine import (TrainConfig, TrajectoryCache, concept_cache, esd_target, finish_patch, predict_with,
-                      preservation_loss, preserved_prompts, projections_of, run_training, setup)
+from ..engine import (TrainConfig, TrajectoryCache, concept_cache, erased_prompts, esd_target, finish_patch,
+                      predict_with, preservation_loss, preserved_prompts, projections_of, run_training, setup)
 from .registry import MethodSpec, TrainResult, register
 
 VARIANTS = ("memory", "memory-only", "memory-key")
@@ -40,7 +40,7 @@ def train_memory(denoiser: Denoiser, config: TrainConfig, *, cache: TrajectoryCa
     """The key of the result is the memory of "memory-key" runs, None otherwise."""
     if config.method not in VARIANTS:
         raise ValueError(f"unknown memory variant {config.method!r}; use one of {', '.join(VARIANTS)}")
-    concept, empty = denoiser.encode([config.concept]), denoiser.encode([""])
+    concept, empty = denoiser.encode(config.concepts), denoiser.encode([""])
     alternative = denoiser.encode([config.alternative]) if config.alternative else None
     cache = cache or concept_cache(denoiser, config, concept, empty, alternative, checkpoint, progress)
     if alternative is not None and cache.eps_alternative is None:
@@ -59,7 +59,7 @@ def train_memory(denoiser: Denoiser, config: TrainConfig, *, cache: TrajectoryCa
         return config.preserve_weight * preservation_loss(denoiser, view, batch, preserved, step)
 
     def step_loss(step: int, batch: CacheRecord):
-        cond = concept.expand(len(batch.x_t))
+        cond = erased_prompts(concept, batch)
         target = batch.eps_alternative if alternative is not None else esd_target(batch, config.eta)
         if memory_only:
             return F.mse_loss(predict_with(denoiser, train_memory_view, batch.x_t, batch.t, cond), target) \

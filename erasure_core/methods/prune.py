@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from ..denoiser import CacheRecord, Denoiser
-from ..engine import (TrainConfig, TrajectoryCache, esd_target, finish_patch, predict_with, preservation_loss,
-                      run_training, start_attn2_run)
+from ..engine import (TrainConfig, TrajectoryCache, erased_prompts, esd_target, finish_patch, predict_with,
+                      preservation_loss, run_training, start_attn2_run)
 from ..patch import ErasurePatch, WeightDelta
 from .registry import MethodSpec, TrainResult, register
 
@@ -48,7 +48,7 @@ def train_prune(denoiser: Denoiser, config: TrainConfig, *, cache: TrajectoryCac
 
     def step_loss(step: int, batch: CacheRecord):
         view, pruned = masked()
-        pred = predict_with(denoiser, view, batch.x_t, batch.t, concept.expand(len(batch.x_t)))
+        pred = predict_with(denoiser, view, batch.x_t, batch.t, erased_prompts(concept, batch))
         return F.mse_loss(pred, esd_target(batch, config.eta)) + SPARSITY * pruned \
             + config.preserve_weight * preservation_loss(denoiser, view, batch, preserved, step)
 

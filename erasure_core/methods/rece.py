@@ -67,12 +67,14 @@ def _validate(denoiser, config: TrainConfig, edited: dict[str, torch.Tensor], or
         return None
     patch = ErasurePatch(layers=[], deltas={n: WeightDelta(full=(edited[n] - original[n]).float().to(denoiser.device))
                                             for n in original})
-    prompts = [config.concept] * len(VALIDATION_SEEDS) + list(config.preserve)
-    seeds = list(VALIDATION_SEEDS) + [VALIDATION_SEEDS[0]] * len(config.preserve)
+    erased = config.concepts
+    prompts = [c for c in erased for _ in VALIDATION_SEEDS] + list(config.preserve)
+    seeds = list(VALIDATION_SEEDS) * len(erased) + [VALIDATION_SEEDS[0]] * len(config.preserve)
     with patched(denoiser, [(patch, 1.0)]):
         images = denoiser.generate(prompts, seeds, steps=VALIDATION_STEPS, guidance=denoiser.default_guidance)
     n = len(VALIDATION_SEEDS)
-    left = int(vocabulary.shows(images[:n], config.concept).sum())
+    left = sum(int(vocabulary.shows(images[k * n:(k + 1) * n], c).sum()) for k, c in enumerate(erased))
+    n *= len(erased)
     lost = sum(int(not vocabulary.shows(images[n + i:n + i + 1], p)[0]) for i, p in enumerate(config.preserve))
     return {"target_left": left, "preserved_lost": lost}
 

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from ..denoiser import CacheRecord, Denoiser
-from ..engine import (TrainConfig, TrajectoryCache, finish_patch, predict_with, preservation_loss, run_training,
-                      start_attn2_run)
+from ..engine import (TrainConfig, TrajectoryCache, erased_prompts, finish_patch, predict_with, preservation_loss,
+                      run_training, start_attn2_run)
 from .registry import MethodSpec, TrainResult, register
 
 EMA_DECAY = 0.999
@@ -47,7 +47,7 @@ def train_sdd(denoiser: Denoiser, config: TrainConfig, *, cache: TrajectoryCache
         n = len(batch.x_t)
         with torch.no_grad():
             target = predict_with(denoiser, live, batch.x_t, batch.t, empty.expand(n))
-        pred = predict_with(denoiser, live, batch.x_t, batch.t, concept.expand(n))
+        pred = predict_with(denoiser, live, batch.x_t, batch.t, erased_prompts(concept, batch))
         return F.mse_loss(pred, target) + config.preserve_weight * preservation_loss(denoiser, live, batch,
                                                                                      preserved, step)
 

@@ -41,11 +41,15 @@ def closed_form_edit(weights: dict[str, torch.Tensor], erased: torch.Tensor, anc
 
 
 def prompt_rows(denoiser: Denoiser, config: TrainConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The erased prompt's token rows, the anchor's aligned with them, and every preserved prompt's rows."""
+    """Every erased prompt's token rows, the anchor's aligned with each, and every preserved prompt's rows."""
     anchor = config.alternative or ""
-    n = max(denoiser.prompt_length(config.concept), denoiser.prompt_length(anchor))
-    erased, anchors = _token_rows(denoiser, config.concept, n), _token_rows(denoiser, anchor, n)
+    erased, anchors = [], []
+    for concept in config.concepts:  # several concepts: their rows are erased together, in one solve
+        n = max(denoiser.prompt_length(concept), denoiser.prompt_length(anchor))
+        erased.append(_token_rows(denoiser, concept, n))
+        anchors.append(_token_rows(denoiser, anchor, n))
     kept = [_token_rows(denoiser, p, denoiser.prompt_length(p)) for p in config.preserve]
+    erased, anchors = torch.cat(erased), torch.cat(anchors)
     return erased, anchors, torch.cat(kept) if kept else erased.new_zeros(0, erased.shape[1])
 
 

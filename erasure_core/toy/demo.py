@@ -13,7 +13,7 @@ import torch
 from ..imaging import grid, save_side_by_side
 from ..methods import TrainResult, get_method, train_patch
 from ..patch import save_patch
-from ..request import TrainPlan, TrainRequest, prepare
+from ..request import RequestError, TrainPlan, TrainRequest, prepare
 from .evaluation import ErasureTarget, GridItem, erasure_items, evaluate_erasure
 
 @dataclass(frozen=True)
@@ -88,6 +88,8 @@ def run_demo(model, out_dir: Path, request: TrainRequest, sample_steps: int = 20
              log: Callable[[str], None] = print) -> dict:
     """Train `request` on the toy model, write the patch, a before/after grid and metrics.json into `out_dir`."""
     plan: TrainPlan = prepare(request, model)
+    if len(plan.concepts) > 1:
+        raise RequestError("the demo erases one concept; train several with `erasure train --concept a,b`")
     target = ErasureTarget.from_names(plan.concept, plan.alternative)  # ValueError for a cross-axis alternative
     out_dir.mkdir(parents=True, exist_ok=True)
     clock, seconds = time.time(), {}
