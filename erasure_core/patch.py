@@ -23,7 +23,7 @@ import math
 import os
 import re
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -254,6 +254,48 @@ class ErasurePatch:
             "erasure.seed": "" if self.seed is None else str(self.seed),
             "erasure.metrics": json.dumps(self.metrics, sort_keys=True),
         }
+
+
+def combine_patches(patches: list[ErasurePatch]) -> ErasurePatch:
+    """One patch that acts as `patches` attached together at one strength: weight deltas add, concept memories
+    are concatenated in order (as the hosts append them). The metadata is the last patch's, listing every patch's
+    concepts, and `training["on_top_of"]` says what the earlier ones were; strength cards are dropped, since they
+    were measured on the parts. Raises PatchError where one file cannot say what the stack does."""
+    if not patches:
+        raise PatchError("nothing to combine")
+    if any(p.extra for p in patches):
+        raise PatchError("patches with inference-time features cannot be combined; apply them side by side")
+    fingerprints = {p.base_fingerprint for p in patches if p.base_fingerprint}
+    if len(fingerprints) > 1:
+        raise PatchError("the patches were trained on different base models")
+    with_memory = [p for p in patches if p.memory is not None]
+    layers = list(with_memory[0].layers) if with_memory else []
+    if any(set(p.layers) != set(layers) for p in with_memory):
+        raise PatchError("the patches carry concept memory in different layers, which one file cannot hold "
+                         "(every layer's memory has one size); apply them side by side")
+    memory: ConceptMemory | dict[str, ConceptMemory] | None = None
+    if len(with_memory) == 1:
+        memory = with_memory[0].memory
+    elif with_memory and all(isinstance(p.memory, ConceptMemory) for p in with_memory):
+        memory = ConceptMemory(torch.cat([p.memory.k for p in with_memory]),
+                               torch.cat([p.memory.v for p in with_memory]))
+    elif with_memory:
+        memory = {layer: ConceptMemory(torch.cat([p.memory_for(layer).k for p in with_memory]),
+                                       torch.cat([p.memory_for(layer).v for p in with_memory])) for layer in layers}
+    deltas: dict[str, WeightDelta] = {}
+    for patch in patches:
+        for module, delta in patch.deltas.items():
+            weight = delta.weight().float()
+            deltas[module] = WeightDelta(full=weight if module not in deltas else deltas[module].full + weight)
+    last = patches[-1]
+    concepts = list(dict.fromkeys(c for p in patches for c in p.concepts))
+    earlier = [{"method": p.method, "concepts": p.concepts, **({"on_top_of": p.training["on_top_of"]}
+                                                              if "on_top_of" in p.training else {})}
+               for p in patches[:-1]]
+    return replace(last, layers=layers, memory=memory, deltas=deltas, concepts=concepts,
+                   base_fingerprint=next(iter(fingerprints), ""), metrics={},
+                   training={**last.training, "on_top_of": earlier},
+                   title="")
 
 
 def save_patch(patch: ErasurePatch, path: str | Path) -> Path:

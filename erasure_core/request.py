@@ -49,6 +49,7 @@ class TrainRequest:
     cache_steps: int | None = None
     gradient_checkpointing: bool | None = None  # None: on for a real checkpoint, off for the toy
     cache_on_cpu: bool = False      # the trajectory cache in RAM instead of GPU memory
+    on_top_of: list = field(default_factory=list)  # earlier ErasurePatches this erasure is trained on top of
 
 
 # The default batch for real checkpoints (the engine's 8 is the toy model's): one concept with `memory` at SD1.5
@@ -67,6 +68,7 @@ class TrainPlan:
     alternative: str
     preserve: list[str]
     notes: list[str] = field(default_factory=list)
+    on_top_of: list = field(default_factory=list)  # earlier patches, attached while training (train_patch)
 
     @property
     def concept(self) -> str:
@@ -75,9 +77,11 @@ class TrainPlan:
 
     def label(self, result: TrainResult) -> TrainResult:
         """Record the user's names (not the prompts trained on) in the patch, and in its key if there is one."""
-        result.patch.concepts, result.patch.alternative = list(self.concepts), self.alternative
+        earlier = [c for p in self.on_top_of for c in p.concepts]
+        result.patch.concepts = list(dict.fromkeys([*earlier, *self.concepts]))
+        result.patch.alternative = self.alternative
         result.patch.preserve = list(self.preserve)
-        result.patch.title = result.patch.title or f"erase {self.concept}"
+        result.patch.title = result.patch.title or f"erase {', '.join(result.patch.concepts)}"
         if result.key is not None:
             result.key.concepts, result.key.method = list(self.concepts), self.config.method
         return result
@@ -127,15 +131,16 @@ def prepare(request: TrainRequest, model) -> TrainPlan:
 
     concept_prompts = [prompt(c) for c in concepts]  # refuses a name the vocabulary lacks before anything else
     preserve_text = (request.preserve or "").strip()
+    erased = concepts + [c for p in request.on_top_of or [] for c in p.concepts]  # earlier ones join the run
     if preserve_text.lower() == PRESERVE_AUTO:
         preserve = []
         if vocabulary is not None:
             for concept in concepts:
-                preserve += [p for p in vocabulary.default_preserve(concept) if p not in concepts + preserve]
+                preserve += [p for p in vocabulary.default_preserve(concept) if p not in erased + preserve]
         elif spec.takes_preserve:
             for concept in concepts:  # the budget shared out, none of the erased concepts' words
                 preserve += nearest_concepts(model, concept, max(AUTO_PRESERVE // len(concepts), 2),
-                                             exclude=[*concepts, *preserve])
+                                             exclude=[*erased, *preserve])
             notes.append(f"preserving the {len(preserve)} nearest concepts of the word list: {', '.join(preserve)}")
     elif preserve_text.lower() == PRESERVE_NONE:
         preserve = []
@@ -175,7 +180,30 @@ def prepare(request: TrainRequest, model) -> TrainPlan:
         _refuse_what_cannot_fit(model, config)
     if len(concepts) > 1:
         notes.append(f"one patch erases {len(concepts)} concepts: {', '.join(concepts)}")
-    return TrainPlan(config, concepts, alternative, preserve, notes)
+    on_top_of = list(request.on_top_of or [])
+    if on_top_of:
+        _check_earlier(model, on_top_of, concepts, preserve)
+        earlier = [c for p in on_top_of for c in p.concepts]
+        notes.append(f"trained on top of the earlier erasure of {', '.join(earlier) or 'unnamed concepts'}, which "
+                     "stays attached and preserved as erased; the patch written holds both")
+    return TrainPlan(config, concepts, alternative, preserve, notes, on_top_of)
+
+
+def _check_earlier(model, patches: list, concepts: list[str], preserve: list[str]) -> None:
+    """Earlier patches must fit the model, and not erase (or be asked to keep) what this run names."""
+    from .patch import PatchError
+
+    try:
+        model.attach([(p, 1.0) for p in patches]).detach()
+    except PatchError as exc:
+        raise RequestError(f"the earlier patch does not fit this model: {exc}") from None
+    earlier = {c for p in patches for c in p.concepts}
+    again = [c for c in concepts if c in earlier]
+    if again:
+        raise RequestError(f"{', '.join(map(repr, again))} is already erased by the earlier patch")
+    kept = [p for p in preserve if p in earlier]
+    if kept:
+        raise RequestError(f"{', '.join(map(repr, kept))} is erased by the earlier patch and cannot be preserved")
 
 
 def _refuse_what_cannot_fit(model, config: TrainConfig) -> None:

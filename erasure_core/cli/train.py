@@ -44,6 +44,9 @@ def add_parser(sub) -> None:
                         "third slower (default: on for a checkpoint, off for the toy model)")
     p.add_argument("--cache-on-cpu", action="store_true",
                    help="keep the sampled trajectories in RAM instead of GPU memory (each batch is moved over)")
+    p.add_argument("--on-top-of", action="append", default=[], metavar="PATCH",
+                   help="an earlier patch (repeatable) to train on top of: it stays attached while training, its "
+                        "concepts are preserved as erased, and --out holds the earlier erasures and the new one")
     p.add_argument("--out", required=True, help="output .safetensors")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run with the same settings from its checkpoint (kept beside --out)")
@@ -58,17 +61,27 @@ def _spec(name: str):
 
 
 def request_from_args(args):
-    """The CLI's flags as a training request (erasure_core.request)."""
+    """The CLI's flags as a training request (erasure_core.request); --on-top-of files are loaded and validated."""
+    from ..patch import PatchError, load_patch
     from ..request import TrainRequest
 
+    earlier = []
+    for path in getattr(args, "on_top_of", []):
+        try:
+            earlier.append(load_patch(path))
+        except (OSError, PatchError) as exc:
+            raise UserError(f"--on-top-of {path}: {exc}") from None
     return TrainRequest(concept=args.concept, method=args.method, alternative=args.alternative,
                         preserve=args.preserve, steps=args.steps, lr=args.lr, memory_lr=args.memory_lr,
                         tokens=args.tokens, layers=args.layers, seed=args.seed, batch=args.batch,
-                        gradient_checkpointing=args.gradient_checkpointing, cache_on_cpu=args.cache_on_cpu)
+                        gradient_checkpointing=args.gradient_checkpointing, cache_on_cpu=args.cache_on_cpu,
+                        on_top_of=earlier)
 
 
 def train_to_file(model, request, out: Path, resume: bool = False) -> Path:
     """Validate, train and write the patch (and its key). Nothing is written when anything fails."""
+    import hashlib
+    import json
     import sys
 
     import torch
@@ -86,7 +99,9 @@ def train_to_file(model, request, out: Path, resume: bool = False) -> Path:
         raise UserError(str(exc)) from None
     for note in plan.notes:
         print(f"erasure: note: {note}", file=sys.stderr)
-    checkpoint = checkpoint_path(out.parent / ".erasure-checkpoints", plan.config, model.fingerprint())
+    earlier = ",".join(hashlib.sha256(json.dumps(p.metadata(), sort_keys=True).encode()).hexdigest()
+                       for p in plan.on_top_of)  # another earlier patch: another run
+    checkpoint = checkpoint_path(out.parent / ".erasure-checkpoints", plan.config, model.fingerprint(), earlier)
     if checkpoint.exists() and not resume:
         discard_checkpoint(checkpoint)  # a fresh run was asked for
     checkpoint.parent.mkdir(parents=True, exist_ok=True)
@@ -94,7 +109,7 @@ def train_to_file(model, request, out: Path, resume: bool = False) -> Path:
         print(f"erasure: resuming from {checkpoint}", file=sys.stderr)
     try:
         result = plan.label(train_patch(model, plan.config, progress=progress_bar(f"train {plan.config.method}"),
-                                        checkpoint=checkpoint))
+                                        checkpoint=checkpoint, on_top_of=plan.on_top_of))
     except torch.cuda.OutOfMemoryError:
         raise UserError("out of GPU memory: lower --batch, --resolution or --tokens, train fewer --layers, or use "
                         "a smaller model; "
