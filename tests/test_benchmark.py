@@ -139,6 +139,38 @@ def test_stacked_patches_both_erase_and_report_retention_named_by_neither(toy_mo
     assert {"cra_heldout_circle_axis", "ira_heldout_stripes_axis"} <= set(stacked)
 
 
+def test_multi_trains_four_concepts_three_ways_and_resumes(toy_model, oracle, tmp_path, monkeypatch):
+    """The bookkeeping of `bench --multi`: what each way trains and attaches, the preservation, the resume. The
+    judging itself is joint_report, checked with the oracle above; erasing several concepts at once and in
+    sequence is checked with the oracle in test_many_concepts.py."""
+    import erasure_core.toy.multi_benchmark as multi
+
+    judged = {}
+
+    def fake_report(denoiser, oracle, patches, targets, named, counts, steps, base=None):
+        judged[len(judged)] = [p for p, _ in patches]
+        return {**{f"ua_{t}": {"rate": 1.0, "interval": [0.9, 1.0], "n": 8} for t in targets},
+                "base": {f"ua_{t}": {"rate": 0.0, "interval": [0.0, 0.1], "n": 8} for t in targets}}
+
+    monkeypatch.setattr(multi, "joint_report", fake_report)
+    targets = ["circle", "star", "stripes", "dots"]
+    prompts = [training_prompt(t) for t in targets]
+    results = multi.run_multi_benchmark(toy_model, oracle, ["uce"], targets, TrainConfig(concept=""), tmp_path, TINY)
+    assert [r["way"] for r in results["rows"]] == ["together", "sequence", "stacked"]
+    together, sequence, stacked = judged.values()
+    assert len(together) == 1 and together[0].concepts == prompts
+    assert len(sequence) == 1 and sequence[0].concepts == prompts and len(sequence[0].training["on_top_of"]) == 1
+    assert [p.concepts for p in stacked] == [[p] for p in prompts]
+    named = results["settings"]["named"]
+    assert named == ["square", "cross", "checker", "grid", "triangle", "zigzag"]  # 3 per axis: the rest held out
+    assert together[0].preserve == [training_prompt(n) for n in named]
+    assert set(sequence[0].preserve) == {training_prompt(n) for n in named} | set(prompts[:3])
+    assert "one_concept_seconds" in results["rows"][2] and "| uce | sequence |" in (tmp_path / "multi.md").read_text()
+    monkeypatch.setattr(multi, "train_patch", lambda *a, **k: pytest.fail("a finished way was trained again"))
+    assert multi.run_multi_benchmark(toy_model, oracle, ["uce"], targets, TrainConfig(concept=""), tmp_path,
+                                     TINY)["rows"] == results["rows"]
+
+
 @pytest.mark.parametrize("target", ["circle", "star", "stripes", "dots"])
 def test_no_held_out_concept_ever_reaches_a_training_request(toy_model, tmp_path, monkeypatch, target):
     import erasure_core.toy.benchmark as bench

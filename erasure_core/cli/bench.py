@@ -23,6 +23,9 @@ def add_parser(sub) -> None:
     p.add_argument("--attacks", nargs="?", const="inversion,ringabell,unlearndiff", default="",
                    help="also attack every named-preservation patch (default when given: all three)")
     p.add_argument("--no-stack", action="store_true", help="skip stacking each method's first two patches")
+    p.add_argument("--multi", action="store_true",
+                   help="erase every --targets concept at once, in sequence (--on-top-of) and by stacking single "
+                        "patches, per method; writes <out-dir>/multi/multi.json and multi.md")
     p.add_argument("--target-seeds", type=positive_int, default=4, help="seeds per target cell (protocol: ≥ 4)")
     p.add_argument("--other-seeds", type=positive_int, default=2, help="seeds per other cell (protocol: ≥ 2)")
     p.add_argument("--phrasing-seeds", type=positive_int, default=2, help="seeds per target cell and phrasing")
@@ -69,10 +72,22 @@ def run(args) -> int:
         raise UserError(exc.args[0]) from None
     model = load_model(None)  # the benchmark's grid and oracle are the toy world's
     config = TrainConfig(concept="", steps=args.steps, seed=args.seed)
+    counts = ProtocolCounts(args.target_seeds, args.other_seeds, args.phrasing_seeds)
+    if args.multi:
+        from ..toy.multi_benchmark import markdown as multi_markdown, run_multi_benchmark
+
+        if len(targets) < 2:
+            raise UserError("--multi erases several --targets at once: give at least two")
+        out = Path(args.out_dir) / "multi"
+        results = run_multi_benchmark(model, model.vocabulary.oracle(), methods, targets, config, out, counts,
+                                      args.sample_steps, attacks,
+                                      progress=lambda what: print(f"bench: {what}", flush=True))
+        print(multi_markdown(results))
+        print(f"wrote {out / 'multi.json'} and {out / 'multi.md'}")
+        return 0
     results = run_benchmark(model, model.vocabulary.oracle(), methods, targets, config, Path(args.out_dir),
                             alternatives, PRESERVE_MODES if args.preserve == "both" else (args.preserve,),
-                            ProtocolCounts(args.target_seeds, args.other_seeds, args.phrasing_seeds),
-                            args.sample_steps, attacks, stack=not args.no_stack,
+                            counts, args.sample_steps, attacks, stack=not args.no_stack,
                             progress=lambda what: print(f"bench: {what}", flush=True))
     print(markdown(results))
     print(f"wrote {Path(args.out_dir) / 'bench.json'} and {Path(args.out_dir) / 'bench.md'}")

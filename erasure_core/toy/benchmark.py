@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 
 from ..engine import TrainConfig
-from .evaluation import ErasureTarget, ProtocolCounts, evaluate_protocol, rate, strength_curve
+from .evaluation import ErasureTarget, ProtocolCounts, evaluate_protocol, strength_curve
 from ..methods import get_method, method_names, train_patch
 from ..patch import save_patch
 from .world import OBJECT_NAMES, STYLE_NAMES, concept, training_prompt
@@ -219,36 +219,10 @@ def _stacked_report(denoiser, oracle, patches: list, first: str, second: str, co
                     steps: int, base: dict | None = None) -> dict:
     """Two patches attached at once: does each erasure hold, and what does retention of the concepts that
     neither training saw become (base beside)? `base` keeps the unedited model's report between calls."""
-    from ..denoiser import patched
-    from .evaluation import protocol_items, split_retention
+    from .multi_benchmark import joint_report
 
-    erasures = [ErasureTarget.from_names(t) for t in (first, second)]
-    groups = {t: protocol_items(e, counts)["target"] for t, e in zip((first, second), erasures)}
-    on_either = lambda i: any(e.label(i) == e.index for e in erasures)  # noqa: E731
-    other = [i for i in protocol_items(erasures[0], counts)["other"] if not on_either(i)]
     named = set(denoiser.vocabulary.named_neighbours(first)) | set(denoiser.vocabulary.named_neighbours(second))
-    items = [i for t in groups for i in groups[t]] + other
-
-    def judge() -> dict:
-        images = denoiser.generate([i.prompt for i in items], [i.seed for i in items], steps=steps)
-        pred, out, at = oracle.predict(images), {}, 0
-        for t, e in zip(groups, erasures):
-            n = len(groups[t])
-            out[f"ua_{t}"] = rate(pred[e.axis][at:at + n] != e.index)
-            at += n
-        rest = {k: v[at:] for k, v in pred.items()}
-        for e, t in zip(erasures, groups):
-            out.update({f"{k}_{t}_axis": v for k, v in split_retention(rest, e, other, named).items()
-                        if k.endswith("heldout")})
-        return out
-
-    with patched(denoiser, patches):
-        report = judge()
-    base = {} if base is None else base
-    if "report" not in base:
-        base["report"] = judge()
-    report["base"] = base["report"]
-    return report
+    return joint_report(denoiser, oracle, patches, [first, second], named, counts, steps, base)
 
 
 def _earlier_state(path: Path, settings: dict) -> dict:
