@@ -121,12 +121,38 @@ def main() -> None:
     parser.add_argument("--comfyui", required=True, help="the ComfyUI folder the server runs from")
     parser.add_argument("--checkpoint", required=True, help="a file name in models/checkpoints")
     parser.add_argument("--pid", type=int, default=0, help="the server's process, to measure a 512 px training")
+    parser.add_argument("--newest-only", action="store_true",
+                        help="only train what came last: forget-me-not (attention read from ComfyUI's own attn2) "
+                             "and two concepts in one patch")
     args = parser.parse_args()
     output, erasures = os.path.join(args.comfyui, "output"), os.path.join(args.comfyui, "models", "erasures")
     report: dict = {}
 
     def loader(g: Graph) -> str:
         return g.add("CheckpointLoaderSimple", ckpt_name=args.checkpoint)
+
+    def train_and_save(filename: str, **inputs) -> dict:
+        g = Graph()
+        model = loader(g)
+        settings = dict(preserve="", steps=3, seed=0, batch_size=1, resolution=64, cache_seeds=1, cache_steps=2)
+        trained = g.add("ConceptErasureTrainPatch", model=[model, 0], clip=[model, 1], **{**settings, **inputs})
+        g.add("ConceptErasureSavePatch", erasure_patch=[trained, 0], filename=filename)
+        outcome = g.run()
+        path = os.path.join(erasures, f"{filename}.safetensors")
+        if os.path.exists(path):
+            with safe_open(path, "pt") as f:
+                meta = f.metadata()
+            outcome.update(concepts=json.loads(meta["erasure.concepts"]), method=meta["erasure.method"],
+                           training={k: v for k, v in json.loads(meta["erasure.training"]).items()
+                                     if k in ("forget_me_not", "on_top_of")})
+        return outcome
+
+    if args.newest_only:
+        report["train forget-me-not"] = train_and_save("real_fmn", concept="a cat", method="forget-me-not")
+        report["train uce, two concepts"] = train_and_save("real_two", concept="a cat, a dog", method="uce")
+        report["train esd-x, two concepts"] = train_and_save("real_two_esd", concept="a cat, a dog", method="esd-x")
+        print(json.dumps(report, indent=1))
+        return
 
     # Cancel during step 2 of 5, queue the same graph again: it resumes at step 3 from the checkpoint, with the
     # trajectory cache saved beside it (a rebuilt cache would report its own progress first)
