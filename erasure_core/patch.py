@@ -256,6 +256,15 @@ class ErasurePatch:
         }
 
 
+def content_digest(patch: ErasurePatch) -> str:
+    """A short SHA-256 of the patch's tensors, by key: what a run trained on top of it depends on."""
+    digest = hashlib.sha256()
+    for key, tensor in sorted(patch.tensors().items()):
+        digest.update(key.encode())
+        digest.update(tensor.float().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def combine_patches(patches: list[ErasurePatch]) -> ErasurePatch:
     """One patch that acts as `patches` attached together at one strength: weight deltas add, concept memories
     are concatenated in order (as the hosts append them). The metadata is the last patch's, listing every patch's

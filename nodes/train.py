@@ -10,6 +10,7 @@ from erasure_core.backends.comfy import ComfyDenoiser
 from erasure_core.engine import Cancelled, TrainConfig, checkpoint_path, discard_checkpoint
 from erasure_core.layers import SELECTION_MODES
 from erasure_core.methods import DEFAULT_METHOD, get_method, method_names, methods_help, train_patch
+from erasure_core.patch import content_digest
 from erasure_core.request import TrainRequest, prepare
 
 from .common import (CATEGORY, HIDDEN_NODE_ID, PATCH_TYPE, folder_paths_module, interrupt_check, loader,
@@ -22,13 +23,13 @@ _ENGINE_DEFAULTS = TrainConfig(concept="")
 def make_request(concept: str, method: str, alternative: str, preserve: str, steps: int, learning_rate: float,
                  layers: str, seed: int, memory_learning_rate: float | None = None, memory_tokens: int | None = None,
                  batch_size: int | None = None, cache_seeds: int | None = None,
-                 cache_steps: int | None = None, cache_on_cpu: bool = False) -> TrainRequest:
+                 cache_steps: int | None = None, cache_on_cpu: bool = False, on_top_of=None) -> TrainRequest:
     """The node's inputs as a training request (erasure_core.request); 0 learning rates mean the method's."""
     return TrainRequest(concept=concept, method=method, alternative=alternative, preserve=preserve,
                         steps=int(steps), lr=learning_rate or None, memory_lr=memory_learning_rate or None,
                         tokens=memory_tokens if memory_tokens is not None else _DEFAULTS.tokens, layers=layers,
                         seed=int(seed), batch=batch_size, cache_seeds=cache_seeds, cache_steps=cache_steps,
-                        cache_on_cpu=bool(cache_on_cpu))
+                        cache_on_cpu=bool(cache_on_cpu), on_top_of=[] if on_top_of is None else [on_top_of])
 
 
 def _checkpoint_folder() -> Path:
@@ -101,6 +102,9 @@ class ConceptErasureTrainPatch:
                 "cache_on_cpu": ("BOOLEAN", {"default": False,
                                              "tooltip": "Keep the cached trajectories in RAM instead of GPU "
                                                         "memory (each batch is moved over)."}),
+                "on_top_of": (PATCH_TYPE, {"tooltip": "An earlier erasure to train on top of: it stays applied "
+                                                      "while training and its concepts stay erased; the patch "
+                                                      "out holds both."}),
             },
             **HIDDEN_NODE_ID,
         }
@@ -112,12 +116,12 @@ class ConceptErasureTrainPatch:
 
     def train(self, model, clip, concept, method, alternative, preserve, steps, learning_rate, layers, seed,
               memory_learning_rate=None, memory_tokens=None, batch_size=1, resolution=512, cache_seeds=None,
-              cache_steps=None, rerun=0, cache_on_cpu=False, unique_id=None):
+              cache_steps=None, rerun=0, cache_on_cpu=False, on_top_of=None, unique_id=None):
         denoiser = ComfyDenoiser(model, clip, width=resolution, height=resolution, load_model=loader(training=True),
                                  check_interrupt=interrupt_check())
         plan = prepare(make_request(concept, method, alternative, preserve, steps, learning_rate, layers, seed,
                                     memory_learning_rate, memory_tokens, batch_size, cache_seeds, cache_steps,
-                                    cache_on_cpu),
+                                    cache_on_cpu, on_top_of),
                        denoiser)
         notes = [f"⚠ note: {note}" for note in plan.notes]
         warn([f"note: {note}" for note in plan.notes], unique_id)
@@ -151,10 +155,12 @@ class ConceptErasureTrainPatch:
         oom = getattr(mm, "OOM_EXCEPTION", torch.cuda.OutOfMemoryError)
         try:
             with torch.inference_mode(False), torch.enable_grad():
-                checkpoint = checkpoint_path(_checkpoint_folder(), config, denoiser.fingerprint(), f"{resolution}")
+                earlier = "".join(content_digest(p) for p in plan.on_top_of)  # another earlier patch: another run
+                checkpoint = checkpoint_path(_checkpoint_folder(), config, denoiser.fingerprint(),
+                                             f"{resolution}{earlier}")
                 checkpoint.parent.mkdir(parents=True, exist_ok=True)
                 result = plan.label(train_patch(denoiser, config, progress=progress, cancel=cancel,
-                                                checkpoint=checkpoint))
+                                                checkpoint=checkpoint, on_top_of=plan.on_top_of))
         except Cancelled:
             raise (interrupted[0] if interrupted else mm.InterruptProcessingException()) from None
         except oom:

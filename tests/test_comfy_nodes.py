@@ -292,6 +292,25 @@ def test_out_of_memory_says_what_to_lower(pack, host, toy_comfy, monkeypatch):
     assert checksum(model) == before
 
 
+def test_a_train_node_on_top_of_an_earlier_patch_holds_both(pack, host, toy_comfy):
+    """The optional `on_top_of` input: the earlier patch stays attached while training, its concept is preserved
+    as erased, and the patch out holds both erasures (one file to apply and share); the MODEL is untouched."""
+    nodes = pack.NODE_CLASS_MAPPINGS
+    model, clip = toy_comfy
+    before = checksum(model)
+    uce = {**TRAIN, "method": "uce"}
+    first, _ = execute(nodes["ConceptErasureTrainPatch"], model=FakeModelPatcher(model), clip=clip, **uce)
+    both, _ = execute(nodes["ConceptErasureTrainPatch"], model=FakeModelPatcher(model), clip=clip,
+                      **{**uce, "concept": "a star"}, on_top_of=first)
+    assert both.concepts == ["a circle", "a star"] and both.training["on_top_of"] == [
+        {"method": "uce", "concepts": ["a circle"]}]
+    for name, delta in first.deltas.items():  # the earlier edit is inside, plus the new one
+        assert not torch.equal(both.deltas[name].full, delta.full)
+    assert checksum(model) == before
+    with pytest.raises(Exception, match="already erased by the earlier patch"):
+        execute(nodes["ConceptErasureTrainPatch"], model=FakeModelPatcher(model), clip=clip, **uce, on_top_of=first)
+
+
 # -- preview and purify ----------------------------------------------------------------------------------------------
 
 def test_preview_draws_before_and_after_from_one_seed(pack, host, toy_model, toy_comfy):

@@ -80,15 +80,13 @@ def request_from_args(args):
 
 def train_to_file(model, request, out: Path, resume: bool = False) -> Path:
     """Validate, train and write the patch (and its key). Nothing is written when anything fails."""
-    import hashlib
-    import json
     import sys
 
     import torch
 
     from ..engine import checkpoint_path, discard_checkpoint
     from ..methods import train_patch
-    from ..patch import save_patch
+    from ..patch import content_digest, save_patch
     from ..request import RequestError, prepare
 
     if out.suffix != ".safetensors":
@@ -99,8 +97,7 @@ def train_to_file(model, request, out: Path, resume: bool = False) -> Path:
         raise UserError(str(exc)) from None
     for note in plan.notes:
         print(f"erasure: note: {note}", file=sys.stderr)
-    earlier = ",".join(hashlib.sha256(json.dumps(p.metadata(), sort_keys=True).encode()).hexdigest()
-                       for p in plan.on_top_of)  # another earlier patch: another run
+    earlier = "".join(content_digest(p) for p in plan.on_top_of)  # another earlier patch: another run
     checkpoint = checkpoint_path(out.parent / ".erasure-checkpoints", plan.config, model.fingerprint(), earlier)
     if checkpoint.exists() and not resume:
         discard_checkpoint(checkpoint)  # a fresh run was asked for
