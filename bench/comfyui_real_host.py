@@ -122,8 +122,8 @@ def main() -> None:
     parser.add_argument("--checkpoint", required=True, help="a file name in models/checkpoints")
     parser.add_argument("--pid", type=int, default=0, help="the server's process, to measure a 512 px training")
     parser.add_argument("--newest-only", action="store_true",
-                        help="only train what came last: forget-me-not (attention read from ComfyUI's own attn2) "
-                             "and two concepts in one patch")
+                        help="only train what came last: forget-me-not (attention read from ComfyUI's own attn2), "
+                             "two concepts in one patch, and one Train node on top of another")
     args = parser.parse_args()
     output, erasures = os.path.join(args.comfyui, "output"), os.path.join(args.comfyui, "models", "erasures")
     report: dict = {}
@@ -151,6 +151,19 @@ def main() -> None:
         report["train forget-me-not"] = train_and_save("real_fmn", concept="a cat", method="forget-me-not")
         report["train uce, two concepts"] = train_and_save("real_two", concept="a cat, a dog", method="uce")
         report["train esd-x, two concepts"] = train_and_save("real_two_esd", concept="a cat, a dog", method="esd-x")
+        g = Graph()  # one Train node feeding the next one's on_top_of
+        model = loader(g)
+        settings = dict(preserve="", steps=2, seed=0, batch_size=1, resolution=64, cache_seeds=1, cache_steps=2)
+        first = g.add("ConceptErasureTrainPatch", model=[model, 0], clip=[model, 1], concept="a cat", method="uce",
+                      **settings)
+        second = g.add("ConceptErasureTrainPatch", model=[model, 0], clip=[model, 1], concept="a dog",
+                       method="esd-x", on_top_of=[first, 0], **settings)
+        g.add("ConceptErasureSavePatch", erasure_patch=[second, 0], filename="real_on_top")
+        outcome = g.run()
+        with safe_open(os.path.join(erasures, "real_on_top.safetensors"), "pt") as f:
+            meta = f.metadata()
+        report["train esd-x on top of uce"] = {**outcome, "concepts": json.loads(meta["erasure.concepts"]),
+                                               "on_top_of": json.loads(meta["erasure.training"]).get("on_top_of")}
         print(json.dumps(report, indent=1))
         return
 
