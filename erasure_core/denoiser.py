@@ -34,6 +34,10 @@ class Conditioning:
         return Conditioning(self.context.expand(n, *self.context.shape[1:]),
                             {k: v.expand(n, *v.shape[1:]) for k, v in self.extra.items()})
 
+    def select(self, index) -> "Conditioning":
+        """Rows `index` of the batch (a slice, or a tensor of row numbers), extra inputs alike."""
+        return Conditioning(self.context[index], {k: v[index] for k, v in self.extra.items()})
+
     @staticmethod
     def cat(items: list["Conditioning"]) -> "Conditioning":
         return Conditioning(torch.cat([c.context for c in items]),

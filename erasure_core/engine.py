@@ -137,7 +137,7 @@ class TrajectoryCache:
         noise = seeded_noise(seeds, denoiser.sample_shape, denoiser.device)
         records = []
         for k in range(len(concept)):
-            row = Conditioning(concept.context[k:k + 1], {n: v[k:k + 1] for n, v in concept.extra.items()})
+            row = concept.select(slice(k, k + 1))
             bar = (lambda done, total, k=k: progress(k * total + done, len(concept) * total)) if progress else None
             for r in sample_trajectories(denoiser, row, empty, noise, steps, guidance, alternative, bar):
                 r.concept_index = torch.full((len(r.x_t),), k, dtype=torch.long, device=r.x_t.device)
@@ -153,7 +153,7 @@ class TrajectoryCache:
         for r in range(len(preserved)):
             if progress:
                 progress(r, len(preserved), None, stage=ANCHOR_STAGE)
-            cond = Conditioning(preserved.context[r:r + 1], {k: v[r:r + 1] for k, v in preserved.extra.items()})
+            cond = preserved.select(slice(r, r + 1))
             per_prompt.append(torch.cat([denoiser.predict_noise(self.x_t[i:i + batch].to(self.device),
                                                                 self.t[i:i + batch].to(self.device),
                                                                 cond.expand(len(self.x_t[i:i + batch])))
@@ -166,7 +166,7 @@ class TrajectoryCache:
         idx = torch.randint(0, len(self), (n,), generator=generator)
         return _moved(CacheRecord(self.x_t[idx], self.t[idx], self.eps_uncond[idx], self.eps_concept[idx],
                                   _pick(self.eps_alternative, idx), _pick(self.eps_preserve, idx),
-                                  _pick(getattr(self, "concept_index", None), idx)), self.device)
+                                  _pick(self.concept_index, idx)), self.device)
 
 
 def _pick(tensor: torch.Tensor | None, idx: torch.Tensor) -> torch.Tensor | None:
@@ -441,8 +441,7 @@ def erased_prompts(concept: Conditioning, batch: CacheRecord) -> Conditioning:
     made from the k-th one's trajectories gets row k."""
     if len(concept) == 1 or batch.concept_index is None:
         return concept.expand(len(batch.x_t))
-    index = batch.concept_index.to(concept.context.device)
-    return Conditioning(concept.context[index], {k: v[index] for k, v in concept.extra.items()})
+    return concept.select(batch.concept_index.to(concept.context.device))
 
 
 def esd_target(batch: CacheRecord, eta: float) -> torch.Tensor:
@@ -458,6 +457,6 @@ def preservation_loss(denoiser: Denoiser, view: ErasurePatch, batch: CacheRecord
         return 0.0
     n, count = len(batch.x_t), len(preserved)
     which = (torch.arange(n) + step) % count
-    cond = Conditioning(preserved.context[which], {k: v[which] for k, v in preserved.extra.items()})
+    cond = preserved.select(which)
     pred = predict_with(denoiser, view, batch.x_t, batch.t, cond)
     return F.mse_loss(pred, batch.eps_preserve[torch.arange(n), which])

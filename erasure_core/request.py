@@ -75,10 +75,14 @@ class TrainPlan:
         """The concepts as the user would say them: "circle", or "circle, star"."""
         return ", ".join(self.concepts)
 
+    @property
+    def earlier_concepts(self) -> list[str]:
+        """What the earlier patches erase, which this run keeps erased."""
+        return [c for p in self.on_top_of for c in p.concepts]
+
     def label(self, result: TrainResult) -> TrainResult:
         """Record the user's names (not the prompts trained on) in the patch, and in its key if there is one."""
-        earlier = [c for p in self.on_top_of for c in p.concepts]
-        result.patch.concepts = list(dict.fromkeys([*earlier, *self.concepts]))
+        result.patch.concepts = list(dict.fromkeys([*self.earlier_concepts, *self.concepts]))
         result.patch.alternative = self.alternative
         result.patch.preserve = list(self.preserve)
         result.patch.title = result.patch.title or f"erase {', '.join(result.patch.concepts)}"
@@ -131,7 +135,9 @@ def prepare(request: TrainRequest, model) -> TrainPlan:
 
     concept_prompts = [prompt(c) for c in concepts]  # refuses a name the vocabulary lacks before anything else
     preserve_text = (request.preserve or "").strip()
-    erased = concepts + [c for p in request.on_top_of or [] for c in p.concepts]  # earlier ones join the run
+    on_top_of = list(request.on_top_of or [])
+    earlier = [c for p in on_top_of for c in p.concepts]
+    erased = concepts + earlier  # the earlier ones stay erased
     if preserve_text.lower() == PRESERVE_AUTO:
         preserve = []
         if vocabulary is not None:
@@ -146,7 +152,7 @@ def prepare(request: TrainRequest, model) -> TrainPlan:
         preserve = []
     else:
         preserve = split_list(preserve_text)
-        both = [p for p in preserve if p in concepts]
+        both = [p for p in preserve if p in erased]
         if both:
             raise RequestError(f"{', '.join(map(repr, both))} cannot be both erased and preserved")
     if preserve and not spec.takes_preserve:
@@ -180,30 +186,24 @@ def prepare(request: TrainRequest, model) -> TrainPlan:
         _refuse_what_cannot_fit(model, config)
     if len(concepts) > 1:
         notes.append(f"one patch erases {len(concepts)} concepts: {', '.join(concepts)}")
-    on_top_of = list(request.on_top_of or [])
     if on_top_of:
-        _check_earlier(model, on_top_of, concepts, preserve)
-        earlier = [c for p in on_top_of for c in p.concepts]
+        _check_earlier(model, on_top_of, concepts, earlier)
         notes.append(f"trained on top of the earlier erasure of {', '.join(earlier) or 'unnamed concepts'}, which "
                      "stays attached and preserved as erased; the patch written holds both")
     return TrainPlan(config, concepts, alternative, preserve, notes, on_top_of)
 
 
-def _check_earlier(model, patches: list, concepts: list[str], preserve: list[str]) -> None:
-    """Earlier patches must fit the model, and not erase (or be asked to keep) what this run names."""
+def _check_earlier(model, patches: list, concepts: list[str], earlier: list[str]) -> None:
+    """Earlier patches must fit the model, and not already erase what this run names."""
     from .patch import PatchError
 
     try:
         model.attach([(p, 1.0) for p in patches]).detach()
     except PatchError as exc:
         raise RequestError(f"the earlier patch does not fit this model: {exc}") from None
-    earlier = {c for p in patches for c in p.concepts}
     again = [c for c in concepts if c in earlier]
     if again:
         raise RequestError(f"{', '.join(map(repr, again))} is already erased by the earlier patch")
-    kept = [p for p in preserve if p in earlier]
-    if kept:
-        raise RequestError(f"{', '.join(map(repr, kept))} is erased by the earlier patch and cannot be preserved")
 
 
 def _refuse_what_cannot_fit(model, config: TrainConfig) -> None:

@@ -437,8 +437,7 @@ class ComfyDenoiser:
             raise ValueError("one seed per prompt")
         n = len(prompts)
         both = self.encode(list(prompts) + [negative])  # one encode: ComfyUI's padding gives them one length
-        cond = Conditioning(both.context[:n], {k: v[:n] for k, v in both.extra.items()})
-        uncond = Conditioning(both.context[n:], {k: v[n:] for k, v in both.extra.items()}).expand(n)
+        cond, uncond = both.select(slice(None, n)), both.select(slice(n, None)).expand(n)
         noise = seeded_noise(seeds, self.sample_shape, self.device)
         return ddim_sample(self.predict_noise, cond, uncond, noise, self.scheduler(), steps, guidance, progress)
 

@@ -66,7 +66,7 @@ def request_from_args(args):
     from ..request import TrainRequest
 
     earlier = []
-    for path in getattr(args, "on_top_of", []):
+    for path in args.on_top_of:
         try:
             earlier.append(load_patch(path))
         except (OSError, PatchError) as exc:

@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 
 from ..attention_maps import cross_attention_maps, word_positions
-from ..denoiser import CacheRecord, Conditioning, Denoiser, patched
+from ..denoiser import CacheRecord, Denoiser, patched
 from ..engine import (TrainConfig, TrajectoryCache, concept_cache, finish_patch, preservation_loss,
                       preserved_prompts, projections_of, run_training, setup)
 from ..layers import select_layers
@@ -68,9 +68,9 @@ def train_forget_me_not(denoiser: Denoiser, config: TrainConfig, *, cache: Traje
         for k, where in enumerate(positions):  # each erased concept's records, read at its own positions
             rows = (which == k).nonzero().flatten().to(batch.x_t.device)
             if len(rows):
-                cond = Conditioning(concept.context[k:k + 1], {m: v[k:k + 1] for m, v in concept.extra.items()})
+                cond = concept.select(slice(k, k + 1)).expand(len(rows))
                 with patched(denoiser, [(live, 1.0)]), cross_attention_maps(read, where) as maps:
-                    denoiser.predict_noise(batch.x_t[rows], batch.t[rows], cond.expand(len(rows)))
+                    denoiser.predict_noise(batch.x_t[rows], batch.t[rows], cond)
                 loss = loss + attention_mass(maps) * len(rows) / n
         return loss
 

@@ -19,6 +19,7 @@ from typing import Callable
 from ..engine import TrainConfig
 from ..methods import train_patch
 from ..patch import load_patch, save_patch
+from .benchmark import _r
 from .evaluation import ErasureTarget, ProtocolCounts, protocol_items, rate, split_retention
 from .world import OBJECT_NAMES, STYLE_NAMES, concept, training_prompt
 
@@ -98,23 +99,23 @@ def run_multi_benchmark(denoiser, oracle, methods: list[str], targets: list[str]
     rows = earlier.get("rows", []) if earlier.get("settings") == settings else []
     base, found, controls = {}, {}, dict(earlier.get("controls", {})) if rows else {}
 
-    def save() -> None:
-        path.write_text(json.dumps({"settings": settings, "rows": rows, "controls": controls}, indent=2) + "\n")
+    def results() -> dict:
+        return {"settings": settings, "rows": rows, "controls": controls}
 
-    def trained(file: Path, make: Callable[[], tuple]):
-        """A patch and its training seconds: left by an interrupted run, or trained now and saved."""
+    def save() -> None:
+        path.write_text(json.dumps(results(), indent=2) + "\n")
+
+    def trained(file: Path, method: str, erased: list[str], on_top_of: list):
+        """A patch erasing `erased` and its training seconds (train_patch records them): left by an interrupted
+        run, or trained now and saved."""
         if file.exists():
             patch = load_patch(file)
-            return patch, patch.training.get("total_seconds", patch.training.get("seconds", 0.0))
-        patch, seconds = make()
-        patch.training["total_seconds"] = round(seconds, 2)
-        save_patch(patch, file)
-        return patch, seconds
-
-    def single(method: str, target: str, on_top_of: list):
-        result = train_patch(denoiser, replace(config, concept=training_prompt(target), method=method),
-                             on_top_of=on_top_of)
-        return result.patch, result.seconds
+        else:
+            prompts = [training_prompt(t) for t in erased]
+            patch = train_patch(denoiser, replace(config, concept=prompts[0], more_concepts=prompts[1:],
+                                                  method=method), on_top_of=on_top_of).patch
+            save_patch(patch, file)
+        return patch, patch.training["seconds"]
 
     for method in methods:
         for way in WAYS:
@@ -123,24 +124,17 @@ def run_multi_benchmark(denoiser, oracle, methods: list[str], targets: list[str]
             if progress:
                 progress(f"{method}: {len(targets)} concepts, {way}")
             if way == "together":
-                def make():
-                    result = train_patch(denoiser, replace(config, concept=training_prompt(targets[0]),
-                                                           more_concepts=[training_prompt(t) for t in targets[1:]],
-                                                           method=method))
-                    return result.patch, result.seconds
-                patch, seconds = trained(out_dir / f"{method}-together.safetensors", make)
+                patch, seconds = trained(out_dir / f"{method}-together.safetensors", method, targets, [])
                 patches, singles = [(patch, 1.0)], []
             elif way == "sequence":
                 patch, seconds = None, 0.0
                 for k, target in enumerate(targets):
-                    earlier_patch = [patch] if patch is not None else []
-                    patch, took = trained(out_dir / f"{method}-sequence-{k + 1}.safetensors",
-                                          lambda t=target, e=earlier_patch: single(method, t, e))
+                    patch, took = trained(out_dir / f"{method}-sequence-{k + 1}.safetensors", method, [target],
+                                          [patch] if patch is not None else [])
                     seconds += took
                 patches, singles = [(patch, 1.0)], []
             else:
-                singles = [trained(out_dir / f"{method}-{t}.safetensors", lambda t=t: single(method, t, []))
-                           for t in targets]
+                singles = [trained(out_dir / f"{method}-{t}.safetensors", method, [t], []) for t in targets]
                 patches, seconds = [(p, 1.0) for p, _ in singles], sum(s for _, s in singles)
             row = {"method": method, "way": way, "train_seconds": round(seconds, 2),
                    **joint_report(denoiser, oracle, patches, targets, set(named), counts, sample_steps, base)}
@@ -157,15 +151,8 @@ def run_multi_benchmark(denoiser, oracle, methods: list[str], targets: list[str]
             rows.append(row)
             save()
     save()
-    (out_dir / "multi.md").write_text(markdown(json.loads(path.read_text())) + "\n")
-    return json.loads(path.read_text())
-
-
-def _r(entry: dict | None) -> str:
-    if entry is None:
-        return "–"
-    lo, hi = entry["interval"]
-    return f"{entry['rate']:.2f} [{lo:.2f}, {hi:.2f}]"
+    (out_dir / "multi.md").write_text(markdown(results()) + "\n")
+    return results()
 
 
 def markdown(results: dict) -> str:
