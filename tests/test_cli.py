@@ -44,7 +44,7 @@ def test_console_entry_point_reports_user_errors_without_traceback():
 
 def test_evaluate_writes_the_report(tmp_path):
     out = tmp_path / "report.json"
-    assert main(["evaluate", "--seeds-per-cell", "1", "--steps", "8", "--json", str(out)]) == 0
+    assert main(["evaluate", "--seeds-per-cell", "1", "--steps", "4", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     for key in ("object_accuracy", "style_accuracy", "synonym_object_accuracy", "synonym_style_accuracy"):
         assert 0.0 <= report[key] <= 1.0

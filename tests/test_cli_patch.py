@@ -134,9 +134,10 @@ def test_train_takes_batch_and_resolution_and_refuses_a_resolution_the_model_can
     import erasure_core.engine as engine
 
     shapes, real = [], engine.sample_trajectories
+    # records the noise's shape, then samples 2 of the trajectories at 3 steps: this test follows the sizes only
     monkeypatch.setattr(engine, "sample_trajectories",
-                        lambda d, c, e, noise, *a, **k: shapes.append(tuple(noise.shape)) or real(d, c, e, noise, *a,
-                                                                                               **k))
+                        lambda d, c, e, noise, steps, *a, **k: shapes.append(tuple(noise.shape))
+                        or real(d, c, e, noise[:2], 3, *a, **k))
     out = tmp_path / "small.safetensors"
     assert main(["train", "--concept", "circle", "--method", "esd-x", "--preserve", "none", "--steps", "2",
                  "--batch", "2", "--resolution", "64", "--out", str(out)]) == 0
