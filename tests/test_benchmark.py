@@ -102,8 +102,9 @@ def test_a_changed_attack_setting_reruns_only_that_attack_on_finished_rows(toy_m
 
     monkeypatch.setattr(attacks, "attack_report", fake_report)
     # what this test follows is the attacks; the judging is the first test's (and costs most of the time)
-    monkeypatch.setattr(attacks, "control_rate", lambda *a: {"rate": 0.0, "n": 1, "interval": [0.0, 0.8]})
-    monkeypatch.setattr("erasure_core.toy.benchmark.strength_curve", lambda *a, **k: {"0.5": {"rate": 0.0, "n": 1, "interval": [0.0, 0.8]}})
+    nothing = {"rate": 0.0, "n": 1, "interval": [0.0, 0.8]}
+    monkeypatch.setattr(attacks, "control_rate", lambda *a: nothing)
+    monkeypatch.setattr("erasure_core.toy.benchmark.strength_curve", lambda *a, **k: {"0.5": nothing})
     config = TrainConfig(concept="", steps=2)
     run = lambda: run_benchmark(toy_model, oracle, ["uce"], ["star"], config, tmp_path,  # noqa: E731
                                 preserve_modes=("named", "none"), counts=TINY, sample_steps=2,
