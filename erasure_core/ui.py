@@ -155,15 +155,30 @@ class TabRequest:
     cache_on_cpu: bool = False  # the trajectory cache in RAM instead of GPU memory
     preview_images: int = 2
     preview_steps: int = 20
+    on_top_of: list[str] = field(default_factory=list)  # names of earlier patches in the patch folder
 
-    def training(self):
+    def training(self, earlier: list | None = None):
+        """`earlier`: the patches named by `on_top_of`, loaded (earlier_patches)."""
         from .request import TrainRequest
 
         return TrainRequest(concept=self.concept, method=self.method, alternative=self.alternative,
                             preserve=self.preserve, steps=self.steps, lr=self.lr, memory_lr=self.memory_lr,
                             tokens=self.tokens, layers=self.layers, seed=self.seed, batch=self.batch or None,
                             cache_seeds=self.cache_seeds, cache_steps=self.cache_steps,
-                            cache_on_cpu=bool(self.cache_on_cpu))
+                            cache_on_cpu=bool(self.cache_on_cpu), on_top_of=list(earlier or []))
+
+
+def earlier_patches(folder: Path, names: list[str] | None) -> list:
+    """The patches to train on top of, loaded from the patch folder; a missing or refused one says which."""
+    from .patch import load_patch
+
+    earlier = []
+    for name in names or []:
+        try:
+            earlier.append(load_patch(patch_path(folder, name)))
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"on top of {name!r}: {exc}") from None
+    return earlier
 
 
 def status_text(state: JobState) -> str:
@@ -250,7 +265,7 @@ class TrainJob:
         from .denoiser import at_resolution
         from .engine import Cancelled, checkpoint_path, discard_checkpoint
         from .methods import train_patch
-        from .patch import save_patch
+        from .patch import content_digest, save_patch
         from .request import prepare
 
         s = self.state
@@ -263,27 +278,29 @@ class TrainJob:
             path = patch_path(folder, name)
             if path.exists():
                 raise ValueError(f"{path.name} already exists in {folder}; choose another output name")
+            earlier = earlier_patches(folder, request.on_top_of)
             s.stage = "waiting for the model (a generation may be running)"
             with self.host.lock(), torch.inference_mode(False), torch.enable_grad():
                 model = self.get_model()
                 if model is None:
                     raise ValueError("no model is loaded")
                 model = at_resolution(model, int(request.resolution or 0))
-                plan = prepare(request.training(), model)
+                plan = prepare(request.training(earlier), model)
                 config = plan.config
                 s.messages.extend(f"note: {note}" for note in plan.notes)
                 s.total, s.stage = config.steps, "training"
                 self.host.begin("concept-erasure", config.steps)
                 begun = True
                 # an interrupted run leaves its state here; the same settings started again resume from it
-                checkpoint = checkpoint_path(folder / ".checkpoints", config, model.fingerprint())
+                earlier_digest = "".join(content_digest(p) for p in plan.on_top_of)  # another earlier: another run
+                checkpoint = checkpoint_path(folder / ".checkpoints", config, model.fingerprint(), earlier_digest)
                 checkpoint.parent.mkdir(parents=True, exist_ok=True)
                 if checkpoint.exists():
                     s.messages.append("resuming the interrupted run with these settings from its checkpoint")
                 frozen = getattr(model, "frozen", None)
                 with (frozen() if frozen else contextlib.nullcontext()):
                     result = plan.label(train_patch(model, config, progress=self._progress, cancel=self.cancelled,
-                                                    checkpoint=checkpoint))
+                                                    checkpoint=checkpoint, on_top_of=plan.on_top_of))
                 patch = result.patch
                 s.done = s.total
                 save_patch(patch, path)
@@ -411,6 +428,12 @@ def build_tab(get_model: Callable[[], object], patch_folder: Callable[[], Path] 
                                     elem_id="erasure_layers")
                 output = gr.Textbox(label="Output name (empty: <concept>-<method>)", value=d.output,
                                     elem_id="erasure_output")
+                with gr.Row():
+                    on_top_of = gr.Dropdown(label="On top of: earlier erasures to keep (applied, frozen, while "
+                                                  "this one trains; the new patch holds them all)",
+                                            choices=list_patches(folder()), value=[], multiselect=True,
+                                            elem_id="erasure_on_top_of")
+                    refresh = gr.Button("\U0001F504", elem_id="erasure_on_top_of_refresh", scale=0, min_width=40)
                 with gr.Accordion("Advanced", open=False):
                     with gr.Row():
                         tokens = gr.Number(label="Memory tokens", value=d.tokens, precision=0, elem_id="erasure_tokens")
@@ -449,7 +472,7 @@ def build_tab(get_model: Callable[[], object], patch_folder: Callable[[], Path] 
                   "steps": steps, "lr": lr, "memory_lr": memory_lr, "layers": layers, "seed": seed, "output": output,
                   "tokens": tokens, "cache_seeds": cache_seeds, "cache_steps": cache_steps, "batch": batch,
                   "resolution": resolution, "cache_on_cpu": cache_on_cpu, "preview_images": preview_images,
-                  "preview_steps": preview_steps}
+                  "preview_steps": preview_steps, "on_top_of": on_top_of}
 
         def run(*values):
             job = TrainJob(get_model, folder, TabRequest(**dict(zip(fields, values))), host)
@@ -486,6 +509,7 @@ def build_tab(get_model: Callable[[], object], patch_folder: Callable[[], Path] 
 
         train.click(run, inputs=list(fields.values()), outputs=[progress, status, preview, train, cancel, job_id])
         cancel.click(stop, inputs=[job_id], outputs=[status], queue=False)
+        refresh.click(lambda: gr.update(choices=list_patches(folder())), outputs=[on_top_of], queue=False)
     return tab
 
 

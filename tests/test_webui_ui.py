@@ -113,7 +113,7 @@ def test_the_tab_builds_with_the_installed_gradio(toy, tmp_path):
     tab = ui.build_tab(lambda: toy, tmp_path)
     ids = {getattr(block, "elem_id", None) for block in tab.blocks.values()}
     assert {"erasure_concept", "erasure_method", "erasure_train", "erasure_cancel", "erasure_progress",
-            "erasure_preview"} <= ids
+            "erasure_preview", "erasure_on_top_of"} <= ids
 
 
 def test_erasure_ui_binds_loopback_by_default_and_checks_the_port(capsys):
@@ -143,3 +143,29 @@ def test_the_tab_trains_at_the_batch_and_resolution_asked_for(toy, tmp_path, mon
     bad = ui.TrainJob(lambda: toy, tmp_path, ui.TabRequest(concept="circle", resolution=50, output="b")).start()
     bad.join(30)
     assert "multiple of 4 pixels" in bad.state.error and not (tmp_path / "b.safetensors").exists()
+
+
+def test_the_tab_trains_on_top_of_an_earlier_patch_and_keeps_its_erasure(toy, oracle, tmp_path):
+    from erasure_core.denoiser import patched
+    from erasure_core.patch import load_patch
+    from erasure_core.toy.world import OBJECT_NAMES
+
+    def tab_run(**fields):
+        with one_thread():
+            job = ui.TrainJob(lambda: toy, tmp_path, ui.TabRequest(method="uce", preview_images=0, **fields)).start()
+            job.join(120)
+        return job.state
+
+    assert not tab_run(concept="circle", output="no circles").error
+    missing = tab_run(concept="star", on_top_of=["gone"], output="x")
+    assert "on top of 'gone'" in missing.error and not (tmp_path / "x.safetensors").exists()
+    state = tab_run(concept="star", on_top_of=["no circles"])
+    assert not state.error, state.error
+    patch = load_patch(state.path)
+    assert patch.concepts == ["circle", "star"] and patch.training["on_top_of"][0]["concepts"] == ["circle"]
+    seeds = [100, 101, 102, 103]
+    with patched(toy, [(patch, 1.0)]):
+        images = toy.generate(["a circle"] * 4 + ["a star"] * 4 + ["a square"] * 4, seeds * 3, steps=10,
+                              guidance=3.0)
+    names = [OBJECT_NAMES[i] for i in oracle.predict(images)["object"]]
+    assert "circle" not in names[:4] and "star" not in names[4:8] and names[8:].count("square") >= 3, names
