@@ -1,0 +1,202 @@
+"""Sparse autoencoders on one UNet block's output, for SAeUron (Cywiński & Deja, ICML 2025).
+
+Written from the paper and its description in shared/METHODS.md (no code copied):
+- batch-TopK SAE (Bussmann et al. 2024): z = ReLU((x − b_dec)·W_enc + b_enc); in training only the k·N largest
+  entries of the batch's N rows are kept; at inference every entry above θ, a moving average of the smallest
+  kept entry in training (so about k per row); x̂ = z·W_dec + b_dec with unit-norm decoder rows;
+- the activations are the block's output at every spatial position, over prompts, seeds and the sampler's
+  timesteps, both halves of the CFG batch, streamed into a shuffling buffer rather than held in memory;
+- feature scores per timestep bucket: μ_i(concept)/Σμ(concept) − μ_i(others)/Σμ(others);
+- the edit: where a selected feature exceeds its mean on other prompts, it is set to multiplier × its mean on
+  the concept; the result is decoded and the SAE's reconstruction error added back, so unselected features and
+  whatever the SAE cannot represent pass through unchanged.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+TIME_BUCKETS = 10  # timestep buckets of 100 training timesteps each (t in [0, 1000))
+THRESHOLD_DECAY = 0.99
+
+
+def bucket_of(t: torch.Tensor, buckets: int = TIME_BUCKETS, train_steps: int = 1000) -> torch.Tensor:
+    return (t.float() * buckets / train_steps).long().clamp(0, buckets - 1)
+
+
+@dataclass
+class SparseAutoencoder:
+    w_enc: torch.Tensor  # (d, F)
+    b_enc: torch.Tensor  # (F,)
+    w_dec: torch.Tensor  # (F, d), rows of unit norm
+    b_dec: torch.Tensor  # (d,)
+    k: int
+    threshold: float     # θ: inference keeps pre-activations above it
+
+    @property
+    def features(self) -> int:
+        return self.w_enc.shape[1]
+
+    def pre(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu((x - self.b_dec) @ self.w_enc + self.b_enc)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.pre(x)
+        return z * (z > self.threshold)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return z @ self.w_dec + self.b_dec
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"w_enc": self.w_enc, "b_enc": self.b_enc, "w_dec": self.w_dec, "b_dec": self.b_dec}
+
+
+def batch_topk(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep the k·N largest entries of the (N, F) pre-activations; returns the codes and the smallest kept."""
+    flat = pre.flatten()
+    values, index = flat.topk(min(k * pre.shape[0], flat.numel()))
+    return torch.zeros_like(flat).scatter(0, index, values).view_as(pre), values[-1]
+
+
+class SAETrainer:
+    """Fits a batch-TopK SAE to rows fed as they come (`feed`, e.g. as the sink of block_outputs), so the
+    activations are never all in memory: rows wait in a buffer of `buffer` batches, are shuffled, and trained
+    on once; `finish()` trains on what is left and returns the SAE."""
+
+    def __init__(self, dim: int, expansion: int = 16, k: int = 32, lr: float = 4e-4, batch: int = 4096,
+                 buffer: int = 16, seed: int = 0, progress: Callable[[int, float], None] | None = None) -> None:
+        self.g = torch.Generator().manual_seed(seed)
+        features = dim * expansion
+        w_dec = F.normalize(torch.randn(features, dim, generator=self.g), dim=1)
+        self.params = {"w_enc": w_dec.T.clone(), "b_enc": torch.zeros(features), "w_dec": w_dec,
+                       "b_dec": torch.zeros(dim)}
+        for p in self.params.values():
+            p.requires_grad_(True)
+        self.optimiser = torch.optim.Adam(self.params.values(), lr=lr)
+        self.k, self.batch, self.buffer, self.progress = k, batch, buffer, progress
+        self.held: list[torch.Tensor] = []
+        self.size = self.steps = 0
+        self.threshold = 0.0  # moving average of the smallest kept entry: early, untrained steps fade out
+
+    def feed(self, rows: torch.Tensor) -> None:
+        self.held.append(rows.detach().reshape(-1, rows.shape[-1]).float().cpu())
+        self.size += len(self.held[-1])
+        if self.size >= self.buffer * self.batch:
+            self._train_held(keep_remainder=True)
+
+    def _train_held(self, keep_remainder: bool) -> None:
+        rows = torch.cat(self.held)
+        rows = rows[torch.randperm(len(rows), generator=self.g)]
+        cut = (len(rows) // self.batch) * self.batch if keep_remainder else len(rows)
+        for i in range(0, cut, self.batch):
+            self._step(rows[i:i + self.batch])
+        self.held, self.size = [rows[cut:]], len(rows) - cut
+
+    @torch.enable_grad()  # fed from inside a sampler, which runs under no_grad
+    def _step(self, x: torch.Tensor) -> None:
+        p = self.params
+        if self.steps == 0:  # the decoder bias starts at the data's mean, as is usual
+            with torch.no_grad():
+                p["b_dec"].copy_(x.mean(0))
+        z, kept = batch_topk(F.relu((x - p["b_dec"]) @ p["w_enc"] + p["b_enc"]), self.k)
+        loss = (z @ p["w_dec"] + p["b_dec"] - x).pow(2).sum(1).mean() / x.var(0).sum().clamp_min(1e-8)
+        self.optimiser.zero_grad()
+        loss.backward()
+        self.optimiser.step()
+        with torch.no_grad():
+            p["w_dec"].copy_(F.normalize(p["w_dec"], dim=1))
+        self.steps += 1
+        self.threshold += (float(kept.detach()) - self.threshold) * max(1 / self.steps, 1 - THRESHOLD_DECAY)
+        if self.progress:
+            self.progress(self.steps, float(loss))
+
+    def finish(self) -> SparseAutoencoder:
+        if self.size:
+            self._train_held(keep_remainder=False)
+        if not self.steps:
+            raise ValueError("no activations to train the SAE on")
+        p = self.params
+        return SparseAutoencoder(*(p[n].detach().clone() for n in ("w_enc", "b_enc", "w_dec", "b_dec")), k=self.k,
+                                 threshold=self.threshold)
+
+
+@contextmanager
+def block_outputs(unet: torch.nn.Module, block: torch.nn.Module, sink: Callable[[torch.Tensor, torch.Tensor], None]):
+    """Calls `sink(t, rows)` for each forward of `block` inside `unet`: t (B,) the UNet call's timesteps, rows
+    (B, H·W, C) the block's output per spatial position."""
+    current: list[torch.Tensor] = []
+
+    def timestep(_module, args, kwargs):
+        t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+        current[:] = [torch.as_tensor(t).flatten()]
+
+    def output(_module, _args, out):
+        h = out[0] if isinstance(out, tuple) else getattr(out, "sample", out)
+        t = current[0] if current else torch.zeros(1)
+        sink(t.expand(h.shape[0]) if t.numel() == 1 else t, h.detach().flatten(2).transpose(1, 2))
+
+    handles = [unet.register_forward_pre_hook(timestep, with_kwargs=True), block.register_forward_hook(output)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@dataclass
+class ConceptFeatures:
+    """The SAE features that carry one concept, per timestep bucket, and what the edit sets them to."""
+
+    selected: torch.Tensor      # (buckets, F) bool
+    concept_mean: torch.Tensor  # (buckets, F): mean activation on the concept's prompts
+    other_mean: torch.Tensor    # (buckets, F): mean activation on the other prompts
+    multiplier: float           # −1 for styles in the paper; objects −1 to −30
+
+
+class FeatureMeans:
+    """Running per-bucket means of SAE codes: feed it block rows (sink of block_outputs), read `mean`."""
+
+    def __init__(self, sae: SparseAutoencoder, buckets: int = TIME_BUCKETS, conditional_half: bool = True) -> None:
+        self.sae, self.half = sae, conditional_half
+        self.sums, self.counts = torch.zeros(buckets, sae.features), torch.zeros(buckets)
+
+    def __call__(self, t: torch.Tensor, rows: torch.Tensor) -> None:
+        if self.half:  # the CFG batch is [unconditional; conditional]: the prompt's own rows are the second half
+            t, rows = t[len(t) // 2:], rows[len(rows) // 2:]
+        z = self.sae.encode(rows.float())  # (B, P, F)
+        b = bucket_of(t.cpu())
+        self.sums.index_add_(0, b, z.sum(1).cpu())
+        self.counts.index_add_(0, b, torch.full((len(b),), float(z.shape[1])))
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.sums / self.counts.clamp_min(1)[:, None]
+
+
+def select_features(concept: torch.Tensor, other: torch.Tensor, per_bucket: int, multiplier: float
+                    ) -> ConceptFeatures:
+    """The `per_bucket` features whose share of the concept's activation most exceeds their share of the
+    others' (the paper's score), per bucket; only features with a positive score."""
+    score = concept / concept.sum(1, keepdim=True).clamp_min(1e-12) - other / other.sum(1, keepdim=True).clamp_min(
+        1e-12)
+    top = score.topk(per_bucket, dim=1)
+    selected = torch.zeros_like(score, dtype=torch.bool).scatter(1, top.indices, top.values > 0)
+    return ConceptFeatures(selected, concept, other, multiplier)
+
+
+def edit(sae: SparseAutoencoder, features: ConceptFeatures, rows: torch.Tensor, t: torch.Tensor,
+         strength: float = 1.0) -> torch.Tensor:
+    """The block's rows (B, P, C) with the concept's features replaced, at timesteps t (B,). Strength s blends
+    the edited features with their own values: s·edit + (1 − s)·z, so 0 returns the rows unchanged."""
+    x = rows.float()
+    z = sae.encode(x)
+    b = bucket_of(t.to(rows.device))
+    on = features.selected.to(rows.device)[b][:, None] & (z > features.other_mean.to(rows.device)[b][:, None])
+    target = features.multiplier * features.concept_mean.to(rows.device)[b][:, None].expand_as(z)
+    z_edit = torch.where(on, strength * target + (1 - strength) * z, z)
+    # decode(z_edit) + (x − decode(z)), written so that rows no feature changes in come back exactly
+    return (x + (z_edit - z) @ sae.w_dec).to(rows.dtype)
