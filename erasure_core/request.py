@@ -80,6 +80,13 @@ class TrainPlan:
         """What the earlier patches erase, which this run keeps erased."""
         return [c for p in self.on_top_of for c in p.concepts]
 
+    @property
+    def earlier_digest(self) -> str:
+        """The earlier patches' content, for the checkpoint key: on top of another patch is another run."""
+        from .patch import content_digest
+
+        return "".join(content_digest(p) for p in self.on_top_of)
+
     def label(self, result: TrainResult) -> TrainResult:
         """Record the user's names (not the prompts trained on) in the patch, and in its key if there is one."""
         result.patch.concepts = list(dict.fromkeys([*self.earlier_concepts, *self.concepts]))

@@ -265,7 +265,7 @@ class TrainJob:
         from .denoiser import at_resolution
         from .engine import Cancelled, checkpoint_path, discard_checkpoint
         from .methods import train_patch
-        from .patch import content_digest, save_patch
+        from .patch import save_patch
         from .request import prepare
 
         s = self.state
@@ -292,8 +292,8 @@ class TrainJob:
                 self.host.begin("concept-erasure", config.steps)
                 begun = True
                 # an interrupted run leaves its state here; the same settings started again resume from it
-                earlier_digest = "".join(content_digest(p) for p in plan.on_top_of)  # another earlier: another run
-                checkpoint = checkpoint_path(folder / ".checkpoints", config, model.fingerprint(), earlier_digest)
+                checkpoint = checkpoint_path(folder / ".checkpoints", config, model.fingerprint(),
+                                             plan.earlier_digest)
                 checkpoint.parent.mkdir(parents=True, exist_ok=True)
                 if checkpoint.exists():
                     s.messages.append("resuming the interrupted run with these settings from its checkpoint")

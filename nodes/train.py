@@ -10,7 +10,6 @@ from erasure_core.backends.comfy import ComfyDenoiser
 from erasure_core.engine import Cancelled, TrainConfig, checkpoint_path, discard_checkpoint
 from erasure_core.layers import SELECTION_MODES
 from erasure_core.methods import DEFAULT_METHOD, get_method, method_names, methods_help, train_patch
-from erasure_core.patch import content_digest
 from erasure_core.request import TrainRequest, prepare
 
 from .common import (CATEGORY, HIDDEN_NODE_ID, PATCH_TYPE, folder_paths_module, interrupt_check, loader,
@@ -155,9 +154,8 @@ class ConceptErasureTrainPatch:
         oom = getattr(mm, "OOM_EXCEPTION", torch.cuda.OutOfMemoryError)
         try:
             with torch.inference_mode(False), torch.enable_grad():
-                earlier = "".join(content_digest(p) for p in plan.on_top_of)  # another earlier patch: another run
                 checkpoint = checkpoint_path(_checkpoint_folder(), config, denoiser.fingerprint(),
-                                             f"{resolution}{earlier}")
+                                             f"{resolution}{plan.earlier_digest}")
                 checkpoint.parent.mkdir(parents=True, exist_ok=True)
                 result = plan.label(train_patch(denoiser, config, progress=progress, cancel=cancel,
                                                 checkpoint=checkpoint, on_top_of=plan.on_top_of))

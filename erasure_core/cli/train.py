@@ -86,7 +86,7 @@ def train_to_file(model, request, out: Path, resume: bool = False) -> Path:
 
     from ..engine import checkpoint_path, discard_checkpoint
     from ..methods import train_patch
-    from ..patch import content_digest, save_patch
+    from ..patch import save_patch
     from ..request import RequestError, prepare
 
     if out.suffix != ".safetensors":
@@ -97,8 +97,8 @@ def train_to_file(model, request, out: Path, resume: bool = False) -> Path:
         raise UserError(str(exc)) from None
     for note in plan.notes:
         print(f"erasure: note: {note}", file=sys.stderr)
-    earlier = "".join(content_digest(p) for p in plan.on_top_of)  # another earlier patch: another run
-    checkpoint = checkpoint_path(out.parent / ".erasure-checkpoints", plan.config, model.fingerprint(), earlier)
+    checkpoint = checkpoint_path(out.parent / ".erasure-checkpoints", plan.config, model.fingerprint(),
+                                 plan.earlier_digest)
     if checkpoint.exists() and not resume:
         discard_checkpoint(checkpoint)  # a fresh run was asked for
     checkpoint.parent.mkdir(parents=True, exist_ok=True)
