@@ -55,32 +55,9 @@ def means(model, sae, prompts: list[str], seeds: list[int]) -> torch.Tensor:
     return collect.mean
 
 
-class Edited:
+def edited(model, sae: SparseAutoencoder, features: ConceptFeatures):
     """The block's output edited while this is active (both CFG halves, as the authors' hook)."""
-
-    def __init__(self, model, sae: SparseAutoencoder, features: ConceptFeatures) -> None:
-        self.model, self.sae, self.features, self.handles = model, sae, features, []
-
-    def __enter__(self):
-        t_now: list[torch.Tensor] = []
-        self.handles.append(self.model.unet.register_forward_pre_hook(
-            lambda _m, args, kwargs: t_now.__setitem__(slice(None), [torch.as_tensor(
-                kwargs.get("timestep", args[1] if len(args) > 1 else 0)).flatten()]), with_kwargs=True))
-
-        def hook(_m, _args, out):
-            h = out[0] if isinstance(out, tuple) else out.sample
-            b, c, hh, ww = h.shape
-            t = t_now[0].expand(b) if t_now[0].numel() == 1 else t_now[0]
-            rows = edit(self.sae, self.features, h.flatten(2).transpose(1, 2), t)
-            new = rows.transpose(1, 2).reshape(b, c, hh, ww)
-            return (new, *out[1:]) if isinstance(out, tuple) else type(out)(sample=new)
-
-        self.handles.append(block_of(self.model).register_forward_hook(hook))
-        return self
-
-    def __exit__(self, *exc):
-        for h in self.handles:
-            h.remove()
+    return block_outputs(model.unet, block_of(model), lambda t, rows: edit(sae, features, rows, t))
 
 
 def validate(model, oracle, target: str, named: list[str]) -> dict:
@@ -136,7 +113,7 @@ def main() -> None:
         print(out["validation"][-1], flush=True)
         for n in map(int, args.per_bucket.split(",")):
             for mult in map(float, args.multipliers.split(",")):
-                with Edited(model, sae, select_features(mean_c, mean_o, n, mult)):
+                with edited(model, sae, select_features(mean_c, mean_o, n, mult)):
                     row = {"target": target, "per_bucket": n, "multiplier": mult,
                            **validate(model, oracle, target, named)}
                 out["validation"].append(row)
@@ -146,7 +123,7 @@ def main() -> None:
             erasure = ErasureTarget.from_names(target)
             base = {}
             evaluate_protocol(model, [], oracle, erasure, named, ProtocolCounts(), 10, base=base)
-            with Edited(model, sae, select_features(mean_c, mean_o, n, mult)):
+            with edited(model, sae, select_features(mean_c, mean_o, n, mult)):
                 report = evaluate_protocol(model, [], oracle, erasure, named, ProtocolCounts(), 10, base=base)
             report.pop("images", None)
             out["protocol"].append({"target": target, "per_bucket": n, "multiplier": mult, **report})

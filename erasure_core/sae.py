@@ -125,9 +125,10 @@ class SAETrainer:
 
 
 @contextmanager
-def block_outputs(unet: torch.nn.Module, block: torch.nn.Module, sink: Callable[[torch.Tensor, torch.Tensor], None]):
+def block_outputs(unet: torch.nn.Module, block: torch.nn.Module,
+                  sink: Callable[[torch.Tensor, torch.Tensor], torch.Tensor | None]):
     """Calls `sink(t, rows)` for each forward of `block` inside `unet`: t (B,) the UNet call's timesteps, rows
-    (B, H·W, C) the block's output per spatial position."""
+    (B, H·W, C) the block's output per spatial position. Rows the sink returns replace the block's output."""
     current: list[torch.Tensor] = []
 
     def timestep(_module, args, kwargs):
@@ -137,7 +138,12 @@ def block_outputs(unet: torch.nn.Module, block: torch.nn.Module, sink: Callable[
     def output(_module, _args, out):
         h = out[0] if isinstance(out, tuple) else getattr(out, "sample", out)
         t = current[0] if current else torch.zeros(1)
-        sink(t.expand(h.shape[0]) if t.numel() == 1 else t, h.detach().flatten(2).transpose(1, 2))
+        b, c, height, width = h.shape
+        rows = sink(t.expand(b) if t.numel() == 1 else t, h.detach().flatten(2).transpose(1, 2))
+        if rows is None:
+            return None
+        new = rows.transpose(1, 2).reshape(b, c, height, width)
+        return (new, *out[1:]) if isinstance(out, tuple) else type(out)(sample=new)
 
     handles = [unet.register_forward_pre_hook(timestep, with_kwargs=True), block.register_forward_hook(output)]
     try:

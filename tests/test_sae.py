@@ -69,3 +69,13 @@ def test_block_outputs_sees_each_unet_call_with_its_timesteps(toy_model):
     scheduler.set_timesteps(3)
     assert [t for t, _ in seen] == [[int(s)] * 2 for s in scheduler.timesteps]  # both halves of the CFG batch
     assert all(shape == (2, 64, 128) for _, shape in seen)
+
+
+def test_rows_the_sink_returns_replace_the_blocks_output(toy_model):
+    block = toy_model.unet.up_blocks[0].attentions[1]
+    plain = toy_model.generate(["a circle"], [0], steps=3, guidance=3.0)
+    with block_outputs(toy_model.unet, block, lambda t, rows: rows.clone()):
+        same = toy_model.generate(["a circle"], [0], steps=3, guidance=3.0)
+    with block_outputs(toy_model.unet, block, lambda t, rows: torch.zeros_like(rows)):
+        zeroed = toy_model.generate(["a circle"], [0], steps=3, guidance=3.0)
+    assert torch.equal(same, plain) and not torch.allclose(zeroed, plain, atol=1e-3)
