@@ -1,11 +1,12 @@
 """The built-in red team: each attack, at a tiny budget, finds a concept that is there; a strength-0 patch changes
 nothing; prompt attacks never use the erased concept's own words; the CLI prints a card and stores it."""
 import json
+from dataclasses import replace
 
 import pytest
 import torch
 
-from erasure_core.attacks import ATTACKS, run_attack, settings_for
+from erasure_core.attacks import ATTACKS, QUICK_BUDGET, run_attack, settings_for
 from erasure_core.attacks.common import AttackSetup, word_token_ids
 from erasure_core.cli import main
 from erasure_core.engine import TrainConfig
@@ -18,7 +19,7 @@ CHANCE = 1 / 8  # eight objects: a guess names the target one time in eight
 @pytest.mark.parametrize("name", list(ATTACKS))
 def test_each_attack_finds_the_concept_in_the_unedited_model(toy_model, oracle, name):
     # star, not circle: the unedited toy model draws circles for garbled prompts, which would flatter an attack
-    entry, found = run_attack(toy_model, oracle, [], "star", name, settings_for(name, quick=True))
+    entry, found = run_attack(toy_model, oracle, [], "star", name, settings_for(name, quick=True), QUICK_BUDGET)
     assert entry["n"] == len(found.seeds) >= 8
     assert entry["asr"] >= 0.75 > 4 * CHANCE - 0.25  # well above chance
     assert entry["interval"][0] <= entry["asr"] <= entry["interval"][1]
@@ -27,9 +28,10 @@ def test_each_attack_finds_the_concept_in_the_unedited_model(toy_model, oracle, 
 
 def test_a_strength_zero_patch_leaves_the_attack_exactly_where_the_unedited_model_is(toy_model, oracle):
     patch = train_patch(toy_model, TrainConfig(concept="a star", method="uce")).patch
-    settings = settings_for("inversion", quick=True)
-    base, _ = run_attack(toy_model, oracle, [], "star", "inversion", settings)
-    zero, _ = run_attack(toy_model, oracle, [(patch, 0.0)], "star", "inversion", settings)
+    # equality holds at any budget: the smallest one that still learns and renders
+    settings = replace(settings_for("inversion", quick=True), steps=8)
+    base, _ = run_attack(toy_model, oracle, [], "star", "inversion", settings, QUICK_BUDGET)
+    zero, _ = run_attack(toy_model, oracle, [(patch, 0.0)], "star", "inversion", settings, QUICK_BUDGET)
     assert zero["asr"] == base["asr"] and zero["prompts"] == base["prompts"]
     assert zero["found"] == base["found"]  # the same learned embeddings' losses, step for step
 

@@ -20,7 +20,12 @@ from erasure_core.methods import train_patch
 TINY = ProtocolCounts(target_seeds=1, other_seeds=1, phrasing_seeds=1)
 
 
-def test_benchmark_writes_v2_rows_with_intervals_and_base_values_and_resumes(toy_model, oracle, tmp_path):
+def test_benchmark_writes_v2_rows_with_intervals_and_base_values_and_resumes(toy_model, oracle, tmp_path,
+                                                                            monkeypatch):
+    import erasure_core.attacks as attacks
+
+    # the control rate is test_attacks' (and a third of this test's time); here it is only carried into the row
+    monkeypatch.setattr(attacks, "control_rate", lambda *a: {"rate": 0.25, "n": 4, "interval": [0.05, 0.7]})
     config = TrainConfig(concept="", steps=2)
     results = run_benchmark(toy_model, oracle, ["uce"], ["stripes"], config, tmp_path, {"stripes": "checker"},
                             preserve_modes=("named",), counts=TINY, sample_steps=2, stack=False)
@@ -101,7 +106,9 @@ def test_a_changed_attack_setting_reruns_only_that_attack_on_finished_rows(toy_m
         return {n: {"asr": 0.0, "n": 1, "interval": [0.0, 0.8], "base_asr": 1.0, "run": len(calls)} for n in names}
 
     monkeypatch.setattr(attacks, "attack_report", fake_report)
-    # what this test follows is the attacks; the judging is the first test's (and costs most of the time)
+    # what this test follows is the attacks; the judging is the first test's (and costs most of the time), so
+    # the model draws blank images here
+    monkeypatch.setattr(toy_model, "generate", lambda prompts, *a, **k: torch.zeros(len(prompts), 3, 32, 32))
     nothing = {"rate": 0.0, "n": 1, "interval": [0.0, 0.8]}
     monkeypatch.setattr(attacks, "control_rate", lambda *a: nothing)
     monkeypatch.setattr("erasure_core.toy.benchmark.strength_curve", lambda *a, **k: {"0.5": nothing})
@@ -135,7 +142,7 @@ def test_stacked_patches_both_erase_and_report_retention_named_by_neither(toy_mo
 
     patches = [(train_patch(toy_model, TrainConfig(concept=training_prompt(t), method="uce")).patch, 1.0)
                for t in ("circle", "stripes")]
-    stacked = _stacked_report(toy_model, oracle, patches, "circle", "stripes", TINY, steps=6)
+    stacked = _stacked_report(toy_model, oracle, patches, "circle", "stripes", TINY, steps=4)
     for target in ("circle", "stripes"):  # both erasures hold with both patches attached, judged by the oracle
         assert stacked[f"ua_{target}"]["rate"] >= 0.75 and stacked["base"][f"ua_{target}"]["rate"] <= 0.25
     held = stacked["ira_heldout_circle_axis"]

@@ -45,6 +45,9 @@ class AttackBudget:
     guidance: float = 3.0
 
 
+QUICK_BUDGET = AttackBudget(sample_steps=4)  # smoke tests: the toy model still draws its concepts at 4 steps
+
+
 def settings_for(name: str, quick: bool = False):
     """An attack's default settings; `quick` shrinks every loop for tests (the attack must still work)."""
     spec = ATTACKS[name]

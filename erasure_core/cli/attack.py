@@ -15,7 +15,8 @@ def add_parser(sub) -> None:
     p.add_argument("--patch", required=True, help="the erasure patch to attack")
     p.add_argument("--target", help="the erased concept (default: the patch's)")
     p.add_argument("--attacks", default=",".join(ATTACKS), help=f"comma-separated, of {', '.join(ATTACKS)}")
-    p.add_argument("--quick", action="store_true", help="tiny budgets (a smoke test; the rates are not comparable)")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny budgets and 4 sampling steps (a smoke test; the rates are not comparable)")
     p.add_argument("--json", help="write the report here")
     p.add_argument("--write", action="store_true",
                    help="store the results in the patch's erasure.metrics, so a shared patch carries its card")
@@ -24,7 +25,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..attacks import ATTACKS, attack_report, robustness_card
+    from ..attacks import ATTACKS, QUICK_BUDGET, AttackBudget, attack_report, robustness_card
     from ..toy.world import concept
 
     names = [a.strip() for a in args.attacks.split(",") if a.strip()]
@@ -47,6 +48,7 @@ def run(args) -> int:
 
     check_patches(model, [(patch, 1.0)])
     report = attack_report(model, oracle, [(patch, 1.0)], target, names, quick=args.quick,
+                           budget=QUICK_BUDGET if args.quick else AttackBudget(),
                            progress=lambda name: progress_bar(name))
     print(robustness_card(target, report, title=Path(args.patch).name))
     result = {"patch": args.patch, "target": target, "quick": args.quick, "attacks": report}
