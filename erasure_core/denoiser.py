@@ -74,6 +74,11 @@ class Denoiser(Protocol):
         `to_k`: what erasure_core.attention_maps reads the attention probabilities from. Read-only."""
         ...
 
+    def transformer_block(self, name: str) -> torch.nn.Module:
+        """The spatial transformer at LDM path `name` (e.g. output_blocks.4.1) inside `network()`, read-only:
+        SAeUron reads its output (erasure_core.sae.hook_block). Raises KeyError where the model has none."""
+        ...
+
     def network(self) -> torch.nn.Module:
         """The denoising network (the UNet) itself, read-only: training recomputes its transformer blocks in the
         backward pass when asked (TrainConfig.gradient_checkpointing)."""

@@ -62,6 +62,7 @@ class TrainConfig:
     candidate_exclude: list[str] = field(default_factory=list)  # words a candidate search may not pick (the
     # benchmark's held-out concepts, so that held-out stays held out)
     more_concepts: list[str] = field(default_factory=list)  # further prompts the same patch erases
+    sae: str = ""  # SAeUron: a *.sae.safetensors file, or a folder to reuse one from (else one is trained)
 
     @property
     def concepts(self) -> list[str]:
@@ -275,7 +276,7 @@ def finish_patch(denoiser: Denoiser, parts: TrainableParts, config: TrainConfig,
               if d.full.abs().max() > 0}
     training = {k: v for k, v in asdict(config).items()
                 if k not in ("concept", "alternative", "preserve", "seed", "lr", "memory_lr", "candidate_exclude",
-                             "more_concepts")}
+                             "more_concepts", "sae")}
     for key, rate, used in (("lr", config.delta_lr, parts.deltas), ("memory_lr", config.memory_rate, parts.memory)):
         if used and rate is not None:
             training[key] = rate

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from .layers import PROJECTIONS, attn2_layers, base_layer, is_attn2_projection, unet_modules
 from .padding import padding_repeats
 from .patch import ErasurePatch, PatchError, WeightDelta, check_compatible, model_fingerprint
+from .sae import edit_all, hook_block, patch_features
 
 __all__ = ["PROJECTIONS", "LayerInjection", "InjectionPlan", "AttachedPatches", "plan_layers", "plan_injection",
            "delta_output", "delta_hook", "attach_plan", "attach", "attached"]
@@ -66,6 +67,8 @@ class InjectionPlan:
     layers: dict[str, LayerInjection]
     modules: dict[str, list[tuple[WeightDelta, float]]]
     warnings: list[str]
+    # per transformer block (LDM path, e.g. output_blocks.4.1), SAeUron edits of its output: (sae, features, s)
+    blocks: dict[str, list[tuple]] = field(default_factory=dict)
 
 
 def plan_layers(patches: list[tuple[ErasurePatch, float]], layer_names: list[str], context_dim: int,
@@ -83,8 +86,12 @@ def plan_layers(patches: list[tuple[ErasurePatch, float]], layer_names: list[str
         if not torch.isfinite(torch.tensor(strength)):
             raise PatchError(f"strength must be a finite number, got {strength}")
         plan.warnings.extend(check_compatible(patch, context_dim, layer_names, model_fp, shapes))
+        if "sae" in patch.extra:
+            block, sae = sae_block(patch, shapes)
         if strength == 0:
             continue
+        if "sae" in patch.extra:
+            plan.blocks.setdefault(block, []).append((sae, patch_features(patch), strength))
         for layer in patch.layers:
             mem = patch.memory_for(layer)
             if mem is not None:
@@ -100,6 +107,20 @@ def plan_layers(patches: list[tuple[ErasurePatch, float]], layer_names: list[str
             else:
                 plan.modules.setdefault(module, []).append((prepared, strength))
     return plan
+
+
+def sae_block(patch: ErasurePatch, shapes: dict[str, tuple[int, ...]]):
+    """The block a SAeUron patch edits and its SAE, refusing a model without that block or of another width."""
+    block, sae = patch.feature_meta["sae"]["block"], patch.resolved.get("sae")
+    if sae is None:
+        raise PatchError("the SAeUron patch has no SAE loaded (load it with load_patch, from its folder)")
+    width = shapes.get(f"{block}.proj_out", (None,))[0]
+    if width is None:
+        raise PatchError(f"the SAeUron patch edits {block}, which this model lacks; it was made for another "
+                         "architecture")
+    if width != sae.w_enc.shape[0]:
+        raise PatchError(f"the SAeUron patch's SAE reads {sae.w_enc.shape[0]} channels, {block} has {width}")
+    return block, sae
 
 
 def _layer_input(args: tuple, kwargs: dict) -> tuple[torch.Tensor | None, str | None]:
@@ -246,12 +267,16 @@ class AttachedPatches:
 
 
 def attach_plan(plan: InjectionPlan, layers: Mapping[str, torch.nn.Module],
-                modules: Mapping[str, torch.nn.Module] | None = None) -> AttachedPatches:
+                modules: Mapping[str, torch.nn.Module] | None = None, unet: torch.nn.Module | None = None
+                ) -> AttachedPatches:
     """Register the hooks of a plan. `layers` maps the plan's layer keys to attn2 modules (each with `to_k`,
-    `to_v` and the projections its deltas name, `to_out.0` included), `modules` the keys of its other deltas to
-    their modules. Every host that runs its UNet's modules itself attaches through here."""
+    `to_v` and the projections its deltas name, `to_out.0` included), `modules` the keys of its other deltas
+    and of its SAeUron blocks to their modules, and `unet` is the network called with the timestep (what the
+    SAE edits are bucketed by). Every host that runs its UNet's modules itself attaches through here."""
     handle = AttachedPatches(plan.warnings)
     try:
+        for name, edits in plan.blocks.items():
+            handle._handles += hook_block(unet, modules[name], edit_all(edits))
         for name, deltas in plan.modules.items():
             handle._handles.append(modules[name].register_forward_hook(delta_hook(deltas), with_kwargs=True))
         for name, injection in plan.layers.items():
@@ -281,7 +306,9 @@ def plan_injection(unet, patches: list[tuple[ErasurePatch, float]]) -> Injection
                        shapes, lambda: model_fingerprint(unet), lambda t: t.to(device))
     to_diffusers = {layer.canonical: layer.diffusers for layer in layers}
     return InjectionPlan({to_diffusers[name]: injection for name, injection in plan.layers.items()},
-                         {paths[name]: deltas for name, deltas in plan.modules.items()}, plan.warnings)
+                         {paths[name]: deltas for name, deltas in plan.modules.items()}, plan.warnings,
+                         {paths[f"{name}.proj_out"].removesuffix(".proj_out"): edits
+                          for name, edits in plan.blocks.items()})
 
 
 def attach(unet, patches: list[tuple[ErasurePatch, float]]) -> AttachedPatches:
@@ -289,7 +316,7 @@ def attach(unet, patches: list[tuple[ErasurePatch, float]]) -> AttachedPatches:
     attached."""
     plan = plan_injection(unet, patches)
     modules = dict(unet.named_modules())
-    return attach_plan(plan, modules, modules)
+    return attach_plan(plan, modules, modules, unet)
 
 
 @contextmanager

@@ -59,6 +59,10 @@ class Feature:
     keys: re.Pattern[str] | None
     validate: Callable[[dict[str, torch.Tensor], "ErasurePatch", str], None] | None = None
     builtin: bool = False  # parsed into ErasurePatch.memory / .deltas by this module
+    # a feature whose file refers to another file (SAeUron's shared SAE): `resolve(patch, folder, name)` puts
+    # what it needs into ErasurePatch.resolved after loading, `write_beside(patch, folder)` stores it on saving
+    resolve: Callable[["ErasurePatch", Path, str], None] | None = None
+    write_beside: Callable[["ErasurePatch", Path], None] | None = None
 
 
 # The features this reader knows, in the order they are written in erasure.requires. Format 1 had exactly
@@ -73,8 +77,9 @@ _FEATURE_NAME = re.compile(r"[a-z][a-z0-9_-]{0,39}")
 
 
 def register_feature(name: str, keys: str | re.Pattern[str] | None = None,
-                     validate: Callable[[dict[str, torch.Tensor], "ErasurePatch", str], None] | None = None
-                     ) -> Feature:
+                     validate: Callable[[dict[str, torch.Tensor], "ErasurePatch", str], None] | None = None,
+                     resolve: Callable[["ErasurePatch", Path, str], None] | None = None,
+                     write_beside: Callable[["ErasurePatch", Path], None] | None = None) -> Feature:
     """Teach this reader (and writer) a new kind of tensor. `keys` is a regular expression every tensor key of
     the feature matches in full; pick a prefix of its own (`erasure.<name>.`), since a key goes to the first
     feature, in KNOWN_FEATURES order, that matches it. Its tensors obey the format's rules for every tensor
@@ -84,7 +89,8 @@ def register_feature(name: str, keys: str | re.Pattern[str] | None = None,
                          "starting with a letter")
     if name in KNOWN_FEATURES:
         raise ValueError(f"feature {name!r} is already known")
-    feature = Feature(re.compile(keys) if isinstance(keys, str) else keys, validate)
+    feature = Feature(re.compile(keys) if isinstance(keys, str) else keys, validate, resolve=resolve,
+                      write_beside=write_beside)
     KNOWN_FEATURES[name] = feature
     return feature
 
@@ -162,6 +168,10 @@ class ErasurePatch:
     # tensors of registered features (register_feature), by feature; a feature listed here is required even
     # when it holds no tensors
     extra: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    # each registered feature's settings (metadata erasure.features, JSON), checked by its validator
+    feature_meta: dict[str, dict] = field(default_factory=dict)
+    # what a feature resolved from beside the file (Feature.resolve), such as a shared SAE; never saved
+    resolved: dict[str, object] = field(default_factory=dict, compare=False, repr=False)
 
     def required_features(self) -> list[str]:
         """What a reader must know to use this patch, from its content: `memory` when it carries concept memory,
@@ -253,6 +263,7 @@ class ErasurePatch:
             "erasure.training": json.dumps(self.training, sort_keys=True),
             "erasure.seed": "" if self.seed is None else str(self.seed),
             "erasure.metrics": json.dumps(self.metrics, sort_keys=True),
+            **({"erasure.features": json.dumps(self.feature_meta, sort_keys=True)} if self.feature_meta else {}),
         }
 
 
@@ -308,10 +319,14 @@ def combine_patches(patches: list[ErasurePatch]) -> ErasurePatch:
 
 
 def save_patch(patch: ErasurePatch, path: str | Path) -> Path:
-    """Write a patch; it is validated first, so a file on disk always loads."""
+    """Write a patch; it is validated first, so a file on disk always loads. A feature that refers to another
+    file (Feature.write_beside) writes that one into the same folder first, where loading looks for it."""
     _validate(patch)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for feature in patch.extra:
+        if KNOWN_FEATURES[feature].write_beside is not None:
+            KNOWN_FEATURES[feature].write_beside(patch, path.parent)
     tmp = path.with_name(path.name + ".tmp")
     save_file(patch.tensors(), str(tmp), metadata=patch.metadata())
     tmp.chmod(0o666 & ~_umask())  # safetensors writes 0600; a WebUI running as another user must read it
@@ -395,6 +410,9 @@ def load_patch(path: str | Path) -> ErasurePatch:
                    for f in required if not KNOWN_FEATURES[f].builtin}
     _validate(patch, path.name)
     _check_metadata_matches(patch, meta, path.name)
+    for feature in patch.extra:
+        if KNOWN_FEATURES[feature].resolve is not None:
+            KNOWN_FEATURES[feature].resolve(patch, path.parent, path.name)
     return patch
 
 
@@ -404,6 +422,9 @@ def _required_features(meta: dict[str, str], name: str) -> list[str]:
     Version 1 had no erasure.requires and means memory and deltas; version 2 and any later version must declare
     erasure.requires, which is what a reader goes by: a later version whose features are all known loads."""
     version = meta.get("erasure.format_version", "")
+    if not version and meta.get("erasure.kind") == "sae":
+        raise PatchError(f"{name} is SAeUron's sparse autoencoder, not a patch; keep it beside the SAeUron patches "
+                         "that use it and load one of those")
     if not version:
         raise PatchError(f"{name} is not an erasure patch (no erasure.format_version metadata)")
     declared = meta.get("erasure.requires")
@@ -504,7 +525,8 @@ def _from_parts(tensors: dict[str, torch.Tensor], meta: dict[str, str], name: st
         alternative=meta.get("erasure.alternative", ""), preserve=_json(meta, "erasure.preserve", list, [], name),
         base_model=meta.get("erasure.base_model", ""), base_fingerprint=meta.get("erasure.base_fingerprint", ""),
         training=_json(meta, "erasure.training", dict, {}, name), seed=_int(meta, "erasure.seed", name),
-        metrics=_json(meta, "erasure.metrics", dict, {}, name), title=meta.get("modelspec.title", ""),
+        metrics=_json(meta, "erasure.metrics", dict, {}, name),
+        feature_meta=_json(meta, "erasure.features", dict, {}, name), title=meta.get("modelspec.title", ""),
         description=meta.get("modelspec.description", ""), date=meta.get("modelspec.date", ""))
 
 
@@ -640,3 +662,6 @@ def model_fingerprint(unet) -> str:
     return fingerprint_of((f"{layer.canonical}.{proj}.weight",
                            base_layer(modules[f"{layer.diffusers}.{proj}"]).weight)
                           for layer in attn2_layers(unet) for proj in ("to_k", "to_v"))
+
+
+from . import sae as _sae  # noqa: E402,F401  (registers SAeUron's `sae` feature; it needs the names above)

@@ -13,8 +13,13 @@ Written from the paper and its description in shared/METHODS.md (no code copied)
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import math
+import re
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -25,7 +30,8 @@ THRESHOLD_DECAY = 0.99
 
 
 def bucket_of(t: torch.Tensor, buckets: int = TIME_BUCKETS, train_steps: int = 1000) -> torch.Tensor:
-    return (t.float() * buckets / train_steps).long().clamp(0, buckets - 1)
+    # rounded first: a host that derives t from sigma (ComfyUI) gives 899.9998 for the sampler's 900
+    return (t.float().round() * buckets / train_steps).long().clamp(0, buckets - 1)
 
 
 @dataclass
@@ -36,10 +42,20 @@ class SparseAutoencoder:
     b_dec: torch.Tensor  # (d,)
     k: int
     threshold: float     # θ: inference keeps pre-activations above it
+    _copies: dict = field(default_factory=dict, compare=False, repr=False)  # device -> this SAE there
 
     @property
     def features(self) -> int:
         return self.w_enc.shape[1]
+
+    def on(self, device: torch.device) -> "SparseAutoencoder":
+        """This SAE with its tensors on `device`, copied once per device (the model may sit on a GPU)."""
+        if self.w_enc.device == device:
+            return self
+        if device not in self._copies:
+            self._copies[device] = SparseAutoencoder(*(t.to(device) for t in self.tensors().values()), k=self.k,
+                                                     threshold=self.threshold)
+        return self._copies[device]
 
     def pre(self, x: torch.Tensor) -> torch.Tensor:
         return F.relu((x - self.b_dec) @ self.w_enc + self.b_enc)
@@ -124,28 +140,45 @@ class SAETrainer:
                                  threshold=self.threshold)
 
 
-@contextmanager
-def block_outputs(unet: torch.nn.Module, block: torch.nn.Module,
-                  sink: Callable[[torch.Tensor, torch.Tensor], torch.Tensor | None]):
+def hook_block(unet: torch.nn.Module, block: torch.nn.Module,
+               sink: Callable[[torch.Tensor, torch.Tensor], torch.Tensor | None]) -> list:
     """Calls `sink(t, rows)` for each forward of `block` inside `unet`: t (B,) the UNet call's timesteps, rows
-    (B, H·W, C) the block's output per spatial position. Rows the sink returns replace the block's output."""
+    (B, H·W, C) the block's output per spatial position. Rows the sink returns replace the block's output.
+    `unet` is whatever the host calls with (x, t, ...): a diffusers UNet (`timestep`), or the LDM UNetModel of
+    ComfyUI, A1111 and Forge (`timesteps`), which take the timestep, not ComfyUI's sigma. Returns the hook
+    handles."""
     current: list[torch.Tensor] = []
 
     def timestep(_module, args, kwargs):
-        t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+        t = kwargs.get("timestep", kwargs.get("timesteps", args[1] if len(args) > 1 else None))
         current[:] = [torch.as_tensor(t).flatten()]
 
-    def output(_module, _args, out):
+    return [unet.register_forward_pre_hook(timestep, with_kwargs=True),
+            block.register_forward_hook(output_hook(sink, lambda: current[0] if current else torch.zeros(1)))]
+
+
+def output_hook(sink: Callable[[torch.Tensor, torch.Tensor], torch.Tensor | None],
+                timestep: Callable[[], torch.Tensor]):
+    """A block's forward hook calling `sink(t, rows)` with t = timestep() (see hook_block)."""
+    def hook(_module, _args, out):
         h = out[0] if isinstance(out, tuple) else getattr(out, "sample", out)
-        t = current[0] if current else torch.zeros(1)
+        t = torch.as_tensor(timestep()).flatten()
         b, c, height, width = h.shape
         rows = sink(t.expand(b) if t.numel() == 1 else t, h.detach().flatten(2).transpose(1, 2))
         if rows is None:
             return None
-        new = rows.transpose(1, 2).reshape(b, c, height, width)
-        return (new, *out[1:]) if isinstance(out, tuple) else type(out)(sample=new)
+        new = rows.transpose(1, 2).reshape(b, c, height, width).to(h.dtype)
+        if isinstance(out, torch.Tensor):  # LDM spatial transformers (ComfyUI, A1111, Forge)
+            return new
+        return (new, *out[1:]) if isinstance(out, tuple) else type(out)(sample=new)  # diffusers
+    return hook
 
-    handles = [unet.register_forward_pre_hook(timestep, with_kwargs=True), block.register_forward_hook(output)]
+
+@contextmanager
+def block_outputs(unet: torch.nn.Module, block: torch.nn.Module,
+                  sink: Callable[[torch.Tensor, torch.Tensor], torch.Tensor | None]):
+    """hook_block while the context is open."""
+    handles = hook_block(unet, block, sink)
     try:
         yield
     finally:
@@ -198,7 +231,7 @@ def edit(sae: SparseAutoencoder, features: ConceptFeatures, rows: torch.Tensor, 
          strength: float = 1.0) -> torch.Tensor:
     """The block's rows (B, P, C) with the concept's features replaced, at timesteps t (B,). Strength s blends
     the edited features with their own values: s·edit + (1 − s)·z, so 0 returns the rows unchanged."""
-    x = rows.float()
+    x, sae = rows.float(), sae.on(rows.device)
     z = sae.encode(x)
     b = bucket_of(t.to(rows.device))
     on = features.selected.to(rows.device)[b][:, None] & (z > features.other_mean.to(rows.device)[b][:, None])
@@ -206,3 +239,170 @@ def edit(sae: SparseAutoencoder, features: ConceptFeatures, rows: torch.Tensor, 
     z_edit = torch.where(on, strength * target + (1 - strength) * z, z)
     # decode(z_edit) + (x − decode(z)), written so that rows no feature changes in come back exactly
     return (x + (z_edit - z) @ sae.w_dec).to(rows.dtype)
+
+
+def edit_all(edits: list[tuple[SparseAutoencoder, ConceptFeatures, float]]):
+    """A hook_block sink applying several patches' edits in turn (each (sae, features, strength))."""
+    def sink(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        for sae, features, strength in edits:
+            rows = edit(sae, features, rows, t, strength)
+        return rows
+    return sink
+
+
+# -- the patch feature and the shared SAE file ---------------------------------------------------------------
+#
+# A SAeUron patch carries only the concept's part: per timestep bucket, which features to edit (`selected`),
+# what to set them to (`target` = multiplier × concept mean) and above which level (`floor`, their mean on
+# other prompts), as `erasure.sae.*` tensors, and in erasure.features["sae"] the block and the SAE's
+# fingerprint. The SAE itself, tens of MB at SD1.5 size, is one `*.sae.safetensors` file per base model and
+# block, in the same folder as the patches that use it, found by fingerprint.
+
+SAE_SUFFIX = ".sae.safetensors"
+_SAE_KEYS = ("w_enc", "b_enc", "w_dec", "b_dec")
+_BLOCK = re.compile(r"(input_blocks\.\d+\.1|middle_block\.1|output_blocks\.\d+\.1)")
+_HEX16 = re.compile(r"[0-9a-f]{16}")
+
+
+def sae_fingerprint(sae: SparseAutoencoder) -> str:
+    digest = hashlib.sha256(f"{sae.k}:{sae.threshold!r}".encode())
+    for key in _SAE_KEYS:
+        digest.update(getattr(sae, key).detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def concept_tensors(features: ConceptFeatures) -> dict[str, torch.Tensor]:
+    """A patch's `erasure.sae.*` tensors for `features`."""
+    on = features.selected.float()
+    return {"erasure.sae.selected": on, "erasure.sae.target": features.multiplier * features.concept_mean * on,
+            "erasure.sae.floor": features.other_mean * on}
+
+
+def patch_features(patch) -> ConceptFeatures:
+    """The ConceptFeatures a SAeUron patch carries (the target already holds the multiplier)."""
+    t = patch.extra["sae"]
+    return ConceptFeatures(t["erasure.sae.selected"] > 0.5, t["erasure.sae.target"].float(),
+                           t["erasure.sae.floor"].float(), 1.0)
+
+
+def sae_file_name(base_fingerprint: str, block: str, fingerprint: str) -> str:
+    return f"{base_fingerprint or 'model'}-{block}-{fingerprint[:8]}{SAE_SUFFIX}"
+
+
+def save_sae(sae: SparseAutoencoder, path: Path, block: str, base_fingerprint: str = "",
+             info: dict | None = None) -> Path:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    meta = {"erasure.kind": "sae", "erasure.sae.block": block, "erasure.sae.k": str(sae.k),
+            "erasure.sae.threshold": repr(float(sae.threshold)), "erasure.sae.fingerprint": sae_fingerprint(sae),
+            "erasure.base_fingerprint": base_fingerprint, "erasure.sae.info": json.dumps(info or {})}
+    save_file({k: getattr(sae, k).detach().float().contiguous().cpu() for k in _SAE_KEYS}, str(tmp), metadata=meta)
+    tmp.chmod(0o644)
+    tmp.replace(path)
+    return path
+
+
+def load_sae(path: Path) -> tuple[SparseAutoencoder, dict[str, str]]:
+    """Load and check a `*.sae.safetensors` file (bounded header, no pickles, shapes, finiteness, fingerprint)."""
+    from safetensors import safe_open
+
+    from .patch import PatchError, _read_header
+
+    header, meta = _read_header(path)
+    if meta.get("erasure.kind") != "sae" or set(header) != set(_SAE_KEYS):
+        raise PatchError(f"{path.name} is not a sparse autoencoder file (erasure.kind sae, tensors "
+                         f"{', '.join(_SAE_KEYS)})")
+    with safe_open(str(path), framework="pt") as f:
+        t = {k: f.get_tensor(k).float() for k in _SAE_KEYS}
+    d, n = t["w_enc"].shape if t["w_enc"].dim() == 2 else (0, 0)
+    if not (d and t["b_enc"].shape == (n,) and t["w_dec"].shape == (n, d) and t["b_dec"].shape == (d,)):
+        raise PatchError(f"{path.name}: the SAE's tensors do not fit together (w_enc {tuple(t['w_enc'].shape)})")
+    if not all(torch.isfinite(v).all() for v in t.values()):
+        raise PatchError(f"{path.name}: the SAE contains NaN or Inf values")
+    try:
+        k, threshold = int(meta.get("erasure.sae.k", "")), float(meta.get("erasure.sae.threshold", ""))
+    except ValueError:
+        raise PatchError(f"{path.name}: erasure.sae.k / threshold are not numbers") from None
+    if not (0 < k <= n and math.isfinite(threshold)) or not _BLOCK.fullmatch(meta.get("erasure.sae.block", "")):
+        raise PatchError(f"{path.name}: bad SAE settings (k, threshold or block)")
+    sae = SparseAutoencoder(t["w_enc"], t["b_enc"], t["w_dec"], t["b_dec"], k=k, threshold=threshold)
+    if sae_fingerprint(sae) != meta.get("erasure.sae.fingerprint"):
+        raise PatchError(f"{path.name}: the SAE's tensors do not match its fingerprint (a damaged or edited file)")
+    return sae, meta
+
+
+_LOADED: dict[tuple, SparseAutoencoder] = {}  # (path, size, mtime) -> SAE: every patch of a folder shares one
+
+
+def find_sae(folder: Path, fingerprint: str) -> SparseAutoencoder | None:
+    """The SAE with this fingerprint among `folder`'s *.sae.safetensors files (headers read first), or None."""
+    from .patch import PatchError, _read_header
+
+    for path in sorted(folder.glob(f"*{SAE_SUFFIX}")):
+        try:
+            if _read_header(path)[1].get("erasure.sae.fingerprint") != fingerprint:
+                continue
+        except PatchError:
+            continue
+        stat = path.stat()
+        key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+        if key not in _LOADED:
+            _LOADED[key] = load_sae(path)[0]
+        return _LOADED[key]
+    return None
+
+
+def _validate_feature(tensors: dict[str, torch.Tensor], patch, name: str) -> None:
+    from .patch import PatchError
+
+    meta = patch.feature_meta.get("sae")
+    if not isinstance(meta, dict) or not _BLOCK.fullmatch(str(meta.get("block", ""))) \
+            or not _HEX16.fullmatch(str(meta.get("sae", ""))):
+        raise PatchError(f"{name}: erasure.features sae must name the block (an LDM path such as "
+                         "output_blocks.4.1) and the SAE's fingerprint (16 hex digits)")
+    keys = {"erasure.sae.selected", "erasure.sae.target", "erasure.sae.floor"}
+    if set(tensors) != keys:
+        raise PatchError(f"{name}: the sae feature needs exactly {', '.join(sorted(keys))}")
+    shapes = {t.shape for t in tensors.values()}
+    if len(shapes) != 1 or tensors["erasure.sae.selected"].dim() != 2:
+        raise PatchError(f"{name}: sae tensors must all be (buckets x features)")
+    if not ((tensors["erasure.sae.selected"] == 0) | (tensors["erasure.sae.selected"] == 1)).all():
+        raise PatchError(f"{name}: erasure.sae.selected holds values other than 0 and 1")
+
+
+def _resolve(patch, folder: Path, name: str) -> None:
+    from .patch import PatchError
+
+    meta = patch.feature_meta["sae"]
+    sae = find_sae(folder, meta["sae"])
+    if sae is None:
+        raise PatchError(f"{name} needs its sparse autoencoder (fingerprint {meta['sae']}, block {meta['block']}), "
+                         f"a *{SAE_SUFFIX} file that is not in {folder}; put it beside the patch (one SAE serves "
+                         "every SAeUron patch of a base model)")
+    if patch.extra["sae"]["erasure.sae.selected"].shape[1] != sae.features:
+        raise PatchError(f"{name}: selects among {patch.extra['sae']['erasure.sae.selected'].shape[1]} features, "
+                         f"its SAE has {sae.features}")
+    patch.resolved["sae"] = sae
+
+
+def _write_beside(patch, folder: Path) -> None:
+    from .patch import PatchError
+
+    sae, meta = patch.resolved.get("sae"), patch.feature_meta["sae"]
+    if sae is None:
+        raise PatchError("a SAeUron patch is saved with its SAE, and this one has none")
+    if find_sae(folder, meta["sae"]) is None:
+        save_sae(sae, folder / sae_file_name(patch.base_fingerprint, meta["block"], meta["sae"]), meta["block"],
+                 patch.base_fingerprint)
+
+
+def _register() -> None:
+    from .patch import KNOWN_FEATURES, register_feature
+
+    if "sae" not in KNOWN_FEATURES:
+        register_feature("sae", r"erasure\.sae\.(selected|target|floor)", _validate_feature, _resolve, _write_beside)
+
+
+_register()

@@ -30,11 +30,15 @@ _NAME = re.compile(r"^[\w][\w.\- ]{0,99}$")
 
 # -- the patch folder ------------------------------------------------------------------------
 def list_patches(folder: str | Path) -> list[str]:
-    """Patch names in `folder` and its subfolders: paths relative to it, without `.safetensors`, `/`-separated."""
+    """Patch names in `folder` and its subfolders: paths relative to it, without `.safetensors`, `/`-separated.
+    SAeUron's shared SAE files (`*.sae.safetensors`) sit there too but are no patches."""
+    from .sae import SAE_SUFFIX
+
     root = Path(folder)
     if not root.is_dir():
         return []
-    names = [p.relative_to(root).as_posix()[: -len(SUFFIX)] for p in root.rglob("*" + SUFFIX) if p.is_file()]
+    names = [p.relative_to(root).as_posix()[: -len(SUFFIX)] for p in root.rglob("*" + SUFFIX)
+             if p.is_file() and not p.name.endswith(SAE_SUFFIX)]
     return sorted(names, key=str.lower)
 
 

@@ -18,6 +18,10 @@ class Vocabulary(Protocol):
         that lists the known concepts when the name is not one of them."""
         ...
 
+    def prompts(self) -> list[str]:
+        """A varied set of the world's prompts, unlabelled (what SAeUron's sparse autoencoder is trained on)."""
+        ...
+
     def default_preserve(self, target: str) -> list[str]:
         """Concept names kept intact by default when `target` is erased ("auto" preservation)."""
         ...

@@ -21,7 +21,10 @@ class ConceptErasureLoadPatch:
 
     @classmethod
     def INPUT_TYPES(cls):
-        files = folder_paths_module().get_filename_list(FOLDER)
+        from erasure_core.sae import SAE_SUFFIX
+
+        # SAeUron's shared SAE files live beside the patches that use them, and are no patches themselves
+        files = [f for f in folder_paths_module().get_filename_list(FOLDER) if not f.endswith(SAE_SUFFIX)]
         return {"required": {"patch_name": (files, {"tooltip": "A patch file in models/erasures."})}}
 
     @classmethod

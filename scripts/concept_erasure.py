@@ -165,7 +165,7 @@ class ConceptErasure(scripts.Script):
                 unet = p.sd_model.model.diffusion_model
                 modules = ldm.attn2_modules(unet)
                 handle = ldm.attach_hooks(modules, patches, lambda: _fingerprint(p.sd_model, modules),
-                                          weight_modules(unet))
+                                          weight_modules(unet), unet)
                 _attached.append(handle)
                 for warning in handle.warnings:
                     if (warning, str(id(p.sd_model))) not in _warned:
@@ -232,7 +232,7 @@ class ErasureNetwork(extra_networks.ExtraNetwork):
             modules = ldm.attn2_modules(unet)
             _prompt_attached.append(ldm.attach_hooks(modules, _prompt_active, lambda: _fingerprint(p.sd_model,
                                                                                                    modules),
-                                                     weight_modules(unet)))
+                                                     weight_modules(unet), unet))
 
     def deactivate(self, p) -> None:
         while _prompt_attached:

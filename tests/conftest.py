@@ -92,3 +92,22 @@ def trained(toy_model, circle_cache):
         return runs[key]
 
     return train
+
+
+def random_sae_patch(width: int, block: str, seed: int, features: int = 64, buckets: int = 10):
+    """A SAeUron patch with a random SAE for a block of `width` channels: every feature selected in every bucket,
+    targets and floors small, so that the edit changes most positions (what cross-host tests need to see)."""
+    import torch
+
+    from erasure_core.patch import ErasurePatch
+    from erasure_core.sae import ConceptFeatures, SparseAutoencoder, concept_tensors, sae_fingerprint
+
+    g = torch.Generator().manual_seed(seed)
+    w_dec = torch.nn.functional.normalize(torch.randn(features, width, generator=g), dim=1)
+    sae = SparseAutoencoder(w_dec.T.clone(), 0.1 * torch.randn(features, generator=g), w_dec,
+                            0.1 * torch.randn(width, generator=g), k=8, threshold=0.0)
+    selected = torch.rand(buckets, features, generator=g) < 0.5
+    features_ = ConceptFeatures(selected, torch.rand(buckets, features, generator=g),
+                                0.01 * torch.rand(buckets, features, generator=g), -2.0)
+    return ErasurePatch(layers=[], method="saeuron", concepts=["x"], extra={"sae": concept_tensors(features_)},
+                        feature_meta={"sae": {"block": block, "sae": sae_fingerprint(sae)}}, resolved={"sae": sae})

@@ -441,3 +441,51 @@ def test_the_noise_schedule_follows_object_patches(sd1):
     assert torch.allclose(ComfyDenoiser(patcher).scheduler().alphas_cumprod, want, atol=1e-6)
     plain = torch.cumprod(1 - scaled_linear_betas(), 0).float()
     assert torch.allclose(ComfyDenoiser(FakeModelPatcher(patcher.model)).scheduler().alphas_cumprod, plain, atol=1e-6)
+
+
+def test_a_saeuron_patch_edits_its_block_as_the_diffusers_backend_does(sd1):
+    """SAeUron patches reach ComfyUI as a DIFFUSION_MODEL wrapper on the clone: sampled the way ComfyUI samples
+    (sigmas in, the model's timesteps at the UNet), the same ε as the diffusers backend; stacked on a memory
+    patch and chained through a second Apply; strength 0 adds nothing and the input MODEL is untouched."""
+    from conftest import random_sae_patch
+
+    unet, names = sd1
+    sae_patch = random_sae_patch(32, "output_blocks.4.1", seed=4)
+    other = random_sae_patch(32, "output_blocks.7.1", seed=5)
+    memory = make_patch(unet, names, seed=1)
+    patcher = FakeModelPatcher(build_comfy_model(unet))
+    before = copy.deepcopy(patcher.model_options)
+    once, _ = apply_patches(patcher, [(memory, 1.0), (sae_patch, 0.8)])
+    twice, _ = apply_patches(once, [(other, 1.0)])
+    _, ctx = sd1_inputs(unet)
+    patches = [(memory, 1.0), (sae_patch, 0.8), (other, 1.0)]
+    got, want = run_both(unet, names, patches, twice, ctx, torch.zeros_like(ctx), t=(450, 750))
+    for g_, w_ in zip(got, want):
+        assert torch.allclose(g_, w_, atol=1e-5), (g_ - w_).abs().max()
+    without, _ = run_both(unet, names, [(memory, 1.0)], patcher, ctx, torch.zeros_like(ctx), t=(450, 750))
+    assert (without[0] - got[0]).abs().max() > 1e-3  # the edit shows
+    zero, _ = apply_patches(patcher, [(sae_patch, 0.0)])
+    assert "wrappers" not in zero.model_options["transformer_options"]
+    assert patcher.model_options == before
+    with pytest.raises(PatchError, match="lacks"):
+        apply_patches(FakeModelPatcher(build_comfy_model(toy_unet())), [(sae_patch, 1.0)])
+
+
+def test_the_comfy_denoiser_applies_attached_saeuron_patches_like_the_diffusers_one(toy_pair):
+    """What a node that trains or previews through ComfyDenoiser sees: the attached SAE edit, and the plain model
+    again, bit for bit, once it is detached."""
+    from conftest import random_sae_patch
+
+    toy, comfy = toy_pair
+    patch = random_sae_patch(128, "output_blocks.1.1", seed=6)
+    cond = comfy.encode(["a red circle", ""])
+    x, t = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)), torch.tensor([450, 850])
+    with torch.no_grad():
+        plain = comfy.predict_noise(x, t, cond)
+        with attached(toy.unet, [(patch, 1.0)]):
+            want = toy.predict_noise(x, t, cond)
+        handle = comfy.attach([(patch, 1.0)])
+        got = comfy.predict_noise(x, t, cond)
+        handle.detach()
+        assert torch.equal(comfy.predict_noise(x, t, cond), plain)
+    assert torch.allclose(got, want, atol=1e-5) and (got - plain).abs().max() > 1e-3

@@ -115,8 +115,13 @@ def train(trained, case: str):
     return result
 
 
+# SAeUron is judged on a style (tests/test_sae.py): the toy's SAE block erases styles; objects only partly, as
+# in the paper (bench/results/saeuron_toy.json)
+JUDGED_ELSEWHERE = {"saeuron"}
+
+
 def test_every_registered_method_is_judged():
-    assert set(method_names()) <= {c.method for c in CASES.values()}
+    assert set(method_names()) <= {c.method for c in CASES.values()} | JUDGED_ELSEWHERE
 
 
 def test_the_unedited_model_draws_every_prompt(base):
@@ -312,7 +317,8 @@ def test_rece_solves_for_the_embedding_that_regenerates_the_concept_and_erases_i
     assert to_anchor(again) < 0.7 * to_anchor(edited)
 
 
-@pytest.mark.parametrize("method", [m for m in method_names() if m != "esd-u"])  # esd-u: outside attn2 by design
+# esd-u changes layers outside attn2 by design; saeuron changes no layer (it edits one block's output)
+@pytest.mark.parametrize("method", [m for m in method_names() if m not in ("esd-u", "saeuron")])
 def test_layers_limits_the_deltas_as_well_as_the_memory(toy_model, method):
     from erasure_core.layers import select_layers
     from erasure_core.methods import train_patch

@@ -79,3 +79,98 @@ def test_rows_the_sink_returns_replace_the_blocks_output(toy_model):
     with block_outputs(toy_model.unet, block, lambda t, rows: torch.zeros_like(rows)):
         zeroed = toy_model.generate(["a circle"], [0], steps=3, guidance=3.0)
     assert torch.equal(same, plain) and not torch.allclose(zeroed, plain, atol=1e-3)
+
+
+# --- SAeUron as a method and a patch (erasure_core.methods.saeuron) ---------------------------------------------
+
+import shutil  # noqa: E402
+
+import pytest  # noqa: E402
+
+from erasure_core.denoiser import patched  # noqa: E402
+from erasure_core.engine import TrainConfig  # noqa: E402
+from erasure_core.methods import train_patch  # noqa: E402
+from erasure_core.patch import PatchError, load_patch, save_patch  # noqa: E402
+from erasure_core import ui as erasure_ui  # noqa: E402
+from erasure_core.sae import SAE_SUFFIX  # noqa: E402
+from erasure_core.toy.world import OBJECT_NAMES, STYLE_NAMES  # noqa: E402
+
+STRIPES = "a shape with stripes"
+HELD_OUT_SEEDS = list(range(6000, 6008))  # no feature mean (5000+) or SAE training seed (0-191)
+# not preserved, so what they keep is kept unnamed: (prompt, object, style)
+UNNAMED = [("a circle with zigzags", "circle", "zigzag"), ("a star with bars", "star", "bars"),
+           ("a triangle with hatching", "triangle", "hatching"), ("a square with no pattern", "square", "plain")]
+
+
+@pytest.fixture(scope="module")
+def stripes_patch(toy_model):
+    # the toy model's shipped SAE (toy.sae.safetensors) is found by the method: only the features are chosen here
+    return train_patch(toy_model, TrainConfig(concept=STRIPES, method="saeuron", cache_steps=10,
+                                              preserve=["a shape with checkers", "a shape with dots"])).patch
+
+
+def _seen(toy_model, oracle, patches):
+    prompts = [STRIPES] * len(HELD_OUT_SEEDS) + [p for p, _, _ in UNNAMED for _ in range(2)]
+    seeds = HELD_OUT_SEEDS + [6000, 6001] * len(UNNAMED)
+    with patched(toy_model, patches):
+        pred = oracle.predict(toy_model.generate(prompts, seeds, steps=10, guidance=3.0))
+    n = len(HELD_OUT_SEEDS)
+    left = int((pred["style"][:n] == STYLE_NAMES.index("stripes")).sum())
+    kept = sum(int(pred["object"][n + 2 * i + j] == OBJECT_NAMES.index(o) and
+                   pred["style"][n + 2 * i + j] == STYLE_NAMES.index(s)) for i, (_, o, s) in enumerate(UNNAMED)
+               for j in range(2))
+    return left, kept
+
+
+def test_saeuron_erases_a_style_at_generation_and_keeps_what_nobody_named(toy_model, oracle, stripes_patch):
+    assert _seen(toy_model, oracle, []) == (8, 8)  # the unedited model draws all of them
+    patch = stripes_patch
+    assert not patch.deltas and patch.memory is None and patch.required_features() == ["sae"]
+    assert patch.feature_meta["sae"]["block"] == "output_blocks.1.1" and patch.training["sae"]["reused"]
+    left, kept = _seen(toy_model, oracle, [(patch, 1.0)])
+    assert left <= 1 and kept >= 7, (left, kept)  # measured: 0 left, 8 of 8 kept
+
+
+def test_a_saeuron_patch_file_shares_its_sae_and_refuses_a_missing_or_altered_one(toy_model, stripes_patch,
+                                                                                  tmp_path):
+    dots = train_patch(toy_model, TrainConfig(concept="a shape with dots", method="saeuron", cache_steps=4)).patch
+    save_patch(stripes_patch, tmp_path / "stripes.safetensors")
+    save_patch(dots, tmp_path / "dots.safetensors")
+    (sae_file,) = tmp_path.glob(f"*{SAE_SUFFIX}")  # written once, beside both
+    assert (tmp_path / "stripes.safetensors").stat().st_size < sae_file.stat().st_size / 4
+    loaded = load_patch(tmp_path / "stripes.safetensors")
+    x, t = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)), torch.tensor([900, 300])
+    cond = toy_model.encode([STRIPES, "a circle"])
+    outputs = []
+    for patch in (stripes_patch, loaded):
+        with torch.no_grad(), patched(toy_model, [(patch, 1.0)]):
+            outputs.append(toy_model.predict_noise(x, t, cond))
+    assert torch.equal(*outputs)
+    elsewhere = tmp_path / "alone"
+    elsewhere.mkdir()
+    shutil.copy(tmp_path / "stripes.safetensors", elsewhere)
+    with pytest.raises(PatchError, match="needs its sparse autoencoder .* put it beside the patch"):
+        load_patch(elsewhere / "stripes.safetensors")
+    data = bytearray(sae_file.read_bytes())
+    data[-8:] = bytes(8)  # the last values of b_dec
+    (elsewhere / sae_file.name).write_bytes(bytes(data))
+    with pytest.raises(PatchError, match="do not match its fingerprint"):
+        load_patch(elsewhere / "stripes.safetensors")
+    with pytest.raises(PatchError, match="is SAeUron's sparse autoencoder, not a patch"):
+        load_patch(sae_file)
+    assert erasure_ui.list_patches(tmp_path) == ["alone/stripes", "dots", "stripes"]  # what hosts offer: no SAE
+
+
+def test_saeuron_strength_zero_and_detach_are_bit_identical(toy_model, stripes_patch):
+    x, t = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2)), torch.tensor([950, 500])
+    cond = toy_model.encode([STRIPES, STRIPES])
+    with torch.no_grad():
+        plain = toy_model.predict_noise(x, t, cond)
+        with patched(toy_model, [(stripes_patch, 0.0)]):
+            assert torch.equal(toy_model.predict_noise(x, t, cond), plain)
+        with patched(toy_model, [(stripes_patch, 1.0)]):
+            full = toy_model.predict_noise(x, t, cond)
+        with patched(toy_model, [(stripes_patch, 0.5)]):
+            half = toy_model.predict_noise(x, t, cond)
+        assert torch.equal(toy_model.predict_noise(x, t, cond), plain)
+    assert 0 < (half - plain).abs().max() < (full - plain).abs().max()

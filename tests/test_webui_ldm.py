@@ -281,3 +281,34 @@ def test_training_through_the_ldm_backend_leaves_the_model_bit_identical(toy_pai
         through_diffusers = toy.predict_noise(x, t, cond)
     assert (through_hooks - through_diffusers).abs().max() < 1e-5
     assert checksum(sd_model) == before
+
+
+def test_a1111_hooks_apply_a_saeuron_patch_as_the_diffusers_backend_does():
+    """A1111's UNet has the LDM layout (the ComfyUI fake's UNetModel stands in for it, on the same weights): the
+    block hook reads the timesteps the UNet is called with; strength 0 and detach leave it bit-identical; Forge's
+    unet patcher, which cannot hook a block, refuses the patch in words."""
+    from comfy_fakes import build_comfy_model
+    from conftest import random_sae_patch
+
+    from erasure_core.layers import weight_modules
+
+    unet = sd1_unet().eval().requires_grad_(False)
+    ldm_unet = build_comfy_model(unet).diffusion_model
+    patch = random_sae_patch(32, "output_blocks.4.1", seed=4)
+    g = torch.Generator().manual_seed(3)
+    x, t, ctx = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([450, 750]), torch.randn(2, 5, 32, generator=g)
+    modules, weights = attn2_modules(ldm_unet), weight_modules(ldm_unet)
+    with torch.no_grad():
+        plain = ldm_unet(x, t, context=ctx)
+        with attached(unet, [(patch, 0.6)]):
+            want = unet(x, t, ctx).sample
+        handle = attach_hooks(modules, [(patch, 0.6)], weights=weights, unet=ldm_unet)
+        got = ldm_unet(x, t, context=ctx)
+        handle.detach()
+        assert torch.equal(ldm_unet(x, t, context=ctx), plain)
+        zero = attach_hooks(modules, [(patch, 0.0)], weights=weights, unet=ldm_unet)
+        assert torch.equal(ldm_unet(x, t, context=ctx), plain)
+        zero.detach()
+    assert (got - want).abs().max() < 1e-5 and (got - plain).abs().max() > 1e-3
+    with pytest.raises(PatchError, match="Forge's unet patcher cannot"):
+        apply_forge(UnetPatcher(KModel(LdmUNet(unet))), [(patch, 1.0)])

@@ -35,7 +35,9 @@ import torch
 from ..denoiser import Conditioning
 from ..layers import PROJECTIONS, comfy_weight_key, is_canonical_layer, weight_modules
 from ..padding import COMFY_CHUNK, pad_by_repetition, padding_repeats
+from ..injection import sae_block
 from ..patch import ErasurePatch, PatchError, WeightDelta, check_compatible, fingerprint_of
+from ..sae import edit_all, hook_block, output_hook, patch_features
 
 __all__ = ["MemoryAttn2Patch", "ComfyDenoiser", "apply_patches", "comfy_address", "attn2_modules",
            "address_from_extra_options"]
@@ -192,7 +194,42 @@ class _ModelInfo:
             if not math.isfinite(float(strength)):
                 raise PatchError(f"strength must be a finite number, got {strength}")
             warnings += check_compatible(patch, self.context_dim, self.layers, fingerprint, shapes)
+            if "sae" in patch.extra:
+                sae_block(patch, shapes)
         return warnings
+
+
+def sae_edits(patches: list[tuple[ErasurePatch, float]]) -> dict[str, list[tuple]]:
+    """SAeUron edits per block of the patches at non-zero strength: {LDM block path: [(sae, features, s)]}."""
+    edits: dict[str, list[tuple]] = {}
+    for patch, strength in patches:
+        if "sae" in patch.extra and float(strength) != 0.0:
+            edits.setdefault(patch.feature_meta["sae"]["block"], []).append(
+                (patch.resolved["sae"], patch_features(patch), float(strength)))
+    return edits
+
+
+class SaeEditWrapper:
+    """A ComfyUI DIFFUSION_MODEL wrapper (comfy.patcher_extension; ComfyUI calls wrapper(executor, x, timesteps,
+    ...) around UNetModel._forward with the timesteps, not the sigmas): while the diffusion model runs, SAeUron's
+    edits hook the output of their blocks. Kept in the clone's transformer_options["wrappers"], so it applies
+    wherever that MODEL samples, and nowhere else. Immutable: clone()'s deep copy shares it."""
+
+    def __init__(self, edits: dict[str, list[tuple]]) -> None:
+        self.edits = edits
+
+    def __call__(self, executor, x, timesteps=None, *args, **kwargs):
+        model = executor.class_obj
+        handles = [model.get_submodule(block).register_forward_hook(output_hook(edit_all(e), lambda: timesteps))
+                   for block, e in self.edits.items()]
+        try:
+            return executor(x, timesteps, *args, **kwargs)
+        finally:
+            for h in handles:
+                h.remove()
+
+    def __deepcopy__(self, memo) -> "SaeEditWrapper":
+        return self
 
 
 def _find_memory_patch(patch_list: list) -> int | None:
@@ -200,6 +237,21 @@ def _find_memory_patch(patch_list: list) -> int | None:
         if isinstance(p, MemoryAttn2Patch):
             return i
     return None
+
+
+DIFFUSION_MODEL_WRAPPERS = "diffusion_model"  # comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL
+WRAPPER_KEY = "concept-erasure"
+
+
+def keyword_only_add_patches(patcher) -> bool:
+    """ComfyUI: add_patches(patches, strength_patch, strength_model); Forge: keyword-only, with a filename."""
+    import inspect
+
+    try:
+        parameter = inspect.signature(patcher.add_patches).parameters["patches"]
+        return parameter.kind == inspect.Parameter.KEYWORD_ONLY
+    except (KeyError, TypeError, ValueError):
+        return False
 
 
 def apply_patches(model_patcher, patches: list[tuple[ErasurePatch, float]], chunk: int = COMFY_CHUNK,
@@ -211,14 +263,21 @@ def apply_patches(model_patcher, patches: list[tuple[ErasurePatch, float]], chun
     model_options and the shared weights stay exactly as they were, whatever happens. Strength 0 leaves a patch
     out entirely. A MODEL that already carries erasure memory gets one merged MemoryAttn2Patch. Every delta key
     must come back in add_patches' list of applied keys (both hosts drop unknown keys without a word).
-    `filename` names the deltas' entries where the patcher keys them by name (Forge)."""
-    import inspect
-
+    `filename` names the deltas' entries where the patcher keys them by name (Forge). SAeUron patches add a
+    SaeEditWrapper to the clone's DIFFUSION_MODEL wrappers."""
     info = _ModelInfo(model_patcher.model, getattr(model_patcher, "backup", None))
     warnings = info.check(patches)
     active = [(patch, float(strength)) for patch, strength in patches if float(strength) != 0.0]
     clone = model_patcher.clone()
     memory = MemoryAttn2Patch.from_patches(active, detach=True, chunk=chunk)
+    edits = sae_edits(active)
+    if edits:
+        if keyword_only_add_patches(clone):
+            raise PatchError("SAeUron patches edit a block's output at generation time, which Forge's unet patcher "
+                             "cannot do yet; apply them in ComfyUI, AUTOMATIC1111 or the CLI")
+        to = clone.model_options.setdefault("transformer_options", {})
+        wrappers = to.setdefault("wrappers", {}).setdefault(DIFFUSION_MODEL_WRAPPERS, {})
+        wrappers.setdefault(WRAPPER_KEY, []).append(SaeEditWrapper(edits))
     if memory:
         to = clone.model_options.setdefault("transformer_options", {})
         existing = list(to.get("patches", {}).get("attn2_patch", []))
@@ -229,11 +288,7 @@ def apply_patches(model_patcher, patches: list[tuple[ErasurePatch, float]], chun
             existing[at] = existing[at].merged(memory)
             to["patches"] = dict(to.get("patches", {}))
             to["patches"]["attn2_patch"] = existing
-    try:  # ComfyUI: add_patches(patches, strength_patch, strength_model); Forge: keyword-only, with a filename
-        parameter = inspect.signature(clone.add_patches).parameters["patches"]
-        keyword_only = parameter.kind == inspect.Parameter.KEYWORD_ONLY
-    except (KeyError, TypeError, ValueError):
-        keyword_only = False
+    keyword_only = keyword_only_add_patches(clone)
     host = "Forge's unet patcher" if keyword_only else "ComfyUI"
     # Forge keys each add_patches call by (filename, strengths) and replaces an entry of the same key: every call
     # gets a name no earlier call on this patcher took
@@ -335,6 +390,11 @@ class ComfyDenoiser:
     def network(self) -> torch.nn.Module:
         return self.base.diffusion_model
 
+    def transformer_block(self, name: str) -> torch.nn.Module:
+        if f"{name}.proj_out" not in self.weight_shapes():
+            raise KeyError(f"the UNet has no transformer block {name}")
+        return self.base.diffusion_model.get_submodule(name)
+
     def layer_names(self) -> list[str]:
         return list(self._info.layers)
 
@@ -417,10 +477,18 @@ class ComfyDenoiser:
         x_in = x * (sigma ** 2 + 1).sqrt().view(shape)
         kwargs = {"c_crossattn": cond.context, "transformer_options": self._transformer_options(), **cond.extra}
         params = self._parameters(training)
-        if params:
-            denoised = torch.func.functional_call(self._wrapper, params, (x_in, sigma), kwargs, strict=False)
-        else:
-            denoised = self.base.apply_model(x_in, sigma, **kwargs)
+        network = self.base.diffusion_model
+        edits = sae_edits([(p, s) for handle in self._attached for p, s in handle.patches])
+        handles = [h for block, e in edits.items() for h in hook_block(network, network.get_submodule(block),
+                                                                         edit_all(e))]
+        try:
+            if params:
+                denoised = torch.func.functional_call(self._wrapper, params, (x_in, sigma), kwargs, strict=False)
+            else:
+                denoised = self.base.apply_model(x_in, sigma, **kwargs)
+        finally:
+            for h in handles:
+                h.remove()
         return (x_in - denoised.to(x_in.dtype)) / sigma.view(shape)
 
     # -- generation ------------------------------------------------------------------------

@@ -132,6 +132,14 @@ class DiffusersDenoiser:
     def network(self) -> torch.nn.Module:
         return self.unet
 
+    def transformer_block(self, name: str) -> torch.nn.Module:
+        from ..layers import unet_modules
+
+        path = unet_modules(self.unet).get(f"{name}.proj_out")
+        if path is None:
+            raise KeyError(f"the UNet has no transformer block {name}")
+        return self.unet.get_submodule(path.removesuffix(".proj_out"))
+
     def layer_names(self) -> list[str]:
         from ..layers import attn2_layers
 

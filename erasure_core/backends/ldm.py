@@ -41,7 +41,7 @@ from ..denoiser import Conditioning, to_epsilon
 from ..injection import AttachedPatches, InjectionPlan, attach_plan
 from ..injection import plan_layers as plan_injection_layers
 from ..layers import PROJECTIONS, base_layer, is_canonical_layer, weight_modules
-from ..patch import ErasurePatch, fingerprint_of
+from ..patch import ErasurePatch, PatchError, fingerprint_of
 from ..sampling import ddim_sample, seeded_noise
 from .comfy import apply_patches
 
@@ -91,11 +91,16 @@ LdmAttachment = AttachedPatches  # the handle attach_hooks returns: `.attached`,
 
 def attach_hooks(modules: dict[str, torch.nn.Module], patches: list[tuple[ErasurePatch, float]],
                  fingerprint: Callable[[], str] | None = None,
-                 weights: dict[str, torch.nn.Module] | None = None) -> LdmAttachment:
+                 weights: dict[str, torch.nn.Module] | None = None, unet: torch.nn.Module | None = None
+                 ) -> LdmAttachment:
     """Register the hooks of `patches` on the attn2 `modules` (and on `weights` for deltas outside
-    cross-attention), through erasure_core.injection.attach_plan. Validation runs first: a bad patch attaches
-    nothing."""
-    return attach_plan(plan_layers(modules, patches, fingerprint, weights), modules, weights)
+    cross-attention, on the `unet`'s transformer blocks for SAeUron edits), through
+    erasure_core.injection.attach_plan. Validation runs first: a bad patch attaches nothing."""
+    plan = plan_layers(modules, patches, fingerprint, weights)
+    if plan.blocks and unet is None:
+        raise PatchError("SAeUron patches need the UNet to attach to (attach_hooks(..., unet=))")
+    blocks = {name: unet.get_submodule(name) for name in plan.blocks}
+    return attach_plan(plan, modules, {**(weights or {}), **blocks}, unet)
 
 
 class LdmDenoiser:
@@ -181,6 +186,11 @@ class LdmDenoiser:
     def network(self) -> torch.nn.Module:
         return self.unet
 
+    def transformer_block(self, name: str) -> torch.nn.Module:
+        if f"{name}.proj_out" not in self.weight_shapes():
+            raise KeyError(f"the UNet has no transformer block {name}")
+        return self.unet.get_submodule(name)
+
     def layer_names(self) -> list[str]:
         return list(self.modules)
 
@@ -206,7 +216,7 @@ class LdmDenoiser:
         return {name: tuple(m.weight.shape) for name, m in self.weights.items()}
 
     def attach(self, patches: list) -> LdmAttachment:
-        return attach_hooks(self.modules, patches, self.fingerprint, self.weights)
+        return attach_hooks(self.modules, patches, self.fingerprint, self.weights, self.unet)
 
     def fingerprint(self) -> str:
         return modules_fingerprint(self.modules)

@@ -80,6 +80,7 @@ def request_from_args(args):
 
 def train_to_file(model, request, out: Path, resume: bool = False) -> Path:
     """Validate, train and write the patch (and its key). Nothing is written when anything fails."""
+    import dataclasses
     import sys
 
     import torch
@@ -97,6 +98,8 @@ def train_to_file(model, request, out: Path, resume: bool = False) -> Path:
         raise UserError(str(exc)) from None
     for note in plan.notes:
         print(f"erasure: note: {note}", file=sys.stderr)
+    if not plan.config.sae:  # SAeUron reuses an SAE of this model already beside the patches, else trains one
+        plan.config = dataclasses.replace(plan.config, sae=str(out.parent))
     checkpoint = checkpoint_path(out.parent / ".erasure-checkpoints", plan.config, model.fingerprint(),
                                  plan.earlier_digest)
     if checkpoint.exists() and not resume:

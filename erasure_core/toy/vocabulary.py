@@ -2,7 +2,7 @@
 the default preservation and alternatives, and the oracle."""
 from __future__ import annotations
 
-from .world import OBJECT_NAMES, STYLE_NAMES, concept, training_prompt
+from .world import OBJECT_NAMES, STYLE_NAMES, concept, prompt, training_prompt
 
 # what the demo and the benchmark turn a target into: a neighbour on the same axis
 DEFAULT_ALTERNATIVES = {"circle": "square", "star": "cross", "stripes": "checker", "dots": "grid"}
@@ -16,6 +16,11 @@ class ToyVocabulary:
 
     def prompt(self, concept_name: str) -> str:
         return training_prompt(concept_name)
+
+    def prompts(self) -> list[str]:
+        """Every cell of the world (object x style), canonical and with two synonyms: 192 prompts."""
+        return [prompt(o, s, synonym=k) for o in range(len(OBJECT_NAMES)) for s in range(len(STYLE_NAMES))
+                for k in range(3)]
 
     def default_preserve(self, target: str) -> list[str]:
         """Every other concept of the world, the target's axis first. Keeping only the target's own axis lost the

@@ -154,6 +154,22 @@ def _forward_timestep_embed(layers, x, emb, context, transformer_options):
     return x
 
 
+class WrapperExecutor:
+    """comfy.patcher_extension.WrapperExecutor: each wrapper is called as wrapper(executor, *args, **kwargs) and
+    calls executor(*args, **kwargs) for the next one, the last the original; `class_obj` is the module."""
+
+    def __init__(self, original, class_obj, wrappers, idx=0):
+        self.original, self.class_obj, self.wrappers, self.idx = original, class_obj, list(wrappers), idx
+
+    def __call__(self, *args, **kwargs):
+        return WrapperExecutor(self.original, self.class_obj, self.wrappers, self.idx + 1).execute(*args, **kwargs)
+
+    def execute(self, *args, **kwargs):
+        if self.idx >= len(self.wrappers):
+            return self.original(*args, **kwargs)
+        return self.wrappers[self.idx](self, *args, **kwargs)
+
+
 class ComfyUNetModel(nn.Module):
     """openaimodel.UNetModel's walk over input_blocks / middle_block / output_blocks, on diffusers modules."""
 
@@ -186,6 +202,13 @@ class ComfyUNetModel(nn.Module):
         return next(self.parameters()).dtype
 
     def forward(self, x, timesteps=None, context=None, y=None, control=None, transformer_options={}, **kwargs):
+        """As ComfyUI's: the DIFFUSION_MODEL wrappers of transformer_options["wrappers"] run around _forward."""
+        wrappers = [w for ws in transformer_options.get("wrappers", {}).get("diffusion_model", {}).values()
+                    for w in ws]
+        return WrapperExecutor(self._forward, self, wrappers).execute(x, timesteps, context, y, control,
+                                                                      transformer_options, **kwargs)
+
+    def _forward(self, x, timesteps=None, context=None, y=None, control=None, transformer_options={}, **kwargs):
         transformer_options["original_shape"] = list(x.shape)
         transformer_options["transformer_index"] = 0
         emb = self.time_embed(self.time_proj(timesteps.expand(x.shape[0])).to(x.dtype))
