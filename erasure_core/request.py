@@ -50,6 +50,7 @@ class TrainRequest:
     gradient_checkpointing: bool | None = None  # None: on for a real checkpoint, off for the toy
     cache_on_cpu: bool = False      # the trajectory cache in RAM instead of GPU memory
     on_top_of: list = field(default_factory=list)  # earlier ErasurePatches this erasure is trained on top of
+    sae: str = ""  # SAeUron: a shared SAE file, or the folder the front end keeps patches in (reused from there)
 
 
 # The default batch for real checkpoints (the engine's 8 is the toy model's): one concept with `memory` at SD1.5
@@ -188,7 +189,7 @@ def prepare(request: TrainRequest, model) -> TrainPlan:
                          lr=_rate("learning rate", request.lr), memory_lr=_rate("memory learning rate",
                                                                                request.memory_lr),
                          tokens=_whole("memory tokens", request.tokens, 1), layers=layers,
-                         seed=_whole("seed", request.seed, 0), **optional)
+                         seed=_whole("seed", request.seed, 0), sae=request.sae, **optional)
     if spec.kind == "trained":
         _refuse_what_cannot_fit(model, config)
     if len(concepts) > 1:

@@ -16,7 +16,7 @@ import re
 import threading
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -289,7 +289,7 @@ class TrainJob:
                 if model is None:
                     raise ValueError("no model is loaded")
                 model = at_resolution(model, int(request.resolution or 0))
-                plan = prepare(request.training(earlier), model)
+                plan = prepare(replace(request.training(earlier), sae=str(folder)), model)  # SAeUron's SAE
                 config = plan.config
                 s.messages.extend(f"note: {note}" for note in plan.notes)
                 s.total, s.stage = config.steps, "training"

@@ -2,6 +2,8 @@
 interrupt button. The MODEL is never modified (erasure_core.backends.comfy.ComfyDenoiser)."""
 from __future__ import annotations
 
+import dataclasses
+
 from pathlib import Path
 
 import torch
@@ -12,7 +14,7 @@ from erasure_core.layers import SELECTION_MODES
 from erasure_core.methods import DEFAULT_METHOD, get_method, method_names, methods_help, train_patch
 from erasure_core.request import TrainRequest, prepare
 
-from .common import (CATEGORY, HIDDEN_NODE_ID, PATCH_TYPE, folder_paths_module, interrupt_check, loader,
+from .common import (CATEGORY, FOLDER, HIDDEN_NODE_ID, PATCH_TYPE, folder_paths_module, interrupt_check, loader,
                      model_management, progress_bar, show_text, warn)
 
 _DEFAULTS = TrainRequest(concept="")
@@ -33,6 +35,11 @@ def make_request(concept: str, method: str, alternative: str, preserve: str, ste
 
 def _checkpoint_folder() -> Path:
     return Path(folder_paths_module().get_temp_directory()) / "concept_erasure"
+
+
+def _patch_folder() -> str:
+    """models/erasures (the first of its paths): where Save Erasure Patch writes, and SAeUron's SAE is kept."""
+    return folder_paths_module().get_folder_paths(FOLDER)[0]
 
 
 class ConceptErasureTrainPatch:
@@ -118,10 +125,10 @@ class ConceptErasureTrainPatch:
               cache_steps=None, rerun=0, cache_on_cpu=False, on_top_of=None, unique_id=None):
         denoiser = ComfyDenoiser(model, clip, width=resolution, height=resolution, load_model=loader(training=True),
                                  check_interrupt=interrupt_check())
-        plan = prepare(make_request(concept, method, alternative, preserve, steps, learning_rate, layers, seed,
-                                    memory_learning_rate, memory_tokens, batch_size, cache_seeds, cache_steps,
-                                    cache_on_cpu, on_top_of),
-                       denoiser)
+        request = make_request(concept, method, alternative, preserve, steps, learning_rate, layers, seed,
+                               memory_learning_rate, memory_tokens, batch_size, cache_seeds, cache_steps,
+                               cache_on_cpu, on_top_of)
+        plan = prepare(dataclasses.replace(request, sae=_patch_folder()), denoiser)  # SAeUron reuses an SAE there
         notes = [f"⚠ note: {note}" for note in plan.notes]
         warn([f"note: {note}" for note in plan.notes], unique_id)
         config = plan.config

@@ -92,14 +92,12 @@ def train_to_file(model, request, out: Path, resume: bool = False) -> Path:
 
     if out.suffix != ".safetensors":
         raise UserError(f"--out must end in .safetensors, got {str(out)!r}")
-    try:
-        plan = prepare(request, model)
+    try:  # SAeUron reuses an SAE of this model already beside the patches, else trains one
+        plan = prepare(dataclasses.replace(request, sae=request.sae or str(out.parent)), model)
     except RequestError as exc:
         raise UserError(str(exc)) from None
     for note in plan.notes:
         print(f"erasure: note: {note}", file=sys.stderr)
-    if not plan.config.sae:  # SAeUron reuses an SAE of this model already beside the patches, else trains one
-        plan.config = dataclasses.replace(plan.config, sae=str(out.parent))
     checkpoint = checkpoint_path(out.parent / ".erasure-checkpoints", plan.config, model.fingerprint(),
                                  plan.earlier_digest)
     if checkpoint.exists() and not resume:
