@@ -116,11 +116,71 @@ def progress_of(node: str, graph: Graph, interrupt_after: int | None = None) -> 
     return seen, wait(reply)
 
 
+def generate_with(loader, prefix: str, patches: list[tuple[str, float]]) -> dict:
+    """KSampler at 64 px, 3 steps, with Load + Apply Erasure Patch nodes chained in; saves one image."""
+    g = Graph()
+    model_node = loader(g)
+    model = [model_node, 0]
+    for name, strength in patches:
+        patch = g.add("ConceptErasureLoadPatch", patch_name=name)
+        model = [g.add("ConceptErasureApplyPatch", model=model, erasure_patch=[patch, 0], strength=strength), 0]
+    pos = g.add("CLIPTextEncode", clip=[model_node, 1], text="a cat in a garden")
+    neg = g.add("CLIPTextEncode", clip=[model_node, 1], text="")
+    latent = g.add("EmptyLatentImage", width=64, height=64, batch_size=1)
+    sampled = g.add("KSampler", model=model, positive=[pos, 0], negative=[neg, 0], latent_image=[latent, 0],
+                    seed=42, steps=3, cfg=7.0, sampler_name="euler", scheduler="normal", denoise=1.0)
+    decoded = g.add("VAEDecode", samples=[sampled, 0], vae=[model_node, 2])
+    g.add("SaveImage", images=[decoded, 0], filename_prefix=prefix)
+    return g.run()
+
+
+def saeuron_checks(args, erasures: str, output: str, loader) -> dict:
+    """A SAeUron patch in the real host: written by save_patch into models/erasures (its SAE file beside it),
+    listed without the SAE file, applied (DIFFUSION_MODEL wrapper), bit-identical at strength 0 and after."""
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import torch
+    from erasure_core.patch import ErasurePatch, save_patch
+    from erasure_core.sae import ConceptFeatures, SparseAutoencoder, concept_tensors, sae_fingerprint
+
+    block, width, features = "output_blocks.4.1", 1280, 1280  # SD1.5's object block; a small random SAE
+    g = torch.Generator().manual_seed(0)
+    w_dec = torch.nn.functional.normalize(torch.randn(features, width, generator=g), dim=1)
+    sae = SparseAutoencoder(w_dec.T.clone(), torch.zeros(features), w_dec, torch.zeros(width), k=32, threshold=0.0)
+    chosen = ConceptFeatures(torch.rand(10, features, generator=g) < 0.3, torch.rand(10, features, generator=g),
+                             torch.zeros(10, features), -5.0)
+    patch = ErasurePatch(layers=[], method="saeuron", concepts=["a cat"], extra={"sae": concept_tensors(chosen)},
+                         feature_meta={"sae": {"block": block, "sae": sae_fingerprint(sae)}}, resolved={"sae": sae})
+    save_patch(patch, os.path.join(erasures, "real_saeuron.safetensors"))
+    report = {"erasures folder": sorted(os.listdir(erasures))}
+    listed = get("/object_info/ConceptErasureLoadPatch")["ConceptErasureLoadPatch"]["input"]["required"]
+    report["Load Erasure Patch lists"] = [n for n in listed["patch_name"][0] if "saeuron" in n or "sae." in n]
+    runs = {"sae_plain": [], "sae_patched": [("real_saeuron.safetensors", 1.0)],
+            "sae_strength0": [("real_saeuron.safetensors", 0.0)], "sae_plain_after": []}
+    for prefix, patches in runs.items():
+        report[prefix] = generate_with(loader, prefix, patches)
+    picture = lambda p: np.asarray(Image.open(sorted(glob.glob(os.path.join(output, f"{p}_*.png")))[-1])  # noqa
+                                   ).astype(np.int16)
+    plain = picture("sae_plain")
+    report["max pixel difference from plain"] = {k: int(np.abs(picture(k) - plain).max()) for k in runs
+                                                 if k != "sae_plain"}
+    lonely = os.path.join(erasures, "sae_alone")
+    os.makedirs(lonely, exist_ok=True)
+    shutil.copy(os.path.join(erasures, "real_saeuron.safetensors"), lonely)
+    report["without its SAE"] = generate_with(loader, "sae_missing", [("sae_alone/real_saeuron.safetensors", 1.0)])
+    report["server alive afterwards"] = "system" in get("/system_stats")
+    return report
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--comfyui", required=True, help="the ComfyUI folder the server runs from")
     parser.add_argument("--checkpoint", required=True, help="a file name in models/checkpoints")
     parser.add_argument("--pid", type=int, default=0, help="the server's process, to measure a 512 px training")
+    parser.add_argument("--saeuron-only", action="store_true",
+                        help="only a SAeUron patch (a random SAE for the checkpoint's output_blocks.4.1, saved with "
+                             "its SAE file beside it): the patch list, strength 0, plain after, a missing SAE")
     parser.add_argument("--newest-only", action="store_true",
                         help="only train what came last: forget-me-not (attention read from ComfyUI's own attn2), "
                              "two concepts in one patch, and one Train node on top of another")
@@ -147,6 +207,10 @@ def main() -> None:
                                      if k in ("forget_me_not", "on_top_of")})
         return outcome
 
+    if args.saeuron_only:
+        report.update(saeuron_checks(args, erasures, output, loader))
+        print(json.dumps(report, indent=1))
+        return
     if args.newest_only:
         report["train forget-me-not"] = train_and_save("real_fmn", concept="a cat", method="forget-me-not")
         report["train uce, two concepts"] = train_and_save("real_two", concept="a cat, a dog", method="uce")
@@ -210,20 +274,7 @@ def main() -> None:
     report["erasures folder"] = sorted(os.listdir(erasures)) if os.path.isdir(erasures) else []
 
     def generate(prefix: str, patches: list[tuple[str, float]]) -> dict:
-        g = Graph()
-        model_node = loader(g)
-        model = [model_node, 0]
-        for name, strength in patches:
-            patch = g.add("ConceptErasureLoadPatch", patch_name=name)
-            model = [g.add("ConceptErasureApplyPatch", model=model, erasure_patch=[patch, 0], strength=strength), 0]
-        pos = g.add("CLIPTextEncode", clip=[model_node, 1], text="a cat in a garden")
-        neg = g.add("CLIPTextEncode", clip=[model_node, 1], text="")
-        latent = g.add("EmptyLatentImage", width=64, height=64, batch_size=1)
-        sampled = g.add("KSampler", model=model, positive=[pos, 0], negative=[neg, 0], latent_image=[latent, 0],
-                        seed=42, steps=3, cfg=7.0, sampler_name="euler", scheduler="normal", denoise=1.0)
-        decoded = g.add("VAEDecode", samples=[sampled, 0], vae=[model_node, 2])
-        g.add("SaveImage", images=[decoded, 0], filename_prefix=prefix)
-        return g.run()
+        return generate_with(loader, prefix, patches)
 
     def image(prefix: str) -> np.ndarray:
         return np.asarray(Image.open(sorted(glob.glob(os.path.join(output, f"{prefix}_*.png")))[-1])).astype(np.int16)
