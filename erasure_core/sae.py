@@ -336,21 +336,23 @@ def load_sae(path: Path) -> tuple[SparseAutoencoder, dict[str, str]]:
 _LOADED: dict[tuple, SparseAutoencoder] = {}  # (path, size, mtime) -> SAE: every patch of a folder shares one
 
 
-def find_sae(folder: Path, fingerprint: str) -> SparseAutoencoder | None:
-    """The SAE with this fingerprint among `folder`'s *.sae.safetensors files (headers read first), or None."""
+def find_sae(folder: Path, match: dict[str, str]) -> tuple[SparseAutoencoder, Path] | None:
+    """The first of `folder`'s *.sae.safetensors files whose metadata has every entry of `match` (for example
+    {"erasure.sae.fingerprint": fp}), loaded and checked; only headers are read until one matches."""
     from .patch import PatchError, _read_header
 
-    for path in sorted(folder.glob(f"*{SAE_SUFFIX}")):
+    for path in sorted(Path(folder).glob(f"*{SAE_SUFFIX}")) if Path(folder).is_dir() else []:
         try:
-            if _read_header(path)[1].get("erasure.sae.fingerprint") != fingerprint:
-                continue
+            meta = _read_header(path)[1]
         except PatchError:
+            continue
+        if any(meta.get(k) != v for k, v in match.items()):
             continue
         stat = path.stat()
         key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
         if key not in _LOADED:
             _LOADED[key] = load_sae(path)[0]
-        return _LOADED[key]
+        return _LOADED[key], path
     return None
 
 
@@ -376,11 +378,12 @@ def _resolve(patch, folder: Path, name: str) -> None:
     from .patch import PatchError
 
     meta = patch.feature_meta["sae"]
-    sae = find_sae(folder, meta["sae"])
-    if sae is None:
+    found = find_sae(folder, {"erasure.sae.fingerprint": meta["sae"]})
+    if found is None:
         raise PatchError(f"{name} needs its sparse autoencoder (fingerprint {meta['sae']}, block {meta['block']}), "
                          f"a *{SAE_SUFFIX} file that is not in {folder}; put it beside the patch (one SAE serves "
                          "every SAeUron patch of a base model)")
+    sae = found[0]
     if patch.extra["sae"]["erasure.sae.selected"].shape[1] != sae.features:
         raise PatchError(f"{name}: selects among {patch.extra['sae']['erasure.sae.selected'].shape[1]} features, "
                          f"its SAE has {sae.features}")
@@ -393,7 +396,7 @@ def _write_beside(patch, folder: Path) -> None:
     sae, meta = patch.resolved.get("sae"), patch.feature_meta["sae"]
     if sae is None:
         raise PatchError("a SAeUron patch is saved with its SAE, and this one has none")
-    if find_sae(folder, meta["sae"]) is None:
+    if find_sae(folder, {"erasure.sae.fingerprint": meta["sae"]}) is None:
         save_sae(sae, folder / sae_file_name(patch.base_fingerprint, meta["block"], meta["sae"]), meta["block"],
                  patch.base_fingerprint)
 

@@ -25,8 +25,8 @@ import torch
 
 from ..denoiser import Denoiser
 from ..engine import TrainConfig
-from ..patch import ErasurePatch, PatchError, _read_header
-from ..sae import (SAE_SUFFIX, FeatureMeans, SAETrainer, SparseAutoencoder, concept_tensors, hook_block, load_sae,
+from ..patch import ErasurePatch, PatchError
+from ..sae import (FeatureMeans, SAETrainer, SparseAutoencoder, concept_tensors, find_sae, hook_block, load_sae,
                    sae_fingerprint, select_features)
 from .registry import MethodSpec, TrainResult, register
 
@@ -61,22 +61,15 @@ def training_prompts(denoiser: Denoiser) -> list[str]:
 def shared_sae(where: str, base_fingerprint: str, block: str) -> tuple[SparseAutoencoder, Path] | None:
     """An SAE to reuse: `where` is one *.sae.safetensors file, or a folder searched for one trained on this base
     model and block. None where a folder holds none."""
-    if not where:
-        return None
-    path = Path(where)
-    if path.is_file():
+    path = Path(where) if where else None
+    if path is not None and path.is_file():
         sae, meta = load_sae(path)
         if meta.get("erasure.sae.block") != block:
             raise PatchError(f"{path.name} is an SAE of {meta.get('erasure.sae.block')}; this model's is {block}")
         return sae, path
-    for candidate in sorted(path.glob(f"*{SAE_SUFFIX}")) if path.is_dir() else []:
-        try:
-            meta = _read_header(candidate)[1]
-        except PatchError:
-            continue
-        if meta.get("erasure.base_fingerprint") == base_fingerprint and meta.get("erasure.sae.block") == block:
-            return load_sae(candidate)[0], candidate
-    return None
+    if path is None:
+        return None
+    return find_sae(path, {"erasure.base_fingerprint": base_fingerprint, "erasure.sae.block": block})
 
 
 def _report(progress, stage: str, total: int):
