@@ -164,7 +164,8 @@ def output_hook(sink: Callable[[torch.Tensor, torch.Tensor], torch.Tensor | None
         h = out[0] if isinstance(out, tuple) else getattr(out, "sample", out)
         t = torch.as_tensor(timestep()).flatten()
         b, c, height, width = h.shape
-        rows = sink(t.expand(b) if t.numel() == 1 else t, h.detach().flatten(2).transpose(1, 2))
+        # not detached: an edit stays differentiable (attacks and training on top of a patch go through it)
+        rows = sink(t.expand(b) if t.numel() == 1 else t, h.flatten(2).transpose(1, 2))
         if rows is None:
             return None
         new = rows.transpose(1, 2).reshape(b, c, height, width).to(h.dtype)
@@ -206,7 +207,7 @@ class FeatureMeans:
     def __call__(self, t: torch.Tensor, rows: torch.Tensor) -> None:
         if self.half:  # the CFG batch is [unconditional; conditional]: the prompt's own rows are the second half
             t, rows = t[len(t) // 2:], rows[len(rows) // 2:]
-        z = self.sae.encode(rows.float())  # (B, P, F)
+        z = self.sae.encode(rows.detach().float())  # (B, P, F)
         b = bucket_of(t.cpu())
         self.sums.index_add_(0, b, z.sum(1).cpu())
         self.counts.index_add_(0, b, torch.full((len(b),), float(z.shape[1])))

@@ -174,3 +174,13 @@ def test_saeuron_strength_zero_and_detach_are_bit_identical(toy_model, stripes_p
             half = toy_model.predict_noise(x, t, cond)
         assert torch.equal(toy_model.predict_noise(x, t, cond), plain)
     assert 0 < (half - plain).abs().max() < (full - plain).abs().max()
+
+
+def test_gradients_pass_through_a_saeuron_edit(toy_model, stripes_patch):
+    """Concept inversion and training on top of a patch differentiate through the edited block."""
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    cond = toy_model.encode([STRIPES])
+    context = cond.context.detach().clone().requires_grad_(True)
+    with patched(toy_model, [(stripes_patch, 1.0)]):
+        toy_model.predict_noise(x, torch.tensor([500]), type(cond)(context, cond.extra)).pow(2).mean().backward()
+    assert context.grad is not None and context.grad.abs().max() > 0
