@@ -134,6 +134,27 @@ def txt2img(prompt: str, slots: list[tuple[str, float]]) -> tuple[np.ndarray | N
     return pixels, info
 
 
+def saeuron_checks(erasures: Path) -> dict:
+    from random_checkpoint import write_random_saeuron_patch
+
+    write_random_saeuron_patch(erasures / "real_saeuron.safetensors")
+    report: dict = {"patch folder": sorted(f.name for f in erasures.glob("*.safetensors"))}
+    plain, _ = txt2img("a cat in a garden", [])
+    runs = {"accordion": ("a cat in a garden", [("real_saeuron", 1.0)]),
+            "tag": ("a cat in a garden <erasure:real_saeuron:1>", []),
+            "strength 0": ("a cat in a garden", [("real_saeuron", 0.0)])}
+    for what, (prompt, slots) in runs.items():
+        pixels, info = txt2img(prompt, slots)
+        report[what] = {"images": pixels is not None, "comments": info.get("comments"),
+                        "extra_generation_params": info.get("extra_generation_params", {}),
+                        "max pixel difference from plain": None if pixels is None else
+                        int(np.abs(pixels - plain).max())}
+    after, _ = txt2img("a cat in a garden", [])
+    report["plain after vs plain"] = None if after is None else int(np.abs(after - plain).max())
+    report["server alive afterwards"] = "state" in api("/sdapi/v1/progress")
+    return report
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--webui", required=True, help="the WebUI folder")
@@ -143,7 +164,14 @@ def main() -> None:
                         help="the WebUI is Forge: its tab must refuse to train (before any generation, too), and "
                              "the rest applies --patch, trained with `erasure train` as a Forge user does")
     parser.add_argument("--patch", default="", help="with --forge: the patch (a name in models/erasures) to apply")
+    parser.add_argument("--saeuron-only", action="store_true",
+                        help="only a SAeUron patch (random SAE, written into models/erasures with its SAE file), "
+                             "from the accordion and as a tag: Forge must refuse it in words, A1111 apply it")
     args = parser.parse_args()
+    if args.saeuron_only:
+        report = saeuron_checks(Path(args.webui) / "models" / "erasures")
+        print(json.dumps(report, indent=1))
+        return
     if args.forge and not args.patch:
         parser.error("--forge needs --patch")
     report: dict = {}

@@ -15,6 +15,7 @@ loaded, and reports how far the server's resident set rose: the training's own m
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 import glob
 import json
 import os
@@ -137,22 +138,9 @@ def generate_with(loader, prefix: str, patches: list[tuple[str, float]]) -> dict
 def saeuron_checks(args, erasures: str, output: str, loader) -> dict:
     """A SAeUron patch in the real host: written by save_patch into models/erasures (its SAE file beside it),
     listed without the SAE file, applied (DIFFUSION_MODEL wrapper), bit-identical at strength 0 and after."""
-    import sys
+    from random_checkpoint import write_random_saeuron_patch
 
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    import torch
-    from erasure_core.patch import ErasurePatch, save_patch
-    from erasure_core.sae import ConceptFeatures, SparseAutoencoder, concept_tensors, sae_fingerprint
-
-    block, width, features = "output_blocks.4.1", 1280, 1280  # SD1.5's object block; a small random SAE
-    g = torch.Generator().manual_seed(0)
-    w_dec = torch.nn.functional.normalize(torch.randn(features, width, generator=g), dim=1)
-    sae = SparseAutoencoder(w_dec.T.clone(), torch.zeros(features), w_dec, torch.zeros(width), k=32, threshold=0.0)
-    chosen = ConceptFeatures(torch.rand(10, features, generator=g) < 0.3, torch.rand(10, features, generator=g),
-                             torch.zeros(10, features), -5.0)
-    patch = ErasurePatch(layers=[], method="saeuron", concepts=["a cat"], extra={"sae": concept_tensors(chosen)},
-                         feature_meta={"sae": {"block": block, "sae": sae_fingerprint(sae)}}, resolved={"sae": sae})
-    save_patch(patch, os.path.join(erasures, "real_saeuron.safetensors"))
+    write_random_saeuron_patch(Path(erasures) / "real_saeuron.safetensors")
     report = {"erasures folder": sorted(os.listdir(erasures))}
     listed = get("/object_info/ConceptErasureLoadPatch")["ConceptErasureLoadPatch"]["input"]["required"]
     report["Load Erasure Patch lists"] = [n for n in listed["patch_name"][0] if "saeuron" in n or "sae." in n]
