@@ -19,6 +19,7 @@ from modules import extra_networks, script_callbacks, scripts, shared  # noqa: E
 
 from erasure_core import ui as erasure_ui  # noqa: E402
 from erasure_core.backends import ldm  # noqa: E402
+from erasure_core.backends.comfy import refuse_for_forge  # noqa: E402
 from erasure_core.layers import weight_modules  # noqa: E402
 from erasure_core.patch import PatchError, load_patch  # noqa: E402
 
@@ -152,6 +153,12 @@ class ConceptErasure(scripts.Script):
         for (patch, _), strength in tagged:  # a tag's strength has no slider beside it: say it on the console
             if patch.strength_note(strength).startswith("⚠"):
                 print(f"{LOG} {patch.strength_note(strength)}")
+        if is_forge(p.sd_model):  # Forge only logs what fails while it samples: refuse what it cannot apply now
+            try:
+                refuse_for_forge([(patch, strength) for (patch, _), strength in tagged])
+            except PatchError as exc:
+                refuse(p, str(exc))
+                return
         if not chosen:
             return
         try:
@@ -160,6 +167,7 @@ class ConceptErasure(scripts.Script):
             if is_forge(p.sd_model):  # validated now, applied in process_before_every_sampling
                 unet = p.sd_model.forge_objects.unet.model.diffusion_model
                 ldm.plan_layers(ldm.attn2_modules(unet), patches, weights=weight_modules(unet))
+                refuse_for_forge(patches)
                 self.selected = patches
             else:
                 unet = p.sd_model.model.diffusion_model

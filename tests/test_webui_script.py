@@ -322,3 +322,20 @@ def test_install_py_exits_0_where_comfyui_managers_run_it(tmp_path):
     done = subprocess.run([sys.executable, str(ROOT / "install.py")], cwd=tmp_path, capture_output=True, text=True,
                           env={"PATH": os.environ.get("PATH", ""), "COMFYUI_PATH": str(tmp_path)})
     assert done.returncode == 0 and "nothing more to install" in done.stdout
+
+
+@pytest.mark.parametrize("by", ["accordion", "tag"])
+def test_forge_refuses_a_saeuron_patch_before_drawing_anything(webui, by):
+    """Seen in the real Forge: refused only while sampling (process_before_every_sampling), the error was logged
+    and the image drawn without the erasure. It is refused in process() now, with its reason."""
+    from conftest import random_sae_patch
+
+    runner, folder, (toy, sd_model) = webui
+    save_patch(random_sae_patch(128, "output_blocks.1.1", seed=1), folder / "styles.safetensors")
+    forge = FakeForgeModel(sd_model)
+    slots, prompt = ([("styles", 1.0)], "a circle") if by == "accordion" else ([], "a circle <erasure:styles:1>")
+    processed, seen = generate(runner, forge, args_for(runner, *slots), prompt=prompt)
+    assert processed.images == [] and seen == []
+    assert "Forge's unet patcher cannot" in processed.extra_generation_params["Concept Erasure refused"]
+    off, _ = generate(runner, forge, args_for(runner, ("styles", 0.0)))  # strength 0: nothing to apply
+    assert off.images

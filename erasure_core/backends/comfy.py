@@ -40,7 +40,7 @@ from ..patch import ErasurePatch, PatchError, WeightDelta, check_compatible, fin
 from ..sae import edit_all, hook_block, output_hook, patch_features
 
 __all__ = ["MemoryAttn2Patch", "ComfyDenoiser", "apply_patches", "comfy_address", "attn2_modules",
-           "address_from_extra_options"]
+           "address_from_extra_options", "refuse_for_forge"]
 
 
 _LAYER = re.compile(r"^(input_blocks|middle_block|output_blocks)(?:\.(\d+))?\.\d+\.transformer_blocks\.(\d+)\.attn2$")
@@ -243,6 +243,14 @@ DIFFUSION_MODEL_WRAPPERS = "diffusion_model"  # comfy.patcher_extension.Wrappers
 WRAPPER_KEY = "concept-erasure"
 
 
+def refuse_for_forge(patches: list[tuple[ErasurePatch, float]]) -> None:
+    """What Forge's unet patcher cannot apply: SAeUron patches at a non-zero strength (PatchError). The WebUI
+    script asks before anything is drawn, since Forge only logs an error raised while it samples."""
+    if sae_edits(patches):
+        raise PatchError("SAeUron patches edit a block's output at generation time, which Forge's unet patcher "
+                         "cannot do yet; apply them in ComfyUI, AUTOMATIC1111 or the CLI")
+
+
 def keyword_only_add_patches(patcher) -> bool:
     """ComfyUI: add_patches(patches, strength_patch, strength_model); Forge: keyword-only, with a filename."""
     import inspect
@@ -273,8 +281,7 @@ def apply_patches(model_patcher, patches: list[tuple[ErasurePatch, float]], chun
     edits = sae_edits(active)
     if edits:
         if keyword_only_add_patches(clone):
-            raise PatchError("SAeUron patches edit a block's output at generation time, which Forge's unet patcher "
-                             "cannot do yet; apply them in ComfyUI, AUTOMATIC1111 or the CLI")
+            refuse_for_forge(active)
         to = clone.model_options.setdefault("transformer_options", {})
         wrappers = to.setdefault("wrappers", {}).setdefault(DIFFUSION_MODEL_WRAPPERS, {})
         wrappers.setdefault(WRAPPER_KEY, []).append(SaeEditWrapper(edits))
