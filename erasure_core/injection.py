@@ -8,6 +8,8 @@ In each selected attn2 layer, K = W_k·[c ; P_k] and V = W_v·[c ; s·P_v]:
   stay in place and see the memory too);
 - a forward hook adds s·ΔW·x (no bias) to the output of a projection, or of any other linear or conv layer a
   delta names (ESD-u's, outside cross-attention): y + s·ΔW·x = (W + s·ΔW)·x + b, with the weight never written.
+- a SAeUron patch (erasure_core.sae) edits the output of one transformer block, by a forward hook on the block
+  and a pre-hook on the UNet that reads the call's timestep (the edit is per timestep bucket).
 The hooks go on the outermost module under each name: when an adapter wraps a projection (a LoRA loaded with
 peft), the wrapper is called with the memory appended, so the LoRA acts on the memory tokens as well, and a
 quantised base layer runs its own forward.

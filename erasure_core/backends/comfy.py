@@ -14,6 +14,9 @@ Applying a patch (`apply_patches`), the same arithmetic as erasure_core.injectio
   apply_model itself) and leaves every other layer alone.
 - weight deltas: `add_patches` with `diffusion_model.<ldm path>.weight` keys, checking the returned list, since
   ComfyUI drops every key it does not know without a word.
+- SAeUron edits (erasure_core.sae): a `SaeEditWrapper` in the clone's transformer_options["wrappers"]
+  ["diffusion_model"], which ComfyUI calls around the UNet with the timesteps; it hooks the block for that call.
+  Forge's unet patcher has no such wrapper, and refuses them (`refuse_for_forge`).
 - never on the input MODEL: `clone()` shares the nn.Module, so no weight is written, and the patch holds only
   detached tensors, because clone() deep-copies model_options.
 
