@@ -276,6 +276,14 @@ def content_digest(patch: ErasurePatch) -> str:
     return digest.hexdigest()[:16]
 
 
+def why_not_combinable(patches: list[ErasurePatch]) -> str | None:
+    """Why `patches` cannot become one file (combine_patches), or None: asked before a run trains on top of them."""
+    if any(p.extra for p in patches):
+        return ("patches with inference-time features (SAeUron's sae) cannot be combined into one file; apply them "
+                "side by side")
+    return None
+
+
 def combine_patches(patches: list[ErasurePatch]) -> ErasurePatch:
     """One patch that acts as `patches` attached together at one strength: weight deltas add, concept memories
     are concatenated in order (as the hosts append them). The metadata is the last patch's, listing every patch's
@@ -283,8 +291,9 @@ def combine_patches(patches: list[ErasurePatch]) -> ErasurePatch:
     were measured on the parts. Raises PatchError where one file cannot say what the stack does."""
     if not patches:
         raise PatchError("nothing to combine")
-    if any(p.extra for p in patches):
-        raise PatchError("patches with inference-time features cannot be combined; apply them side by side")
+    reason = why_not_combinable(patches)
+    if reason:
+        raise PatchError(reason)
     fingerprints = {p.base_fingerprint for p in patches if p.base_fingerprint}
     if len(fingerprints) > 1:
         raise PatchError("the patches were trained on different base models")

@@ -202,9 +202,13 @@ def prepare(request: TrainRequest, model) -> TrainPlan:
 
 
 def _check_earlier(model, patches: list, concepts: list[str], earlier: list[str]) -> None:
-    """Earlier patches must fit the model, and not already erase what this run names."""
-    from .patch import PatchError
+    """Earlier patches must fit the model, become one file with the new one, and not already erase what this run
+    names."""
+    from .patch import PatchError, why_not_combinable
 
+    reason = why_not_combinable(patches)
+    if reason:
+        raise RequestError(f"cannot train on top of the earlier patch: {reason}")
     try:
         model.attach([(p, 1.0) for p in patches]).detach()
     except PatchError as exc:

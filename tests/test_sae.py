@@ -184,3 +184,11 @@ def test_gradients_pass_through_a_saeuron_edit(toy_model, stripes_patch):
     with patched(toy_model, [(stripes_patch, 1.0)]):
         toy_model.predict_noise(x, torch.tensor([500]), type(cond)(context, cond.extra)).pow(2).mean().backward()
     assert context.grad is not None and context.grad.abs().max() > 0
+
+
+def test_training_on_top_of_a_saeuron_patch_is_refused_before_it_starts(toy_model, stripes_patch):
+    """One file cannot hold an SAE edit and weight deltas together (combine_patches), so say so up front."""
+    from erasure_core.request import RequestError, TrainRequest, prepare
+
+    with pytest.raises(RequestError, match="cannot train on top of the earlier patch: .*side by side"):
+        prepare(TrainRequest(concept="circle", method="uce", on_top_of=[stripes_patch]), toy_model)
