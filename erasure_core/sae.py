@@ -99,10 +99,12 @@ class SAETrainer:
         self.threshold = 0.0  # moving average of the smallest kept entry: early, untrained steps fade out
 
     def feed(self, rows: torch.Tensor) -> None:
-        self.held.append(rows.detach().reshape(-1, rows.shape[-1]).float().cpu())
-        self.size += len(self.held[-1])
-        if self.size >= self.buffer * self.batch:
-            self._train_held(keep_remainder=True)
+        # outside inference mode (ComfyUI runs nodes inside it): an ordinary copy, and a step autograd can take
+        with torch.inference_mode(False):
+            self.held.append(rows.detach().reshape(-1, rows.shape[-1]).float().cpu().clone())
+            self.size += len(self.held[-1])
+            if self.size >= self.buffer * self.batch:
+                self._train_held(keep_remainder=True)
 
     def _train_held(self, keep_remainder: bool) -> None:
         rows = torch.cat(self.held)
@@ -132,7 +134,8 @@ class SAETrainer:
 
     def finish(self) -> SparseAutoencoder:
         if self.size:
-            self._train_held(keep_remainder=False)
+            with torch.inference_mode(False):
+                self._train_held(keep_remainder=False)
         if not self.steps:
             raise ValueError("no activations to train the SAE on")
         p = self.params

@@ -192,3 +192,13 @@ def test_training_on_top_of_a_saeuron_patch_is_refused_before_it_starts(toy_mode
 
     with pytest.raises(RequestError, match="cannot train on top of the earlier patch: .*side by side"):
         prepare(TrainRequest(concept="circle", method="uce", on_top_of=[stripes_patch]), toy_model)
+
+
+def test_the_trainer_takes_rows_made_in_inference_mode():
+    """ComfyUI runs nodes under torch.inference_mode(): the SAE of a Train node is fed rows made there."""
+    trainer = SAETrainer(dim=8, expansion=2, k=2, lr=1e-2, batch=16, buffer=2)
+    with torch.inference_mode():
+        for i in range(6):
+            trainer.feed(torch.randn(1, 16, 8, generator=torch.Generator().manual_seed(i)))
+    sae = trainer.finish()
+    assert trainer.steps >= 6 and torch.isfinite(sae.w_dec).all() and not sae.w_dec.is_inference()
