@@ -345,3 +345,36 @@ def test_no_seed_input_of_the_pack_gets_the_front_ends_randomizer(pack, host):
              for key, section in cls.INPUT_TYPES().items() if key != "hidden" for name, (kind, *rest) in section.items()
              for options in [rest[0] if rest else {}] if kind == "INT" and name in ("seed", "noise_seed")]
     assert len(seeds) >= 2 and all(options.get("control_after_generate") is False for _, options in seeds)
+
+
+def test_the_train_node_makes_a_saeuron_patch_with_the_sae_kept_in_models_erasures(pack, host, toy_comfy,
+                                                                                   tmp_path):
+    """Run as ComfyUI runs it (inference mode, inference-tensor weights), the Train node finds the base model's
+    SAE in models/erasures and only chooses the features; Save writes the patch beside that SAE, Load reads it
+    back, and Apply changes the model's output."""
+    import shutil
+
+    from erasure_core.toy.model import ASSETS
+
+    nodes = pack.NODE_CLASS_MAPPINGS
+    model, clip = toy_comfy
+    erasures = tmp_path / "models" / "erasures"
+    erasures.mkdir(parents=True)
+    shutil.copy(ASSETS / "toy.sae.safetensors", erasures)
+    patcher = FakeModelPatcher(model)
+    before = checksum(model)
+    settings = {**TRAIN, "concept": "a shape with stripes", "method": "saeuron", "cache_steps": 4}
+    patch, _ = execute(nodes["ConceptErasureTrainPatch"], model=patcher, clip=clip, **settings)
+    assert patch.training["sae"] == {"reused": "toy.sae.safetensors"} and patch.feature_meta["sae"]["block"]
+    execute(nodes["ConceptErasureSavePatch"], erasure_patch=patch, filename="stripes")
+    assert sorted(p.name for p in erasures.iterdir()) == ["stripes.safetensors", "toy.sae.safetensors"]
+    (loaded,) = execute(nodes["ConceptErasureLoadPatch"], patch_name="stripes.safetensors")
+    (erased,) = execute(nodes["ConceptErasureApplyPatch"], model=patcher, erasure_patch=loaded, strength=1.0)
+    with torch.inference_mode():
+        ctx = clip.encode_from_tokens(clip.tokenize("a shape with stripes"))
+        x, sigma = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)), torch.tensor([2.0, 2.0])
+        management = ModelManagement()
+        plain = calc_cond_batch(patcher, [ctx], x, sigma, management)[0]
+        edited = calc_cond_batch(erased, [ctx], x, sigma, management)[0]
+        management.unload_all_models()
+    assert (plain - edited).abs().max() > 1e-3 and checksum(model) == before

@@ -23,9 +23,10 @@ from pathlib import Path
 
 import torch
 
-from ..denoiser import Denoiser
+from ..denoiser import Denoiser, sample_trajectories
 from ..engine import TrainConfig
 from ..patch import ErasurePatch, PatchError
+from ..sampling import seeded_noise
 from ..sae import (FeatureMeans, SAETrainer, SparseAutoencoder, concept_tensors, find_sae, hook_block, load_sae,
                    sae_fingerprint, select_features)
 from .registry import MethodSpec, TrainResult, register
@@ -72,6 +73,23 @@ def shared_sae(where: str, base_fingerprint: str, block: str) -> tuple[SparseAut
     return find_sae(path, {"erasure.base_fingerprint": base_fingerprint, "erasure.sae.block": block})
 
 
+def run_sampler(denoiser: Denoiser, prompts: list[str], seeds: list[int], config: TrainConfig, chunk: int,
+                done=None, cancel=None) -> None:
+    """The sampler's UNet calls for each (prompt, seed), DDIM with CFG from per-seed noise, without decoding
+    (a ComfyUI MODEL may come without a VAE): what the block hooks see."""
+    empty = denoiser.encode([""])
+    for i in range(0, len(prompts), chunk):
+        if cancel is not None and cancel():
+            raise InterruptedError("training cancelled")
+        part = prompts[i:i + chunk]
+        noise = seeded_noise(seeds[i:i + chunk], denoiser.sample_shape, denoiser.device)
+        for _ in sample_trajectories(denoiser, denoiser.encode(part), empty, noise, config.cache_steps,
+                                     config.cache_guidance):
+            pass
+        if done is not None:
+            done(i + len(part))
+
+
 def _report(progress, stage: str, total: int):
     return (lambda done, loss=None: progress(done, total, loss, stage=stage)) if progress else (lambda *a, **k: None)
 
@@ -86,13 +104,7 @@ def train_sae(denoiser: Denoiser, block: str, config: TrainConfig, progress=None
     report, start, chunk = _report(progress, STAGE_SAE, len(prompts)), time.time(), max(1, config.batch)
     handles = hook_block(denoiser.network(), module, lambda t, rows: trainer.feed(rows))
     try:
-        for i in range(0, len(prompts), chunk):
-            if cancel is not None and cancel():
-                raise InterruptedError("training cancelled")
-            part = prompts[i:i + chunk]
-            denoiser.generate(part, [config.seed + i + j for j in range(len(part))], config.cache_steps,
-                              config.cache_guidance)
-            report(i + len(part))
+        run_sampler(denoiser, prompts, [config.seed + i for i in range(len(prompts))], config, chunk, report, cancel)
     finally:
         for h in handles:
             h.remove()
@@ -108,8 +120,8 @@ def feature_means(denoiser: Denoiser, module, sae: SparseAutoencoder, prompts: l
     handles = hook_block(denoiser.network(), module, collect)
     try:
         chosen = [SEED_OFFSET + config.seed + k for k in range(seeds)]
-        denoiser.generate([p for p in prompts for _ in chosen], chosen * len(prompts), config.cache_steps,
-                          config.cache_guidance)
+        run_sampler(denoiser, [p for p in prompts for _ in chosen], chosen * len(prompts), config,
+                    max(1, config.batch) * 4)
     finally:
         for h in handles:
             h.remove()
