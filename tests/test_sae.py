@@ -202,3 +202,12 @@ def test_the_trainer_takes_rows_made_in_inference_mode():
             trainer.feed(torch.randn(1, 16, 8, generator=torch.Generator().manual_seed(i)))
     sae = trainer.finish()
     assert trainer.steps >= 6 and torch.isfinite(sae.w_dec).all() and not sae.w_dec.is_inference()
+
+
+def test_cancelling_while_the_sae_trains_stops_it_as_every_method_stops(toy_model):
+    from erasure_core.engine import Cancelled
+    from erasure_core.methods.saeuron import default_block, train_sae
+
+    with pytest.raises(Cancelled):
+        train_sae(toy_model, default_block(toy_model), TrainConfig(concept=STRIPES, method="saeuron"),
+                  cancel=lambda: True)

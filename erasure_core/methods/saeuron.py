@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from ..denoiser import Denoiser, sample_trajectories
-from ..engine import TrainConfig
+from ..engine import Cancelled, TrainConfig
 from ..patch import ErasurePatch, PatchError
 from ..sampling import seeded_noise
 from ..sae import (FeatureMeans, SAETrainer, SparseAutoencoder, concept_tensors, find_sae, hook_block, load_sae,
@@ -80,7 +80,7 @@ def run_sampler(denoiser: Denoiser, prompts: list[str], seeds: list[int], config
     empty = denoiser.encode([""])
     for i in range(0, len(prompts), chunk):
         if cancel is not None and cancel():
-            raise InterruptedError("training cancelled")
+            raise Cancelled(f"cancelled after {i} of {len(prompts)} prompts")
         part = prompts[i:i + chunk]
         noise = seeded_noise(seeds[i:i + chunk], denoiser.sample_shape, denoiser.device)
         for _ in sample_trajectories(denoiser, denoiser.encode(part), empty, noise, config.cache_steps,
