@@ -85,7 +85,9 @@ def run_benchmark(denoiser, oracle, methods: list[str], targets: list[str], base
     alternatives = alternatives or {}
     attacks = attacks or []
     settings = _settings(base_config, counts, sample_steps, preserve_modes, attacks, denoiser.device)
-    state = _earlier_state(out_dir / "bench.json", settings)
+    state = _earlier_state(out_dir / "bench.json", settings, progress)
+    # rows carry their preserve mode: a run of one mode adds to an earlier run's rows of the other
+    settings["preserve_modes"] = list(dict.fromkeys([*state["preserve_modes"], *preserve_modes]))
     rows, stacked, base_attacks, controls = state["rows"], state["stacked"], state["base_attacks"], state["controls"]
     for name, now in settings["attacks"].items():  # an attack changed, not the erasures: run that attack again
         if state["attacks"].get(name) != now:
@@ -225,22 +227,31 @@ def _stacked_report(denoiser, oracle, patches: list, first: str, second: str, co
     return joint_report(denoiser, oracle, patches, [first, second], named, counts, steps, base)
 
 
-def _earlier_state(path: Path, settings: dict) -> dict:
-    """Rows of an earlier run with the same erasure settings, so that an interrupted benchmark resumes, and the
-    attack settings they were attacked with ("attacks")."""
-    empty = {"rows": [], "stacked": [], "base_attacks": {}, "controls": {}, "attacks": settings["attacks"]}
+def _earlier_state(path: Path, settings: dict, progress: Callable[[str], None] | None = None) -> dict:
+    """Rows of an earlier run with the same erasure settings, so that an interrupted benchmark resumes (or a run
+    of other methods, targets or preserve modes adds to it), the attack settings they were attacked with
+    ("attacks") and their preserve modes. An earlier file of other settings is moved aside, never overwritten."""
+    empty = {"rows": [], "stacked": [], "base_attacks": {}, "controls": {}, "attacks": settings["attacks"],
+             "preserve_modes": []}
     if not path.exists():
         return empty
     earlier = json.loads(path.read_text())
-    strip = lambda d: {k: v for k, v in d.items() if k not in ("date", "torch_threads", "attacks")}  # noqa: E731
+    ignored = ("date", "torch_threads", "attacks", "preserve_modes")
+    strip = lambda d: {k: v for k, v in d.items() if k not in ignored}  # noqa: E731
     defaults = {f.name: f.default if f.default_factory is MISSING else f.default_factory()
                 for f in fields(TrainConfig)}
     train = {k: v for k, v in settings["train"].items()  # a field added later, at its default, is what the
              if k in earlier.get("settings", {}).get("train", {}) or v != defaults.get(k)}  # earlier rows ran with
     if strip(earlier.get("settings", {})) != strip({**settings, "train": train}):
+        aside = next(path.with_name(f"bench.earlier-{k}.json") for k in range(1, 10_000)
+                     if not path.with_name(f"bench.earlier-{k}.json").exists())
+        path.replace(aside)
+        if progress:
+            progress(f"{path.name} held rows of other settings: moved to {aside.name}")
         return empty
-    return {**{k: earlier.get(k, v) for k, v in empty.items() if k != "attacks"},
-            "attacks": earlier["settings"].get("attacks", {})}
+    return {**{k: earlier.get(k, v) for k, v in empty.items() if k not in ("attacks", "preserve_modes")},
+            "attacks": earlier["settings"].get("attacks", {}),
+            "preserve_modes": earlier["settings"].get("preserve_modes", [])}
 
 
 def _settings(config: TrainConfig, counts: ProtocolCounts, sample_steps: int, preserve_modes, attacks,
