@@ -259,7 +259,7 @@ class TrainableParts:
 def predict_with(denoiser: Denoiser, parts: ErasurePatch | None, x: torch.Tensor, t: torch.Tensor,
                  cond: Conditioning) -> torch.Tensor:
     """ε of the model with `parts` attached (or of the frozen model when None)."""
-    if parts is None or (parts.memory is None and not parts.deltas):
+    if parts is None or (parts.memory is None and not parts.deltas and not parts.extra):
         return denoiser.predict_noise(x, t, cond)
     with patched(denoiser, [(parts, 1.0)]):
         return denoiser.predict_noise(x, t, cond)

@@ -10,6 +10,8 @@ In each selected attn2 layer, K = W_k·[c ; P_k] and V = W_v·[c ; s·P_v]:
   delta names (ESD-u's, outside cross-attention): y + s·ΔW·x = (W + s·ΔW)·x + b, with the weight never written.
 - a SAeUron patch (erasure_core.sae) edits the output of one transformer block, by a forward hook on the block
   and a pre-hook on the UNet that reads the call's timestep (the edit is per timestep bucket).
+- a DuMo patch (erasure_core.branch) runs its branch in a pre-hook on the UNet and adds s·residuals to the skip
+  inputs of the output blocks and to the middle block's output.
 The hooks go on the outermost module under each name: when an adapter wraps a projection (a LoRA loaded with
 peft), the wrapper is called with the memory appended, so the LoRA acts on the memory tokens as well, and a
 quantised base layer runs its own forward.
@@ -41,6 +43,7 @@ import torch.nn.functional as F
 from .layers import PROJECTIONS, attn2_layers, base_layer, is_attn2_projection, unet_modules
 from .padding import padding_repeats
 from .patch import ErasurePatch, PatchError, WeightDelta, check_compatible, model_fingerprint
+from .branch import branch_tensors, check_layout, hook_branch, skip_layout, target_blocks
 from .sae import edit_all, hook_block, patch_features
 
 __all__ = ["PROJECTIONS", "LayerInjection", "InjectionPlan", "AttachedPatches", "plan_layers", "plan_injection",
@@ -71,6 +74,9 @@ class InjectionPlan:
     warnings: list[str]
     # per transformer block (LDM path, e.g. output_blocks.4.1), SAeUron edits of its output: (sae, features, s)
     blocks: dict[str, list[tuple]] = field(default_factory=dict)
+    # DuMo branches: (tensors, settings, s) each, and the residual blocks they feed (module key -> residual index)
+    branches: list[tuple] = field(default_factory=list)
+    branch_blocks: dict[str, int] = field(default_factory=dict)
 
 
 def plan_layers(patches: list[tuple[ErasurePatch, float]], layer_names: list[str], context_dim: int,
@@ -90,10 +96,16 @@ def plan_layers(patches: list[tuple[ErasurePatch, float]], layer_names: list[str
         plan.warnings.extend(check_compatible(patch, context_dim, layer_names, model_fp, shapes))
         if "sae" in patch.extra:
             block, sae = sae_block(patch, shapes)
+        if "branch" in patch.extra:
+            check_layout(patch, shapes, context_dim)
         if strength == 0:
             continue
         if "sae" in patch.extra:
             plan.blocks.setdefault(block, []).append((sae, patch_features(patch), strength))
+        if "branch" in patch.extra:
+            plan.branches.append(({k: _ready(v, ready) for k, v in branch_tensors(patch).items()},
+                                  patch.feature_meta["branch"], strength))
+            plan.branch_blocks = target_blocks(skip_layout(shapes))
         for layer in patch.layers:
             mem = patch.memory_for(layer)
             if mem is not None:
@@ -273,12 +285,16 @@ def attach_plan(plan: InjectionPlan, layers: Mapping[str, torch.nn.Module],
                 ) -> AttachedPatches:
     """Register the hooks of a plan. `layers` maps the plan's layer keys to attn2 modules (each with `to_k`,
     `to_v` and the projections its deltas name, `to_out.0` included), `modules` the keys of its other deltas
-    and of its SAeUron blocks to their modules, and `unet` is the network called with the timestep (what the
-    SAE edits are bucketed by). Every host that runs its UNet's modules itself attaches through here."""
+    and of its SAeUron and DuMo blocks to their modules, and `unet` is the network called with the timestep (what
+    the SAE edits are bucketed by) and the inputs a DuMo branch reads. Every host that runs its UNet's modules
+    itself attaches through here."""
     handle = AttachedPatches(plan.warnings)
     try:
         for name, edits in plan.blocks.items():
             handle._handles += hook_block(unet, modules[name], edit_all(edits))
+        if plan.branches:
+            handle._handles += hook_branch(unet, {modules[name]: i for name, i in plan.branch_blocks.items()},
+                                           plan.branches)
         for name, deltas in plan.modules.items():
             handle._handles.append(modules[name].register_forward_hook(delta_hook(deltas), with_kwargs=True))
         for name, injection in plan.layers.items():
@@ -310,7 +326,14 @@ def plan_injection(unet, patches: list[tuple[ErasurePatch, float]]) -> Injection
     return InjectionPlan({to_diffusers[name]: injection for name, injection in plan.layers.items()},
                          {paths[name]: deltas for name, deltas in plan.modules.items()}, plan.warnings,
                          {paths[f"{name}.proj_out"].removesuffix(".proj_out"): edits
-                          for name, edits in plan.blocks.items()})
+                          for name, edits in plan.blocks.items()},
+                         plan.branches, {residual_block_path(paths, name): i for name, i in plan.branch_blocks.items()})
+
+
+def residual_block_path(paths: dict[str, str], canonical: str) -> str:
+    """The diffusers path of the residual block at LDM path `canonical` (output_blocks.3.0 -> up_blocks.1.resnets.0),
+    from the path of its first convolution."""
+    return paths[f"{canonical}.in_layers.2"].removesuffix(".conv1")
 
 
 def attach(unet, patches: list[tuple[ErasurePatch, float]]) -> AttachedPatches:

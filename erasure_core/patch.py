@@ -674,3 +674,4 @@ def model_fingerprint(unet) -> str:
 
 
 from . import sae as _sae  # noqa: E402,F401  (registers SAeUron's `sae` feature; it needs the names above)
+from . import branch as _branch  # noqa: E402,F401  (registers DuMo's `branch` feature)

@@ -94,6 +94,28 @@ def trained(toy_model, circle_cache):
     return train
 
 
+def random_branch_patch(unet, seed: int, width: int = 16, heads: int = 4, scale: float = 0.05):
+    """A DuMo patch with a random branch for a diffusers `unet`'s skip layout, its output projections non-zero
+    and its modulation table varied by timestep (what cross-host tests need to see)."""
+    import torch
+
+    from erasure_core.branch import branch_meta, init_branch, skip_layout
+    from erasure_core.layers import base_layer, unet_modules
+    from erasure_core.patch import ErasurePatch
+
+    modules = dict(unet.named_modules())
+    shapes = {name: tuple(base_layer(modules[path]).weight.shape) for name, path in unet_modules(unet).items()}
+    meta = branch_meta(skip_layout(shapes), unet.config.cross_attention_dim, width, heads)
+    g = torch.Generator().manual_seed(seed)
+    tensors = init_branch(meta, g)
+    for name, tensor in tensors.items():
+        if name.startswith("out."):
+            tensors[name] = scale * torch.randn(tensor.shape, generator=g)
+    tensors["modulation"] = 0.5 + torch.rand(tensors["modulation"].shape, generator=g)
+    return ErasurePatch(layers=[], method="dumo", concepts=["x"], feature_meta={"branch": meta},
+                        extra={"branch": {f"erasure.branch.{k}": v for k, v in tensors.items()}})
+
+
 def random_sae_patch(width: int, block: str, seed: int, features: int = 64, buckets: int = 10):
     """A SAeUron patch with a random SAE for a block of `width` channels: every feature selected in every bucket,
     targets and floors small, so that the edit changes most positions (what cross-host tests need to see)."""

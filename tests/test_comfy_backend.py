@@ -489,3 +489,54 @@ def test_the_comfy_denoiser_applies_attached_saeuron_patches_like_the_diffusers_
         handle.detach()
         assert torch.equal(comfy.predict_noise(x, t, cond), plain)
     assert torch.allclose(got, want, atol=1e-5) and (got - plain).abs().max() > 1e-3
+
+
+def test_a_dumo_patch_adds_its_branch_as_the_diffusers_backend_does(sd1):
+    """DuMo patches reach ComfyUI as a DIFFUSION_MODEL wrapper that runs the branch on the call's inputs and adds
+    its residuals to the skip connections: the same ε as the diffusers backend, stacked on a memory patch; strength
+    0 adds nothing and the input MODEL is untouched; a model of another layout is refused."""
+    from conftest import random_branch_patch
+
+    unet, names = sd1
+    branch = random_branch_patch(unet, seed=4)
+    memory = make_patch(unet, names, seed=1)
+    patcher = FakeModelPatcher(build_comfy_model(unet))
+    before = copy.deepcopy(patcher.model_options)
+    applied, _ = apply_patches(patcher, [(memory, 1.0), (branch, 0.7)])
+    _, ctx = sd1_inputs(unet)
+    got, want = run_both(unet, names, [(memory, 1.0), (branch, 0.7)], applied, ctx, torch.zeros_like(ctx),
+                         t=(450, 750))
+    for g_, w_ in zip(got, want):
+        assert torch.allclose(g_, w_, atol=1e-5), (g_ - w_).abs().max()
+    without, _ = run_both(unet, names, [(memory, 1.0)], patcher, ctx, torch.zeros_like(ctx), t=(450, 750))
+    assert (without[0] - got[0]).abs().max() > 1e-3  # the branch shows
+    zero, _ = apply_patches(patcher, [(branch, 0.0)])
+    assert "wrappers" not in zero.model_options["transformer_options"]
+    assert patcher.model_options == before
+    with pytest.raises(PatchError, match="another architecture"):
+        apply_patches(FakeModelPatcher(build_comfy_model(toy_unet())), [(branch, 1.0)])
+
+
+def test_the_comfy_denoiser_runs_and_trains_an_attached_dumo_branch_like_the_diffusers_one(toy_pair):
+    """A node that trains DuMo in ComfyUI: the attached branch gives the diffusers backend's ε, gradients reach
+    its tensors through ComfyUI's inference weights, and detaching gives the plain model bit for bit."""
+    from conftest import random_branch_patch
+
+    toy, comfy = toy_pair
+    patch = random_branch_patch(toy.unet, seed=6)
+    cond = comfy.encode(["a red circle", ""])
+    x, t = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)), torch.tensor([450, 850])
+    with torch.no_grad():
+        plain = comfy.predict_noise(x, t, cond)
+        with attached(toy.unet, [(patch, 1.0)]):
+            want = toy.predict_noise(x, t, cond)
+        handle = comfy.attach([(patch, 1.0)])
+        got = comfy.predict_noise(x, t, cond)
+        handle.detach()
+        assert torch.equal(comfy.predict_noise(x, t, cond), plain)
+    assert torch.allclose(got, want, atol=1e-5) and (got - plain).abs().max() > 1e-3
+    out = patch.extra["branch"]["erasure.branch.out.0.weight"].requires_grad_(True)
+    handle = comfy.attach([(patch, 1.0)])
+    comfy.predict_noise(x, t, cond).square().mean().backward()
+    handle.detach()
+    assert out.grad is not None and out.grad.abs().max() > 0

@@ -67,10 +67,11 @@ def test_names_are_unique_and_kinds_known():
 
 
 def test_every_builtin_method_is_registered_with_its_facts():
-    assert method_names()[:14] == ("memory", "memory-only", "memory-key", "all-but-one", "esd-x", "esd-x-strict",
+    assert method_names()[:15] == ("memory", "memory-only", "memory-key", "all-but-one", "esd-x", "esd-x-strict",
                                    "esd-u", "uce", "rece", "adversarial-preservation", "prune-esd",
-                                   "sdd", "forget-me-not", "saeuron")
+                                   "sdd", "forget-me-not", "saeuron", "dumo")
     assert get_method("saeuron").kind == "inference-time" and get_method("saeuron").delta_lr is None
+    assert get_method("dumo").kind == "inference-time" and get_method("dumo").reconstruction
     assert [m for m in method_names() if get_method(m).takes_alternative] == \
         ["memory", "memory-only", "memory-key", "all-but-one", "uce", "rece"]
     assert get_method("rece").kind == "closed-form" and get_method("rece").reconstruction

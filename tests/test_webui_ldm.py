@@ -312,3 +312,34 @@ def test_a1111_hooks_apply_a_saeuron_patch_as_the_diffusers_backend_does():
     assert (got - want).abs().max() < 1e-5 and (got - plain).abs().max() > 1e-3
     with pytest.raises(PatchError, match="Forge's unet patcher cannot"):
         apply_forge(UnetPatcher(KModel(LdmUNet(unet))), [(patch, 1.0)])
+
+
+def test_a1111_hooks_apply_a_dumo_patch_as_the_diffusers_backend_does():
+    """The DuMo branch on A1111's LDM UNet (the ComfyUI fake's UNetModel on the same weights): the UNet's
+    pre-hook reads x, timesteps and context as A1111 passes them; strength 0 and detach are bit-identical;
+    Forge refuses in words."""
+    from comfy_fakes import build_comfy_model
+    from conftest import random_branch_patch
+
+    from erasure_core.layers import weight_modules
+
+    unet = sd1_unet().eval().requires_grad_(False)
+    ldm_unet = build_comfy_model(unet).diffusion_model
+    patch = random_branch_patch(unet, seed=4)
+    g = torch.Generator().manual_seed(3)
+    x, t, ctx = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([450, 750]), torch.randn(2, 5, 32, generator=g)
+    modules, weights = attn2_modules(ldm_unet), weight_modules(ldm_unet)
+    with torch.no_grad():
+        plain = ldm_unet(x, t, context=ctx)
+        with attached(unet, [(patch, 0.6)]):
+            want = unet(x, t, ctx).sample
+        handle = attach_hooks(modules, [(patch, 0.6)], weights=weights, unet=ldm_unet)
+        got = ldm_unet(x, t, context=ctx)
+        handle.detach()
+        assert torch.equal(ldm_unet(x, t, context=ctx), plain)
+        zero = attach_hooks(modules, [(patch, 0.0)], weights=weights, unet=ldm_unet)
+        assert torch.equal(ldm_unet(x, t, context=ctx), plain)
+        zero.detach()
+    assert (got - want).abs().max() < 1e-5 and (got - plain).abs().max() > 1e-3
+    with pytest.raises(PatchError, match="Forge's unet patcher cannot"):
+        apply_forge(UnetPatcher(KModel(LdmUNet(unet))), [(patch, 1.0)])

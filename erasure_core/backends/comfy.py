@@ -17,6 +17,8 @@ Applying a patch (`apply_patches`), the same arithmetic as erasure_core.injectio
 - SAeUron edits (erasure_core.sae): a `SaeEditWrapper` in the clone's transformer_options["wrappers"]
   ["diffusion_model"], which ComfyUI calls around the UNet with the timesteps; it hooks the block for that call.
   Forge's unet patcher has no such wrapper, and refuses them (`refuse_for_forge`).
+- DuMo branches (erasure_core.branch): a `BranchWrapper` beside it, which runs the branch on the call's x,
+  timesteps and context and hooks the residual blocks for that call; Forge refuses them too.
 - never on the input MODEL: `clone()` shares the nn.Module, so no weight is written, and the patch holds only
   detached tensors, because clone() deep-copies model_options.
 
@@ -40,6 +42,7 @@ from ..layers import PROJECTIONS, comfy_weight_key, is_canonical_layer, weight_m
 from ..padding import COMFY_CHUNK, pad_by_repetition, padding_repeats
 from ..injection import sae_block
 from ..patch import ErasurePatch, PatchError, WeightDelta, check_compatible, fingerprint_of
+from ..branch import branch_tensors, check_layout, hook_branch, residual_hooks, summed_residuals, target_blocks
 from ..sae import edit_all, hook_block, output_hook, patch_features
 
 __all__ = ["MemoryAttn2Patch", "ComfyDenoiser", "apply_patches", "comfy_address", "attn2_modules",
@@ -199,6 +202,8 @@ class _ModelInfo:
             warnings += check_compatible(patch, self.context_dim, self.layers, fingerprint, shapes)
             if "sae" in patch.extra:
                 sae_block(patch, shapes)
+            if "branch" in patch.extra:
+                check_layout(patch, shapes, self.context_dim)
         return warnings
 
 
@@ -235,6 +240,41 @@ class SaeEditWrapper:
         return self
 
 
+def branch_edits(patches: list[tuple[ErasurePatch, float]]) -> list[tuple]:
+    """The DuMo branches of the patches at non-zero strength: [(tensors, settings, s)]."""
+    return [(branch_tensors(p), p.feature_meta["branch"], float(s)) for p, s in patches
+            if "branch" in p.extra and float(s) != 0.0]
+
+
+def branch_blocks(network: torch.nn.Module, branches: list[tuple]) -> dict[torch.nn.Module, int]:
+    """The residual blocks of an LDM UNet the branches feed, with the residual each takes."""
+    from ..branch import layout_of
+
+    return {network.get_submodule(name): i for name, i in target_blocks(layout_of(branches[0][1])).items()}
+
+
+class BranchWrapper:
+    """A ComfyUI DIFFUSION_MODEL wrapper (see SaeEditWrapper): runs the DuMo branches on the call's x, timesteps
+    and context, and while the diffusion model runs, adds their residuals to the skip inputs of the output blocks
+    and to the middle block's output. Immutable: clone()'s deep copy shares it."""
+
+    def __init__(self, branches: list[tuple]) -> None:
+        self.branches = branches
+
+    def __call__(self, executor, x, timesteps=None, context=None, *args, **kwargs):
+        model = executor.class_obj
+        found = summed_residuals(self.branches, x, timesteps, context) if context is not None else None
+        handles = residual_hooks(branch_blocks(model, self.branches), lambda: found)
+        try:
+            return executor(x, timesteps, context, *args, **kwargs)
+        finally:
+            for h in handles:
+                h.remove()
+
+    def __deepcopy__(self, memo) -> "BranchWrapper":
+        return self
+
+
 def _find_memory_patch(patch_list: list) -> int | None:
     for i, p in enumerate(patch_list):
         if isinstance(p, MemoryAttn2Patch):
@@ -252,6 +292,9 @@ def refuse_for_forge(patches: list[tuple[ErasurePatch, float]]) -> None:
     if sae_edits(patches):
         raise PatchError("SAeUron patches edit a block's output at generation time, which Forge's unet patcher "
                          "cannot do yet; apply them in ComfyUI, AUTOMATIC1111 or the CLI")
+    if branch_edits(patches):
+        raise PatchError("DuMo patches add a branch's residuals to the skip connections at generation time, which "
+                         "Forge's unet patcher cannot do yet; apply them in ComfyUI, AUTOMATIC1111 or the CLI")
 
 
 def keyword_only_add_patches(patcher) -> bool:
@@ -275,19 +318,20 @@ def apply_patches(model_patcher, patches: list[tuple[ErasurePatch, float]], chun
     out entirely. A MODEL that already carries erasure memory gets one merged MemoryAttn2Patch. Every delta key
     must come back in add_patches' list of applied keys (both hosts drop unknown keys without a word).
     `filename` names the deltas' entries where the patcher keys them by name (Forge). SAeUron patches add a
-    SaeEditWrapper to the clone's DIFFUSION_MODEL wrappers."""
+    SaeEditWrapper, DuMo patches a BranchWrapper, to the clone's DIFFUSION_MODEL wrappers."""
     info = _ModelInfo(model_patcher.model, getattr(model_patcher, "backup", None))
     warnings = info.check(patches)
     active = [(patch, float(strength)) for patch, strength in patches if float(strength) != 0.0]
     clone = model_patcher.clone()
     memory = MemoryAttn2Patch.from_patches(active, detach=True, chunk=chunk)
-    edits = sae_edits(active)
-    if edits:
+    edits, branches = sae_edits(active), branch_edits(active)
+    if edits or branches:
         if keyword_only_add_patches(clone):
             refuse_for_forge(active)
         to = clone.model_options.setdefault("transformer_options", {})
         wrappers = to.setdefault("wrappers", {}).setdefault(DIFFUSION_MODEL_WRAPPERS, {})
-        wrappers.setdefault(WRAPPER_KEY, []).append(SaeEditWrapper(edits))
+        wrappers = wrappers.setdefault(WRAPPER_KEY, [])
+        wrappers += [SaeEditWrapper(edits)] * bool(edits) + [BranchWrapper(branches)] * bool(branches)
     if memory:
         to = clone.model_options.setdefault("transformer_options", {})
         existing = list(to.get("patches", {}).get("attn2_patch", []))
@@ -491,6 +535,9 @@ class ComfyDenoiser:
         edits = sae_edits([(p, s) for handle in self._attached for p, s in handle.patches])
         handles = [h for block, e in edits.items() for h in hook_block(network, network.get_submodule(block),
                                                                          edit_all(e))]
+        branches = branch_edits([(p, s) for handle in self._attached for p, s in handle.patches])
+        if branches:
+            handles += hook_branch(network, branch_blocks(network, branches), branches)
         try:
             if params:
                 denoised = torch.func.functional_call(self._wrapper, params, (x_in, sigma), kwargs, strict=False)

@@ -94,12 +94,13 @@ def attach_hooks(modules: dict[str, torch.nn.Module], patches: list[tuple[Erasur
                  weights: dict[str, torch.nn.Module] | None = None, unet: torch.nn.Module | None = None
                  ) -> LdmAttachment:
     """Register the hooks of `patches` on the attn2 `modules` (and on `weights` for deltas outside
-    cross-attention, on the `unet`'s transformer blocks for SAeUron edits), through
+    cross-attention, on the `unet`'s transformer blocks for SAeUron edits and its residual blocks for DuMo
+    branches), through
     erasure_core.injection.attach_plan. Validation runs first: a bad patch attaches nothing."""
     plan = plan_layers(modules, patches, fingerprint, weights)
-    if plan.blocks and unet is None:
-        raise PatchError("SAeUron patches need the UNet to attach to (attach_hooks(..., unet=))")
-    blocks = {name: unet.get_submodule(name) for name in plan.blocks}
+    if (plan.blocks or plan.branches) and unet is None:
+        raise PatchError("SAeUron and DuMo patches need the UNet to attach to (attach_hooks(..., unet=))")
+    blocks = {name: unet.get_submodule(name) for name in [*plan.blocks, *plan.branch_blocks]}
     return attach_plan(plan, modules, {**(weights or {}), **blocks}, unet)
 
 

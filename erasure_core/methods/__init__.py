@@ -14,7 +14,7 @@ from ..denoiser import Denoiser, patched
 from ..engine import Progress, TrainConfig
 from ..patch import ErasurePatch, combine_patches
 from ..vocabulary import concept_prompt
-from . import memory, all_but_one, esd, uce, rece, adversarial_preservation, prune, sdd, forget_me_not, saeuron  # noqa: F401,E501  (each registers its methods, in this order)
+from . import memory, all_but_one, esd, uce, rece, adversarial_preservation, prune, sdd, forget_me_not, saeuron, dumo  # noqa: F401,E501  (each registers its methods, in this order)
 from .registry import MethodSpec, TrainResult, get_method, method_names, methods_help, register, unregister
 
 __all__ = ["DEFAULT_METHOD", "MethodSpec", "TrainResult", "get_method", "method_names", "methods_help", "register",

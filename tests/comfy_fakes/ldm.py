@@ -3,7 +3,8 @@
 The attention path is written the way ComfyUI's comfy/ldm/modules/attention.py runs it (extra_options, the
 attn2_patch loop, CrossAttention taking k from `context` and v from `value`), and the UNet walk the way
 openaimodel.py's UNetModel.forward runs it (`block`, `block_index`, `transformer_index`). Resnets, samplers and
-norms are the diffusers modules themselves, registered under their LDM paths, so that
+norms are the diffusers modules themselves, registered under their LDM paths (a resnet's as ComfyUI's ResBlock
+names them: in_layers, emb_layers, out_layers, skip_connection; a downsampler's conv as `op`), so that
 
 - parameter names of every attn2 projection are ComfyUI's: `input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight`;
 - without patches the output equals the diffusers UNet's on the same weights (tested in test_comfy_fakes.py).
@@ -141,9 +142,38 @@ class ComfySpatialTransformer(nn.Module):
         return x + x_in
 
 
+class ResBlock(nn.Module):
+    """A diffusers ResnetBlock2D's modules under ComfyUI's ResBlock names, run as the diffusers block runs."""
+
+    def __init__(self, resnet: ResnetBlock2D):
+        super().__init__()
+        assert resnet.time_embedding_norm == "default" and not (resnet.up or resnet.down)
+        self.in_layers = nn.Sequential(resnet.norm1, nn.SiLU(), resnet.conv1)
+        self.emb_layers = nn.Sequential(nn.SiLU(), resnet.time_emb_proj)
+        self.out_layers = nn.Sequential(resnet.norm2, nn.SiLU(), resnet.dropout, resnet.conv2)
+        self.skip_connection = resnet.conv_shortcut if resnet.conv_shortcut is not None else nn.Identity()
+        self.scale = resnet.output_scale_factor
+
+    def forward(self, x, emb):
+        h = self.in_layers(x) + self.emb_layers(emb)[:, :, None, None]
+        return (self.skip_connection(x) + self.out_layers(h)) / self.scale
+
+
+class Downsample(nn.Module):
+    """A diffusers Downsample2D's conv under ComfyUI's name, `op`."""
+
+    def __init__(self, down):
+        super().__init__()
+        assert down.padding == 1 and getattr(down, "norm", None) is None
+        self.op = down.conv
+
+    def forward(self, x):
+        return self.op(x)
+
+
 def _forward_timestep_embed(layers, x, emb, context, transformer_options):
     for layer in layers:
-        if isinstance(layer, ResnetBlock2D):
+        if isinstance(layer, ResBlock):
             x = layer(x, emb)
         elif isinstance(layer, ComfySpatialTransformer):
             x = layer(x, context, transformer_options)
@@ -181,17 +211,20 @@ class ComfyUNetModel(nn.Module):
         for down in unet.down_blocks:
             attentions = getattr(down, "attentions", None)
             for j, resnet in enumerate(down.resnets):
-                layers = [resnet] + ([ComfySpatialTransformer(attentions[j])] if attentions is not None else [])
+                layers = [ResBlock(resnet)] + ([ComfySpatialTransformer(attentions[j])] if attentions is not None
+                                               else [])
                 self.input_blocks.append(nn.ModuleList(layers))
             if down.downsamplers is not None:
-                self.input_blocks.append(nn.ModuleList([down.downsamplers[0]]))
+                self.input_blocks.append(nn.ModuleList([Downsample(down.downsamplers[0])]))
         mid = unet.mid_block
-        self.middle_block = nn.ModuleList([mid.resnets[0], ComfySpatialTransformer(mid.attentions[0]), mid.resnets[1]])
+        self.middle_block = nn.ModuleList([ResBlock(mid.resnets[0]), ComfySpatialTransformer(mid.attentions[0]),
+                                           ResBlock(mid.resnets[1])])
         self.output_blocks = nn.ModuleList()
         for up in unet.up_blocks:
             attentions = getattr(up, "attentions", None)
             for j, resnet in enumerate(up.resnets):
-                layers = [resnet] + ([ComfySpatialTransformer(attentions[j])] if attentions is not None else [])
+                layers = [ResBlock(resnet)] + ([ComfySpatialTransformer(attentions[j])] if attentions is not None
+                                               else [])
                 if j == len(up.resnets) - 1 and up.upsamplers is not None:
                     layers.append(up.upsamplers[0])
                 self.output_blocks.append(nn.ModuleList(layers))
