@@ -324,14 +324,17 @@ def test_install_py_exits_0_where_comfyui_managers_run_it(tmp_path):
     assert done.returncode == 0 and "nothing more to install" in done.stdout
 
 
-@pytest.mark.parametrize("by", ["accordion", "tag"])
-def test_forge_refuses_a_saeuron_patch_before_drawing_anything(webui, by):
-    """Seen in the real Forge: refused only while sampling (process_before_every_sampling), the error was logged
-    and the image drawn without the erasure. It is refused in process() now, with its reason."""
-    from conftest import random_sae_patch
+@pytest.mark.parametrize("kind,by", [("saeuron", "accordion"), ("saeuron", "tag"), ("dumo", "accordion")])
+def test_forge_refuses_an_inference_time_patch_before_drawing_anything(webui, kind, by):
+    """Seen in the real Forge: a SAeUron patch refused only while sampling (process_before_every_sampling) had the
+    error logged and the image drawn without the erasure. SAeUron and DuMo patches are refused in process() now,
+    with the reason."""
+    from conftest import random_branch_patch, random_sae_patch
 
     runner, folder, (toy, sd_model) = webui
-    save_patch(random_sae_patch(128, "output_blocks.1.1", seed=1), folder / "styles.safetensors")
+    patch = random_sae_patch(128, "output_blocks.1.1", seed=1) if kind == "saeuron" else \
+        random_branch_patch(toy.unet, seed=1)
+    save_patch(patch, folder / "styles.safetensors")
     forge = FakeForgeModel(sd_model)
     slots, prompt = ([("styles", 1.0)], "a circle") if by == "accordion" else ([], "a circle <erasure:styles:1>")
     processed, seen = generate(runner, forge, args_for(runner, *slots), prompt=prompt)
